@@ -1,0 +1,13 @@
+"""The Azure Functions app (Python v2 programming model).
+
+It only builds the app and registers the blueprints: no settings, no connections and no
+logging set-up at import time, so that a bad setting or an unreachable database never
+hides the functions from the host.
+"""
+
+import azure.functions as func
+
+from recsys.http.health import bp as health_bp
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+app.register_functions(health_bp)

@@ -1,0 +1,137 @@
+"""Settings of the service, read once from a mapping (the process environment by default).
+
+Every value is validated when the settings are loaded; a bad value raises
+:class:`SettingsError` naming the variable, so a misconfigured app stops at start
+instead of failing on its first request.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+__all__ = ["LOCAL_DATABASE_URL", "Settings", "SettingsError", "get_settings", "load_settings"]
+
+#: The local stack's PgBouncer (see ``recsys.local.stack``); a development-only password.
+LOCAL_DATABASE_URL = "postgresql://recsys:recsys-local@127.0.0.1:6432/recsys"
+
+DB_AUTH_MODES = ("password", "entra")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; ``name`` is the variable at fault."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"setting {name}: {message}")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = LOCAL_DATABASE_URL
+    db_auth: str = "password"
+    entra_client_id: str | None = None
+    embedding_dim: int = 384
+    pool_min_size: int = 1
+    pool_max_size: int = 4
+    pool_timeout: float = 5.0
+    pool_max_lifetime: float = 1800.0
+    statement_timeout_ms: int = 5000
+    connect_timeout: int = 5
+    sslmode: str | None = None
+    sslrootcert: str | None = None
+    queue_name: str = "embedding-batches"
+    storage_connection: str = "UseDevelopmentStorage=true"
+    blob_container: str = "embedding-batches"
+    function_key: str | None = field(default=None, repr=False)
+
+    @property
+    def poison_queue_name(self) -> str:
+        return f"{self.queue_name}-poison"
+
+
+def _text(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip()
+
+
+def _number(
+    env: Mapping[str, str],
+    name: str,
+    default: T,
+    kind: Callable[[str], T],
+    low: float,
+    high: float,
+) -> T:
+    raw = _text(env, name, None)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(name, f"{raw!r} is not a valid {kind.__name__}") from None
+    if not low <= value <= high:  # type: ignore[operator]
+        raise SettingsError(name, f"must be between {low:g} and {high:g}, got {raw}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str | None, choices: tuple[str, ...]) -> str | None:
+    value = _text(env, name, default)
+    if value is not None and value not in choices:
+        raise SettingsError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from ``env`` (default ``os.environ``).
+
+    Raises :class:`SettingsError` naming the first invalid variable.
+    """
+    if env is None:
+        env = os.environ
+    database_url = _text(env, "RECSYS_DATABASE_URL", LOCAL_DATABASE_URL)
+    assert database_url is not None
+    if not database_url.startswith(("postgresql://", "postgres://")) and "=" not in database_url:
+        raise SettingsError("RECSYS_DATABASE_URL", "must be a postgresql:// URL or a libpq key=value string")
+    queue_name = _text(env, "RECSYS_QUEUE_NAME", "embedding-batches")
+    assert queue_name is not None
+    if not (3 <= len(queue_name) <= 57 and queue_name.replace("-", "").isalnum() and queue_name.islower()):
+        raise SettingsError(
+            "RECSYS_QUEUE_NAME",
+            "must be 3-57 lowercase letters, digits or dashes (the poison queue adds '-poison')",
+        )
+    settings = Settings(
+        database_url=database_url,
+        db_auth=_choice(env, "RECSYS_DB_AUTH", "password", DB_AUTH_MODES) or "password",
+        entra_client_id=_text(env, "RECSYS_ENTRA_CLIENT_ID", None),
+        embedding_dim=_number(env, "RECSYS_EMBEDDING_DIM", 384, int, 1, 16000),
+        pool_min_size=_number(env, "RECSYS_POOL_MIN_SIZE", 1, int, 0, 1000),
+        pool_max_size=_number(env, "RECSYS_POOL_MAX_SIZE", 4, int, 1, 1000),
+        pool_timeout=_number(env, "RECSYS_POOL_TIMEOUT", 5.0, float, 0.1, 300),
+        pool_max_lifetime=_number(env, "RECSYS_POOL_MAX_LIFETIME", 1800.0, float, 10, 86400),
+        statement_timeout_ms=_number(env, "RECSYS_STATEMENT_TIMEOUT_MS", 5000, int, 1, 3_600_000),
+        connect_timeout=_number(env, "RECSYS_CONNECT_TIMEOUT", 5, int, 1, 300),
+        sslmode=_choice(env, "RECSYS_SSLMODE", None, SSL_MODES),
+        sslrootcert=_text(env, "RECSYS_SSLROOTCERT", None),
+        queue_name=queue_name,
+        storage_connection=_text(env, "AzureWebJobsStorage", "UseDevelopmentStorage=true") or "",
+        blob_container=_text(env, "RECSYS_BLOB_CONTAINER", "embedding-batches") or "",
+        function_key=_text(env, "RECSYS_FUNCTION_KEY", None),
+    )
+    if settings.pool_min_size > settings.pool_max_size:
+        raise SettingsError("RECSYS_POOL_MIN_SIZE", "must not exceed RECSYS_POOL_MAX_SIZE")
+    return settings
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings, loaded from the environment on first use."""
+    return load_settings()

@@ -1,0 +1,498 @@
+"""The local stack: PostgreSQL with pgvector, PgBouncer in transaction mode, and Azurite.
+
+Everything lives under one folder (``.stack/`` for ``make run``, a temporary folder for the
+tests): data, configuration, logs, pid files and the Unix socket. ``Stack.up`` is idempotent
+and ``Stack.down`` waits until every process it started has exited and its ports are free.
+
+When started as root, PostgreSQL and PgBouncer run as the unprivileged ``recsys`` user, since
+both refuse to run as root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pwd
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from recsys.local import tools
+
+__all__ = [
+    "AZURITE_ACCOUNT",
+    "AZURITE_KEY",
+    "LOCAL_PASSWORD",
+    "Stack",
+    "StackConfig",
+    "free_port",
+    "running_stack",
+]
+
+log = logging.getLogger("recsys")
+
+#: Development-only password of the local login roles. The local stack is bound to 127.0.0.1.
+LOCAL_PASSWORD = "recsys-local"
+#: Azurite's well-known development account (public, documented by Microsoft).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+#: Login roles of the local stack: the app role, plus the least-privilege roles when the
+#: migrations define them. Each gets ``LOCAL_PASSWORD`` and a line in PgBouncer's auth file.
+LOCAL_LOGIN_ROLES = ("recsys", "recsys_query", "recsys_loader")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); reap it if it is ours.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    root: Path
+    host: str = "127.0.0.1"
+    pg_port: int = 5432
+    bouncer_port: int = 6432
+    blob_port: int = 10000
+    queue_port: int = 10001
+    table_port: int = 10002
+    database: str = "recsys"
+    embedding_dim: int = 384
+    #: ``False`` turns off fsync and friends: for throw-away test stacks.
+    durable: bool = True
+    pg_settings: Mapping[str, str] = field(default_factory=dict)
+    bouncer_settings: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def local(cls, root: Path | None = None, **overrides: Any) -> StackConfig:
+        """The ``make run`` stack: fixed, well-known ports, data under ``.stack/``."""
+        return cls(root=root or tools.project_root() / ".stack", **overrides)
+
+    @classmethod
+    def ephemeral(cls, root: Path, **overrides: Any) -> StackConfig:
+        """A stack on free ports, so that several can run on one machine (tests, benchmarks)."""
+        ports = {
+            "pg_port": free_port(),
+            "bouncer_port": free_port(),
+            "blob_port": free_port(),
+            "queue_port": free_port(),
+            "table_port": free_port(),
+        }
+        ports.update(overrides)
+        return cls(root=root, durable=False, **ports)  # type: ignore[arg-type]
+
+
+class Stack:
+    """Start, stop and describe the local stack of one :class:`StackConfig`."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.root = config.root.resolve()
+        self.pg_dir = self.root / "postgres"
+        self.pg_data = self.pg_dir / "data"
+        self.run_dir = self.root / "run"
+        self.bouncer_dir = self.root / "pgbouncer"
+        self.azurite_dir = self.root / "azurite"
+
+    # ----------------------------------------------------------------- addresses
+
+    def direct_url(self, user: str = "recsys", password: str = LOCAL_PASSWORD, database: str | None = None) -> str:
+        """libpq URL straight to PostgreSQL over TCP (password authentication, SCRAM)."""
+        c = self.config
+        return f"postgresql://{user}:{password}@{c.host}:{c.pg_port}/{database or c.database}"
+
+    def bouncer_url(self, user: str = "recsys", password: str = LOCAL_PASSWORD, database: str | None = None) -> str:
+        """libpq URL through PgBouncer, as the functions connect."""
+        c = self.config
+        return f"postgresql://{user}:{password}@{c.host}:{c.bouncer_port}/{database or c.database}"
+
+    def bouncer_admin_url(self, user: str = "recsys") -> str:
+        """PgBouncer's admin console (``SHOW POOLS`` and friends); ``recsys`` may read it."""
+        return self.bouncer_url(user=user, database="pgbouncer")
+
+    def admin_conninfo(self, database: str | None = None) -> str:
+        """Superuser over the Unix socket: for migrations and the stack's own bootstrap."""
+        c = self.config
+        return f"host={self.run_dir} port={c.pg_port} user=postgres dbname={database or c.database}"
+
+    def storage_connection_string(self) -> str:
+        c = self.config
+        if (c.blob_port, c.queue_port, c.table_port) == (10000, 10001, 10002) and c.host == "127.0.0.1":
+            return "UseDevelopmentStorage=true"
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint=http://{c.host}:{c.blob_port}/{AZURITE_ACCOUNT};"
+            f"QueueEndpoint=http://{c.host}:{c.queue_port}/{AZURITE_ACCOUNT};"
+        )
+
+    def app_environment(self) -> dict[str, str]:
+        """The settings (``API.md``) that point the function app at this stack."""
+        return {
+            "RECSYS_DATABASE_URL": self.bouncer_url(),
+            "RECSYS_DB_AUTH": "password",
+            "RECSYS_EMBEDDING_DIM": str(self.config.embedding_dim),
+            "AzureWebJobsStorage": self.storage_connection_string(),
+        }
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def up(self, *, migrate: bool = True) -> None:
+        """Start whatever is not running, bootstrap the database, apply migrations."""
+        tools.ensure_tools()
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        self._make_reachable()
+        self.start_postgres()
+        self._bootstrap()
+        if migrate:
+            self.migrate()
+        self._set_local_passwords()
+        self.start_pgbouncer()
+        self.start_azurite()
+        (self.root / "stack.json").write_text(json.dumps(self.describe(), indent=2))
+
+    def down(self) -> None:
+        """Stop every process of the stack and wait until its ports are free."""
+        self.stop_azurite()
+        self.stop_pgbouncer()
+        self.stop_postgres()
+
+    def status(self) -> dict[str, bool]:
+        return {
+            "postgres": self.postgres_running(),
+            "pgbouncer": self.pgbouncer_running(),
+            "azurite": self.azurite_running(),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "postgres": self.direct_url(),
+            "pgbouncer": self.bouncer_url(),
+            "pgbouncer_admin": self.bouncer_admin_url(),
+            "storage": self.storage_connection_string(),
+            "status": self.status(),
+        }
+
+    def migrate(self) -> list[str]:
+        from recsys.db.migrations import apply_migrations
+
+        with psycopg.connect(self.admin_conninfo(), autocommit=True) as conn:
+            return apply_migrations(conn, embedding_dim=self.config.embedding_dim)
+
+    # ----------------------------------------------------------------- PostgreSQL
+
+    def _service_user(self) -> pwd.struct_passwd | None:
+        return tools.ensure_service_user()
+
+    def _as_service(self, cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        user = self._service_user()
+        extra: dict[str, Any] = {}
+        env = dict(os.environ)
+        if user is not None:
+            extra = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+            env["HOME"] = str(self.root)
+        return subprocess.run(cmd, text=True, capture_output=True, env=env, check=False, **extra, **kwargs)
+
+    def _chown(self, *paths: Path) -> None:
+        user = self._service_user()
+        if user is None:
+            return
+        for path in paths:
+            os.chown(path, user.pw_uid, user.pw_gid)
+
+    def _make_reachable(self) -> None:
+        """Let the service user reach the stack folder and the PostgreSQL binaries.
+
+        A checkout under a private folder (mode 0700) would hide them; granting search
+        permission (``o+x``, not read) on the folders above is enough.
+        """
+        if self._service_user() is None:
+            return
+        for target in (self.root, tools.pg_bin("postgres").parents[1]):
+            for folder in [target, *target.parents]:
+                mode = folder.stat().st_mode
+                if not mode & stat.S_IXOTH:
+                    log.info("granting search permission on %s to the service user", folder)
+                    os.chmod(folder, mode | stat.S_IXOTH)
+
+    def postgres_running(self) -> bool:
+        if not (self.pg_data / "PG_VERSION").exists():
+            return False
+        result = self._as_service([str(tools.pg_bin("pg_ctl")), "status", "-D", str(self.pg_data)])
+        return result.returncode == 0
+
+    def _write_postgres_conf(self) -> None:
+        c = self.config
+        settings: dict[str, str] = {
+            "listen_addresses": f"'{c.host}'",
+            "port": str(c.pg_port),
+            "unix_socket_directories": f"'{self.run_dir}'",
+            "max_connections": "100",
+            "shared_buffers": "'256MB'",
+            "maintenance_work_mem": "'512MB'",
+            "max_parallel_maintenance_workers": "2",
+            "password_encryption": "'scram-sha-256'",
+            "log_min_messages": "warning",
+            "log_connections": "off",
+        }
+        if not c.durable:
+            settings.update({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+        settings.update(c.pg_settings)
+        text = "".join(f"{key} = {value}\n" for key, value in settings.items())
+        conf = self.pg_data / "recsys.conf"
+        conf.write_text("# Written by recsys.local.stack at every start.\n" + text)
+        self._chown(conf)
+
+    def start_postgres(self) -> None:
+        self.pg_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._chown(self.pg_dir, self.run_dir)
+        os.chmod(self.run_dir, 0o755)
+        if not (self.pg_data / "PG_VERSION").exists():
+            result = self._as_service([
+                str(tools.pg_bin("initdb")), "-D", str(self.pg_data), "-U", "postgres", "-E", "UTF8",
+                "--locale=C", "--auth-local=trust", "--auth-host=scram-sha-256",
+            ])
+            if result.returncode != 0:
+                raise RuntimeError(f"initdb failed: {result.stderr or result.stdout}")
+            with (self.pg_data / "postgresql.conf").open("a") as conf:
+                conf.write("\ninclude_if_exists = 'recsys.conf'\n")
+        if self.postgres_running():
+            return
+        self._write_postgres_conf()
+        log_file = self.pg_dir / "postgres.log"
+        result = self._as_service([
+            str(tools.pg_bin("pg_ctl")), "start", "-D", str(self.pg_data), "-l", str(log_file), "-w", "-t", "60",
+        ])
+        if result.returncode != 0:
+            tail = log_file.read_text()[-2000:] if log_file.exists() else ""
+            raise RuntimeError(f"PostgreSQL did not start: {result.stderr or result.stdout}\n{tail}")
+
+    def stop_postgres(self) -> None:
+        if not self.postgres_running():
+            return
+        self._as_service([str(tools.pg_bin("pg_ctl")), "stop", "-D", str(self.pg_data), "-m", "fast", "-w", "-t", "60"])
+        self._wait_port_closed(self.config.pg_port)
+
+    def _bootstrap(self) -> None:
+        """Create the database and the app role on a new cluster (the migrations do the rest)."""
+        with psycopg.connect(self.admin_conninfo("postgres"), autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'recsys'").fetchone():
+                conn.execute("CREATE ROLE recsys LOGIN")
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [self.config.database]).fetchone()
+            if not exists:
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER recsys").format(sql.Identifier(self.config.database)))
+
+    def _existing_login_roles(self) -> list[str]:
+        with psycopg.connect(self.admin_conninfo(), autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s) ORDER BY rolname", [list(LOCAL_LOGIN_ROLES)]
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def _set_local_passwords(self) -> None:
+        with psycopg.connect(self.admin_conninfo(), autocommit=True) as conn:
+            for role in ["postgres", *self._existing_login_roles()]:
+                conn.execute(
+                    sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(LOCAL_PASSWORD))
+                )
+
+    # ----------------------------------------------------------------- PgBouncer
+
+    @property
+    def bouncer_pidfile(self) -> Path:
+        return self.bouncer_dir / "pgbouncer.pid"
+
+    def pgbouncer_running(self) -> bool:
+        pid = _read_pid(self.bouncer_pidfile)
+        return pid is not None and _pid_alive(pid)
+
+    def _write_pgbouncer_conf(self) -> Path:
+        c = self.config
+        roles = ["postgres", *self._existing_login_roles()]
+        userlist = self.bouncer_dir / "userlist.txt"
+        userlist.write_text("".join(f'"{role}" "{LOCAL_PASSWORD}"\n' for role in roles))
+        os.chmod(userlist, 0o600)
+        settings: dict[str, str] = {
+            "listen_addr": c.host,
+            "listen_port": str(c.bouncer_port),
+            "unix_socket_dir": "",
+            "auth_type": "scram-sha-256",
+            "auth_file": str(userlist),
+            "pool_mode": "transaction",
+            "max_client_conn": "2000",
+            "default_pool_size": "20",
+            "min_pool_size": "0",
+            "reserve_pool_size": "0",
+            "max_db_connections": "40",
+            # Report a failed server login to waiting clients quickly instead of queueing them.
+            "server_login_retry": "1",
+            "query_wait_timeout": "30",
+            "server_connect_timeout": "5",
+            "admin_users": "postgres",
+            "stats_users": "recsys",
+            "ignore_startup_parameters": "extra_float_digits",
+            "logfile": str(self.bouncer_dir / "pgbouncer.log"),
+            "pidfile": str(self.bouncer_pidfile),
+        }
+        settings.update(c.bouncer_settings)
+        ini = self.bouncer_dir / "pgbouncer.ini"
+        ini.write_text(
+            "[databases]\n"
+            f"{c.database} = host={c.host} port={c.pg_port} dbname={c.database}\n"
+            f"* = host={c.host} port={c.pg_port}\n\n"
+            "[pgbouncer]\n" + "".join(f"{key} = {value}\n" for key, value in settings.items())
+        )
+        self._chown(userlist, ini)
+        return ini
+
+    def start_pgbouncer(self) -> None:
+        self.bouncer_dir.mkdir(parents=True, exist_ok=True)
+        self._chown(self.bouncer_dir)
+        if self.pgbouncer_running():
+            return
+        ini = self._write_pgbouncer_conf()
+        binary = tools.ensure_pgbouncer()
+        cmd = [str(binary), "-d", str(ini)]
+        user = self._service_user()
+        if user is not None:
+            cmd[1:1] = ["-u", user.pw_name]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"PgBouncer did not start: {result.stderr or result.stdout}")
+        self._wait_port_open(self.config.bouncer_port, "PgBouncer")
+
+    def reload_pgbouncer(self) -> None:
+        """Rewrite PgBouncer's configuration and make the running process read it (SIGHUP)."""
+        self._write_pgbouncer_conf()
+        pid = _read_pid(self.bouncer_pidfile)
+        if pid is not None:
+            os.kill(pid, signal.SIGHUP)
+
+    def stop_pgbouncer(self) -> None:
+        self._stop_pidfile(self.bouncer_pidfile, signal.SIGTERM)
+        self._wait_port_closed(self.config.bouncer_port)
+
+    # ----------------------------------------------------------------- Azurite
+
+    @property
+    def azurite_pidfile(self) -> Path:
+        return self.azurite_dir / "azurite.pid"
+
+    def azurite_running(self) -> bool:
+        pid = _read_pid(self.azurite_pidfile)
+        return pid is not None and _pid_alive(pid)
+
+    def start_azurite(self) -> None:
+        if self.azurite_running():
+            return
+        self.azurite_dir.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        binary = tools.ensure_azurite()
+        cmd = [
+            str(binary), "--silent", "--skipApiVersionCheck", "--loose", "--disableProductStyleUrl",
+            "--location", str(self.azurite_dir / "data"),
+            "--blobHost", c.host, "--blobPort", str(c.blob_port),
+            "--queueHost", c.host, "--queuePort", str(c.queue_port),
+            "--tableHost", c.host, "--tablePort", str(c.table_port),
+        ]
+        with (self.azurite_dir / "azurite.log").open("ab") as out:
+            # A session of its own, so that stopping it also stops the node process behind the shim.
+            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+        self.azurite_pidfile.write_text(str(process.pid))
+        self._wait_port_open(c.queue_port, "Azurite", process=process)
+        self._wait_port_open(c.blob_port, "Azurite", process=process)
+
+    def stop_azurite(self) -> None:
+        self._stop_pidfile(self.azurite_pidfile, signal.SIGTERM, group=True)
+        for port in (self.config.blob_port, self.config.queue_port, self.config.table_port):
+            self._wait_port_closed(port)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _stop_pidfile(self, pidfile: Path, sig: signal.Signals, *, group: bool = False) -> None:
+        pid = _read_pid(pidfile)
+        if pid is None or not _pid_alive(pid):
+            pidfile.unlink(missing_ok=True)
+            return
+        kill = os.killpg if group else os.kill
+        with contextlib.suppress(ProcessLookupError):
+            kill(pid, sig)
+        deadline = time.monotonic() + 15
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                kill(pid, signal.SIGKILL)
+            while _pid_alive(pid):
+                time.sleep(0.05)
+        pidfile.unlink(missing_ok=True)
+
+    def _wait_port_open(self, port: int, what: str, process: subprocess.Popen[bytes] | None = None) -> None:
+        deadline = time.monotonic() + 60
+        while not _port_open(self.config.host, port):
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{what} exited with {process.returncode}; see its log under {self.root}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not open port {port} within 60 s")
+            time.sleep(0.05)
+
+    def _wait_port_closed(self, port: int) -> None:
+        deadline = time.monotonic() + 30
+        while _port_open(self.config.host, port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"port {port} is still open after stopping the stack")
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running_stack(config: StackConfig) -> Iterator[Stack]:
+    """A stack that is up for the duration of the block and down after it, whatever happens."""
+    stack = Stack(config)
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
