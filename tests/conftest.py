@@ -1,0 +1,57 @@
+"""Test fixtures. Integration tests share one real local stack per test session.
+
+The stack runs on free ports in a temporary folder, so a test run never disturbs a
+``make run`` stack on the same machine. If it cannot start, the run fails loudly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from recsys.config import Settings, get_settings, load_settings
+from recsys.local.stack import Stack, StackConfig
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = Path(tmp_path_factory.mktemp("stack"))
+    stack = Stack(StackConfig.ephemeral(root))
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="session")
+def stack_env(stack: Stack) -> Iterator[dict[str, str]]:
+    """The process environment points the app at the test stack for the whole session."""
+    env = {**stack.app_environment(), "RECSYS_POOL_TIMEOUT": "3", "RECSYS_CONNECT_TIMEOUT": "2"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def settings(stack_env: dict[str, str]) -> Settings:
+    return load_settings(os.environ)
+
+
+@pytest.fixture
+async def app_pools(stack_env: dict[str, str]) -> AsyncIterator[None]:
+    """Pools opened by the code under test are closed when the test's event loop ends."""
+    from recsys.db.pool import close_pools
+
+    yield
+    await close_pools()
