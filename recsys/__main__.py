@@ -1,0 +1,34 @@
+"""``python -m recsys COMMAND``: the project's command line.
+
+Each command lives in the module that owns its area; this table only names them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: command -> (module, function taking argv and returning an exit code, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "stack": ("recsys.local.cli", "stack_main", "start, stop or describe the local stack (up|down|status)"),
+    "serve": ("recsys.local.cli", "serve_main", "serve the function app locally on :7071 against a running stack"),
+    "run": ("recsys.local.cli", "run_main", "stack up, demo catalogue, serve; Ctrl-C stops everything"),
+    "migrate": ("recsys.local.cli", "migrate_main", "apply the sql/ migrations to the database"),
+    "setup": ("recsys.local.cli", "setup_main", "install PgBouncer and Azurite where missing"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        print("usage: python -m recsys COMMAND [ARGS]\n\ncommands:")
+        for name, (_, _, text) in COMMANDS.items():
+            print(f"  {name:<{width}}  {text}")
+        return 0 if not args or args[0] in ("-h", "--help") else 2
+    module, function, _ = COMMANDS[args[0]]
+    return int(getattr(importlib.import_module(module), function)(args[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
