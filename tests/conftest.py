@@ -55,3 +55,14 @@ async def app_pools(stack_env: dict[str, str]) -> AsyncIterator[None]:
 
     yield
     await close_pools()
+
+
+@pytest.fixture(scope="session")
+def local_host(stack_env: dict[str, str]) -> Iterator[str]:
+    """``function_app.app`` served by the local host (HTTP and queue triggers); yields the base URL."""
+    from recsys.local.cli import build_host
+    from recsys.local.host import serve_in_thread
+    from recsys.local.stack import free_port
+
+    with serve_in_thread(build_host(), free_port()) as url:
+        yield url

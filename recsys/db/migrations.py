@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 
-__all__ = ["MIGRATIONS_DIR", "apply_migrations", "applied_versions", "pending_migrations"]
+__all__ = ["MIGRATIONS_DIR", "applied_versions", "apply_migrations", "pending_migrations"]
 
 log = logging.getLogger("recsys")
 

@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from recsys.config import Settings, get_settings
 
-__all__ = ["close_pools", "connection_kwargs", "configure_connection", "get_pool", "pool_stats"]
+__all__ = ["close_pools", "configure_connection", "connection_kwargs", "get_pool", "pool_stats"]
 
 log = logging.getLogger("recsys")
 

@@ -370,6 +370,9 @@ class Stack:
             "server_login_retry": "1",
             "query_wait_timeout": "30",
             "server_connect_timeout": "5",
+            # Fresh SHOW STATS totals (default: every 60 s), without a log line each period.
+            "stats_period": "1",
+            "log_stats": "0",
             "admin_users": "postgres",
             "stats_users": "recsys",
             "ignore_startup_parameters": "extra_float_digits",

@@ -1,0 +1,205 @@
+"""Commands of the local stack and the local host (``python -m recsys stack|serve|run|...``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from recsys.config import SettingsError, load_settings
+from recsys.local import tools
+from recsys.local.stack import Stack, StackConfig
+
+__all__ = ["build_host", "migrate_main", "run_main", "serve", "serve_main", "setup_main", "stack_main"]
+
+log = logging.getLogger("recsys")
+
+DEFAULT_PORT = 7071
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # The storage SDK logs every HTTP exchange at INFO.
+    logging.getLogger("azure").setLevel(logging.WARNING)
+
+
+def _stack_from(args: argparse.Namespace) -> Stack:
+    root = Path(args.root) if getattr(args, "root", None) else None
+    return Stack(StackConfig.local(root))
+
+
+def stack_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recsys stack", description="the local stack")
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--root", help="folder of the stack's data (default: .stack/ in the checkout)")
+    args = parser.parse_args(argv)
+    _logging()
+    stack = _stack_from(args)
+    if args.action == "up":
+        stack.up()
+    elif args.action == "down":
+        stack.down()
+    print(json.dumps(stack.describe(), indent=2))
+    return 0 if args.action == "down" or all(stack.status().values()) else 1
+
+
+def migrate_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recsys migrate", description="apply sql/ migrations")
+    parser.add_argument("--root", help="folder of the local stack (default: .stack/)")
+    args = parser.parse_args(argv)
+    _logging()
+    settings = load_settings()
+    stack = Stack(StackConfig.local(Path(args.root) if args.root else None, embedding_dim=settings.embedding_dim))
+    applied = stack.migrate()
+    print("\n".join(applied) if applied else "nothing to apply")
+    return 0
+
+
+def setup_main(argv: list[str]) -> int:
+    _logging()
+    tools.ensure_tools()
+    return 0
+
+
+def _check_settings() -> bool:
+    try:
+        load_settings()
+    except SettingsError as exc:
+        print(f"recsys: cannot start: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def build_host(
+    *,
+    on_startup: Callable[[], Awaitable[None]] | None = None,
+    run_queues: bool = True,
+) -> object:
+    """The local host for ``function_app.app`` with the checkout's host.json and settings."""
+    from recsys.db.pool import close_pools
+    from recsys.local.host import FunctionHost, load_host_config
+
+    root = tools.project_root()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import function_app
+
+    settings = load_settings()
+    return FunctionHost(
+        function_app.app,
+        load_host_config(root / "host.json"),
+        function_key=settings.function_key,
+        run_queues=run_queues,
+        on_startup=on_startup,
+        on_shutdown=close_pools,
+    )
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    on_startup: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Serve the function app until interrupted (Ctrl-C / SIGTERM). Returns an exit code."""
+    import uvicorn
+
+    from recsys.local.host import load_local_settings
+
+    load_local_settings(tools.project_root() / "local.settings.json")
+    if not _check_settings():
+        return 2
+    config = uvicorn.Config(
+        build_host(on_startup=on_startup),  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        lifespan="on",
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def serve_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recsys serve", description="serve the function app locally")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    args = parser.parse_args(argv)
+    _logging()
+    return serve(args.host, args.port)
+
+
+TRY_IT = """
+recsys is serving on http://localhost:{port}/api
+
+  curl -s http://localhost:{port}/api/health
+  curl -s http://localhost:{port}/api/items/item-000042
+  curl -s 'http://localhost:{port}/api/items/item-000042/similar?k=5'
+  curl -s -X POST http://localhost:{port}/api/recommendations \\
+       -H 'content-type: application/json' -d '{{"positive": ["item-000042"], "k": 5}}'
+
+PgBouncer (transaction mode): psql postgresql://recsys:recsys-local@127.0.0.1:6432/pgbouncer -c 'SHOW POOLS'
+Press Ctrl-C to stop the host and the whole stack.
+"""
+
+
+def run_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recsys run", description="the whole local service")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--no-demo", action="store_true", help="do not load the demo catalogue")
+    args = parser.parse_args(argv)
+    _logging()
+    from recsys.local.host import load_local_settings
+
+    load_local_settings(tools.project_root() / "local.settings.json")
+    if not _check_settings():
+        return 2
+    settings = load_settings()
+    stack = Stack(StackConfig.local(embedding_dim=settings.embedding_dim))
+    try:
+        stack.up()
+        for key, value in stack.app_environment().items():
+            os.environ.setdefault(key, value)
+
+        async def ready() -> None:
+            task = asyncio.create_task(_after_start(args.port, demo=not args.no_demo))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+
+        return serve("127.0.0.1", args.port, on_startup=ready)
+    finally:
+        stack.down()
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+async def _after_start(port: int, *, demo: bool) -> None:
+    """Load the demo catalogue through the queue path once the host is serving, then say how to try it."""
+    if demo:
+        try:
+            from recsys.ingest.demo import load_demo_catalogue
+        except ImportError:
+            log.warning("no demo catalogue loader in this build")
+        else:
+            log.info("loading the demo catalogue through the queue (a minute or so)")
+            await load_demo_catalogue()
+            try:
+                from recsys.search.calibration import calibrate_catalogue
+            except ImportError:
+                pass
+            else:
+                log.info("calibrating recall per ef_search on the demo catalogue")
+                await calibrate_catalogue()
+    print(TRY_IT.format(port=port), flush=True)

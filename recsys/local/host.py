@@ -1,0 +1,551 @@
+"""A local host for the function app, standing in for Azure Functions Core Tools.
+
+It discovers every function and binding from the app object (``app.get_functions()``) and
+keeps no list of its own:
+
+- HTTP triggers are served by an ASGI application (run under uvicorn) at
+  ``/<routePrefix>/<route>``, with Azure's route template syntax, methods and auth levels;
+  function keys are enforced when one is configured (``x-functions-key`` header or ``code``
+  query parameter), as in Azure.
+- Queue triggers are driven from Azure Storage (Azurite locally) as the Functions host does,
+  honouring ``host.json`` ``extensions.queues``: ``batchSize`` and ``newBatchThreshold``
+  (concurrency), ``maxPollingInterval``, ``visibilityTimeout`` (delay before a failed message
+  is retried), ``maxDequeueCount`` (then ``<queue>-poison``) and ``messageEncoding``.
+
+Handlers may be ``async def`` (run on the event loop) or plain functions (run in threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import logging
+import os
+import re
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import azure.functions as func
+from azure.functions.queue import QueueMessage
+
+__all__ = [
+    "FunctionHost",
+    "HostConfig",
+    "QueueOptions",
+    "discover",
+    "load_host_config",
+    "load_local_settings",
+    "serve_in_thread",
+]
+
+log = logging.getLogger("recsys")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def _timespan(value: str | int | float | None, default: float) -> float:
+    """Seconds of a host.json time span (``"00:00:05"``, ``"1.00:00:00"``) or a number."""
+    if value is None:
+        return default
+    if isinstance(value, int | float):
+        return float(value)
+    days = 0
+    text = value
+    if "." in text.split(":")[0]:
+        day_text, text = text.split(".", 1)
+        days = int(day_text)
+    parts = [float(p) for p in text.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0.0)
+    hours, minutes, seconds = parts
+    return days * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+@dataclass(frozen=True)
+class QueueOptions:
+    """``extensions.queues`` of host.json, with the Functions host's defaults."""
+
+    batch_size: int = 16
+    new_batch_threshold: int | None = None
+    max_polling_interval: float = 60.0
+    visibility_timeout: float = 0.0
+    max_dequeue_count: int = 5
+    message_encoding: str = "base64"
+
+    @property
+    def threshold(self) -> int:
+        return self.batch_size // 2 if self.new_batch_threshold is None else self.new_batch_threshold
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    route_prefix: str = "api"
+    queues: QueueOptions = field(default_factory=QueueOptions)
+
+
+def load_host_config(source: Path | Mapping[str, Any]) -> HostConfig:
+    """Read the parts of host.json this host honours."""
+    data = json.loads(Path(source).read_text()) if isinstance(source, Path) else dict(source)
+    extensions = data.get("extensions", {})
+    prefix = extensions.get("http", {}).get("routePrefix", "api")
+    q = extensions.get("queues", {})
+    encoding = str(q.get("messageEncoding", "base64")).lower()
+    if encoding not in ("base64", "none"):
+        raise ValueError(f"host.json extensions.queues.messageEncoding must be base64 or none, got {encoding}")
+    return HostConfig(
+        route_prefix=prefix.strip("/"),
+        queues=QueueOptions(
+            batch_size=int(q.get("batchSize", 16)),
+            new_batch_threshold=q.get("newBatchThreshold"),
+            max_polling_interval=_timespan(q.get("maxPollingInterval"), 60.0),
+            visibility_timeout=_timespan(q.get("visibilityTimeout"), 0.0),
+            max_dequeue_count=int(q.get("maxDequeueCount", 5)),
+            message_encoding=encoding,
+        ),
+    )
+
+
+def load_local_settings(path: Path, environ: dict[str, str] | None = None) -> list[str]:
+    """Copy ``Values`` of local.settings.json into the environment, as Core Tools does.
+
+    Variables already set in the environment win. Returns the names that were set.
+    """
+    target = os.environ if environ is None else environ
+    if not path.exists():
+        return []
+    values = json.loads(path.read_text()).get("Values", {})
+    applied = []
+    for key, value in values.items():
+        if key not in target and value not in (None, ""):
+            target[key] = str(value)
+            applied.append(key)
+    return applied
+
+
+def _resolve_setting(value: str) -> str:
+    """``%NAME%`` binding expressions are app settings, as in Azure."""
+    match = re.fullmatch(r"%([^%]+)%", value)
+    if not match:
+        return value
+    name = match.group(1)
+    if name not in os.environ:
+        raise KeyError(f"binding refers to app setting {name}, which is not set")
+    return os.environ[name]
+
+
+# ----------------------------------------------------------------------------- HTTP routing
+
+_SEGMENT = re.compile(r"\{(\*?)([A-Za-z_][A-Za-z0-9_]*)(\??)(?::([A-Za-z]+)(?:\([^)]*\))?)?(?:=[^}]*)?\}")
+_CONSTRAINTS = {
+    "int": r"-?\d+",
+    "long": r"-?\d+",
+    "alpha": r"[A-Za-z]+",
+    "bool": r"(?i:true|false)",
+    "guid": r"[0-9A-Fa-f]{8}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{12}",
+}
+
+
+def _compile_route(template: str) -> tuple[re.Pattern[str], tuple[int, int]]:
+    """A regular expression for an Azure route template, and its sort key (literals first)."""
+    pattern = ""
+    literal_segments = 0
+    segments = [s for s in template.strip("/").split("/") if s]
+    for index, segment in enumerate(segments):
+        separator = "/" if index else ""
+        last = 0
+        piece = ""
+        optional = False
+        for match in _SEGMENT.finditer(segment):
+            piece += re.escape(segment[last:match.start()])
+            catch_all, name, opt, constraint = match.groups()
+            body = ".*" if catch_all else _CONSTRAINTS.get((constraint or "").lower(), r"[^/]+")
+            piece += f"(?P<{name}>{body})"
+            optional = optional or bool(opt) or bool(catch_all)
+            last = match.end()
+        piece += re.escape(segment[last:])
+        if last == 0:
+            literal_segments += 1
+        pattern += f"(?:{separator}{piece})?" if optional else separator + piece
+    return re.compile(f"^{pattern}/?$"), (-literal_segments, -len(segments))
+
+
+@dataclass(frozen=True)
+class HttpFunction:
+    name: str
+    handler: Callable[..., Any]
+    arg_name: str
+    methods: frozenset[str] | None
+    auth_level: str
+    route: str
+    pattern: re.Pattern[str]
+    order: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class QueueFunction:
+    name: str
+    handler: Callable[..., Any]
+    arg_name: str
+    queue_name: str
+    connection: str
+
+
+def _value(x: Any) -> str:
+    return str(getattr(x, "value", x))
+
+
+#: ``get_functions()`` may be called only once per app object (a second call raises a
+#: duplicate-name error), so what it found is kept per app.
+_discovered: weakref.WeakKeyDictionary[func.FunctionApp, tuple[list[HttpFunction], list[QueueFunction]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def discover(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunction]]:
+    """HTTP and queue functions of ``app`` with their bindings."""
+    if app not in _discovered:
+        _discovered[app] = _discover(app)
+    return _discovered[app]
+
+
+def _discover(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunction]]:
+    http: list[HttpFunction] = []
+    queues: list[QueueFunction] = []
+    for function in app.get_functions():
+        trigger = function.get_trigger()
+        if trigger is None:
+            continue
+        data: dict[str, Any] = trigger.get_dict_repr()
+        name = str(function.get_function_name())
+        handler = function.get_user_function()
+        kind = data.get("type")
+        if kind == "httpTrigger":
+            route = str(data.get("route") or name)
+            methods = data.get("methods")
+            pattern, order = _compile_route(route)
+            http.append(HttpFunction(
+                name=name,
+                handler=handler,
+                arg_name=data["name"],
+                methods=frozenset(_value(m).upper() for m in methods) if methods else None,
+                auth_level=_value(data.get("authLevel", "function")).lower(),
+                route=route,
+                pattern=pattern,
+                order=order,
+            ))
+        elif kind == "queueTrigger":
+            queues.append(QueueFunction(
+                name=name,
+                handler=handler,
+                arg_name=data["name"],
+                queue_name=data["queueName"],
+                connection=data.get("connection") or "AzureWebJobsStorage",
+            ))
+        else:
+            log.warning("function %s has a %s trigger, which the local host does not run", name, kind)
+    http.sort(key=lambda f: f.order)
+    return http, queues
+
+
+async def _call(handler: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    if asyncio.iscoroutinefunction(handler):
+        return await handler(**kwargs)
+    return await asyncio.to_thread(handler, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the host
+
+
+class FunctionHost:
+    """ASGI application serving the HTTP functions, and the queue drivers as its lifespan."""
+
+    def __init__(
+        self,
+        app: func.FunctionApp,
+        config: HostConfig | None = None,
+        *,
+        function_key: str | None = None,
+        run_queues: bool = True,
+        on_startup: Callable[[], Awaitable[None]] | None = None,
+        on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.config = config or HostConfig()
+        self.http_functions, self.queue_functions = discover(app)
+        self.function_key = function_key
+        self.run_queues = run_queues
+        self._on_startup = on_startup
+        self._on_shutdown = on_shutdown
+        self._drivers: list[QueueDriver] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:
+                    log.exception("local host failed to start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def start(self) -> None:
+        if self._on_startup:
+            await self._on_startup()
+        if self.run_queues:
+            for function in self.queue_functions:
+                driver = QueueDriver(function, self.config.queues)
+                await driver.prepare()
+                self._drivers.append(driver)
+                self._tasks.append(asyncio.create_task(driver.run(), name=f"queue:{function.name}"))
+
+    async def stop(self) -> None:
+        for driver in self._drivers:
+            driver.stop()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for driver in self._drivers:
+            await driver.close()
+        self._drivers.clear()
+        self._tasks.clear()
+        if self._on_shutdown:
+            await self._on_shutdown()
+
+    def match(self, method: str, path: str) -> tuple[HttpFunction | None, dict[str, str], bool]:
+        """The function for ``method`` and ``path``, its route parameters, and whether the path exists."""
+        prefix = f"/{self.config.route_prefix}" if self.config.route_prefix else ""
+        if prefix and not (path == prefix or path.startswith(prefix + "/")):
+            return None, {}, False
+        relative = path[len(prefix):].lstrip("/")
+        path_found = False
+        for function in self.http_functions:
+            found = function.pattern.match(relative)
+            if not found:
+                continue
+            path_found = True
+            if function.methods is None or method in function.methods:
+                params = {k: v for k, v in found.groupdict().items() if v is not None}
+                return function, params, True
+        return None, {}, path_found
+
+    def _authorised(self, function: HttpFunction, headers: Mapping[str, str], params: Mapping[str, str]) -> bool:
+        if function.auth_level == "anonymous" or not self.function_key:
+            return True
+        given = headers.get("x-functions-key") or params.get("code") or ""
+        return hmac.compare_digest(given.encode(), self.function_key.encode())
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"].upper()
+        path = scope["path"]
+        function, route_params, path_found = self.match(method, path)
+        if function is None:
+            status, text = (405, "method not allowed") if path_found else (404, "no function at this route")
+            code = "method_not_allowed" if path_found else "not_found"
+            await _send_json(send, status, {"error": text, "code": code})
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers: dict[str, str] = {}
+        for raw_key, raw_value in scope["headers"]:
+            key = raw_key.decode("latin-1").lower()
+            value = raw_value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        query = scope.get("query_string", b"").decode("latin-1")
+        params = dict(parse_qsl(query, keep_blank_values=True))
+        if not self._authorised(function, headers, params):
+            await _send_json(send, 401, {"error": "a valid function key is required", "code": "unauthorized"})
+            return
+        host = headers.get("host", "localhost")
+        url = f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}{path}"
+        if query:
+            url += f"?{query}"
+        request = func.HttpRequest(
+            method, url, headers=headers, params=params, route_params=route_params, body=bytes(body)
+        )
+        try:
+            response = await _call(function.handler, {function.arg_name: request})
+        except Exception:
+            # As the Functions host does: log the failure, answer 500 without details.
+            log.exception("function %s failed", function.name)
+            await _send_json(send, 500, {"error": "internal error", "code": "internal"})
+            return
+        await _send_response(send, response)
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    await _send_response(send, func.HttpResponse(json.dumps(body), status_code=status, mimetype="application/json"))
+
+
+async def _send_response(send: Send, response: func.HttpResponse | str | None) -> None:
+    if not isinstance(response, func.HttpResponse):
+        response = func.HttpResponse("" if response is None else str(response), status_code=200)
+    body = response.get_body() or b""
+    headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in response.headers.items()]
+    names = {k for k, _ in headers}
+    if b"content-type" not in names:
+        mimetype = response.mimetype or "text/plain"
+        charset = response.charset or "utf-8"
+        headers.append((b"content-type", f"{mimetype}; charset={charset}".encode("latin-1")))
+    headers = [(k, v) for k, v in headers if k != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ----------------------------------------------------------------------------- queue driver
+
+
+class QueueDriver:
+    """Drives one queue-triggered function as the Functions host's queue listener does."""
+
+    #: How long a message stays invisible while its function runs (the host renews its lease;
+    #: this driver makes it long enough instead).
+    LEASE_SECONDS = 300
+    MIN_POLL = 0.1
+
+    def __init__(self, function: QueueFunction, options: QueueOptions) -> None:
+        from azure.storage.queue.aio import QueueClient
+
+        self.function = function
+        self.options = options
+        connection = os.environ.get(function.connection)
+        if not connection:
+            raise KeyError(f"queue function {function.name}: app setting {function.connection} is not set")
+        self.queue_name = _resolve_setting(function.queue_name)
+        self.queue = QueueClient.from_connection_string(connection, self.queue_name)
+        self.poison = QueueClient.from_connection_string(connection, f"{self.queue_name}-poison")
+        self._stopping = asyncio.Event()
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def prepare(self) -> None:
+        from azure.core.exceptions import ResourceExistsError
+
+        for client in (self.queue, self.poison):
+            with contextlib.suppress(ResourceExistsError):
+                await client.create_queue()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def close(self) -> None:
+        await self.queue.close()
+        await self.poison.close()
+
+    async def run(self) -> None:
+        delay = self.MIN_POLL
+        options = self.options
+        while not self._stopping.is_set():
+            fetched = 0
+            if len(self._running) <= options.threshold:
+                try:
+                    messages = self.queue.receive_messages(
+                        messages_per_page=options.batch_size,
+                        max_messages=options.batch_size,
+                        visibility_timeout=self.LEASE_SECONDS,
+                    )
+                    async for message in messages:
+                        fetched += 1
+                        task = asyncio.create_task(self._process(message))
+                        self._running.add(task)
+                        task.add_done_callback(self._running.discard)
+                except Exception as exc:  # storage unreachable: keep polling, as the host does
+                    log.warning("queue %s: receive failed: %s", self.queue_name, exc)
+            # Poll again at once after a full batch; back off exponentially while the queue is empty.
+            delay = self.MIN_POLL if fetched else min(delay * 2, options.max_polling_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=0 if fetched == options.batch_size else delay)
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    def _decode(self, content: str | bytes) -> bytes:
+        raw = content.encode() if isinstance(content, str) else content
+        if self.options.message_encoding == "base64":
+            return base64.b64decode(raw, validate=True)
+        return raw
+
+    async def _process(self, message: Any) -> None:
+        function = self.function
+        try:
+            body = self._decode(message.content)
+            queue_message = QueueMessage(
+                id=message.id,
+                body=body,
+                dequeue_count=message.dequeue_count,
+                expiration_time=message.expires_on,
+                insertion_time=message.inserted_on,
+                time_next_visible=message.next_visible_on,
+                pop_receipt=message.pop_receipt,
+            )
+            await _call(function.handler, {function.arg_name: queue_message})
+        except Exception as exc:  # decoding or the function failed: retry later, then poison
+            await self._failed(message, exc)
+            return
+        await self.queue.delete_message(message.id, message.pop_receipt)
+
+    async def _failed(self, message: Any, exc: BaseException) -> None:
+        count = message.dequeue_count or 1
+        log.warning("function %s failed on message %s (attempt %d): %s", self.function.name, message.id, count, exc)
+        if count >= self.options.max_dequeue_count:
+            log.error("message %s moved to %s-poison after %d attempts", message.id, self.queue_name, count)
+            await self.poison.send_message(message.content)
+            await self.queue.delete_message(message.id, message.pop_receipt)
+        else:
+            await self.queue.update_message(
+                message.id, message.pop_receipt, visibility_timeout=int(self.options.visibility_timeout)
+            )
+
+
+# ----------------------------------------------------------------------------- in a thread
+
+
+@contextlib.contextmanager
+def serve_in_thread(asgi_app: Any, port: int, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve ``asgi_app`` with uvicorn in a background thread; yields the base URL.
+
+    For tests and benchmarks, which need the host and their own code in one process.
+    """
+    import uvicorn
+
+    config = uvicorn.Config(asgi_app, host=host, port=port, lifespan="on", log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the local host did not start on port {port}")
+        thread.join(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

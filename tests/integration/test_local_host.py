@@ -1,0 +1,120 @@
+"""The local host serves concurrently and drives queue triggers from Azurite as Azure does."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import azure.functions as func
+import httpx
+import pytest
+from azure.storage.queue import QueueClient
+
+from recsys.local.host import FunctionHost, HostConfig, QueueOptions, serve_in_thread
+from recsys.local.stack import Stack, free_port
+
+pytestmark = pytest.mark.integration
+
+QUEUE = "host-test"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: list[tuple[str, int]] = []
+        self.attempts: dict[str, int] = {}
+
+    def add(self, body: str, dequeue_count: int) -> None:
+        with self.lock:
+            self.seen.append((body, dequeue_count))
+            self.attempts[body] = self.attempts.get(body, 0) + 1
+
+
+def make_app(recorder: Recorder, release: asyncio.Event | None = None) -> func.FunctionApp:
+    app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+
+    @app.route(route="slow", methods=["GET"])
+    async def slow_get(req: func.HttpRequest) -> func.HttpResponse:
+        await asyncio.sleep(float(req.params.get("seconds", "2")))
+        return func.HttpResponse("slow")
+
+    @app.route(route="fast", methods=["GET"])
+    async def fast_get(req: func.HttpRequest) -> func.HttpResponse:
+        return func.HttpResponse("fast")
+
+    @app.queue_trigger(arg_name="msg", queue_name="%HOST_TEST_QUEUE%", connection="HostTestStorage")
+    def host_test_queue(msg: func.QueueMessage) -> None:
+        body = msg.get_body().decode()
+        recorder.add(body, msg.dequeue_count or 0)
+        if body.startswith("fail"):
+            raise RuntimeError("this message always fails")
+
+    return app
+
+
+@pytest.fixture
+def served(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Recorder, QueueClient]]:
+    monkeypatch.setenv("HOST_TEST_QUEUE", QUEUE)
+    monkeypatch.setenv("HostTestStorage", stack.storage_connection_string())
+    recorder = Recorder()
+    config = HostConfig(
+        route_prefix="api",
+        queues=QueueOptions(batch_size=4, max_polling_interval=0.5, visibility_timeout=0, max_dequeue_count=3),
+    )
+    host = FunctionHost(make_app(recorder), config)
+    queue = QueueClient.from_connection_string(stack.storage_connection_string(), QUEUE)
+    with serve_in_thread(host, free_port()) as url:
+        yield url, recorder, queue
+    queue.delete_queue()
+    QueueClient.from_connection_string(stack.storage_connection_string(), f"{QUEUE}-poison").delete_queue()
+
+
+def wait_for(condition: object, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def test_a_request_is_served_while_another_is_slow(served: tuple[str, Recorder, QueueClient]) -> None:
+    url, _, _ = served
+    finished: list[str] = []
+
+    def slow() -> None:
+        finished.append(httpx.get(f"{url}/api/slow?seconds=3", timeout=30).text)
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.3)
+    assert httpx.get(f"{url}/api/fast", timeout=30).text == "fast"
+    assert finished == []  # the slow one is still running: the fast one did not wait for it
+    thread.join()
+    assert finished == ["slow"]
+
+
+def test_a_message_sent_with_the_sdk_runs_the_queue_function(served: tuple[str, Recorder, QueueClient]) -> None:
+    _, recorder, queue = served
+    payload = json.dumps({"hello": "world"})
+    queue.send_message(base64.b64encode(payload.encode()).decode())  # the host's default messageEncoding
+    wait_for(lambda: recorder.seen)
+    assert recorder.seen == [(payload, 1)]
+    wait_for(lambda: queue.get_queue_properties().approximate_message_count == 0)
+
+
+def test_a_failing_message_is_retried_then_moved_to_poison(
+    served: tuple[str, Recorder, QueueClient], stack: Stack
+) -> None:
+    _, recorder, queue = served
+    queue.send_message(base64.b64encode(b"fail-1").decode())
+    queue.send_message(base64.b64encode(b"ok-1").decode())
+    poison = QueueClient.from_connection_string(stack.storage_connection_string(), f"{QUEUE}-poison")
+    wait_for(lambda: poison.peek_messages())
+    assert recorder.attempts["fail-1"] == 3  # maxDequeueCount
+    assert recorder.attempts["ok-1"] == 1  # other messages are not affected
+    assert [base64.b64decode(m.content) for m in poison.peek_messages()] == [b"fail-1"]
+    assert [count for body, count in recorder.seen if body == "fail-1"] == [1, 2, 3]

@@ -1,0 +1,99 @@
+"""The local stack starts, stops and starts again cleanly, and its parts are what API.md says."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psycopg
+import pytest
+from azure.storage.queue import QueueClient
+
+from recsys.local.stack import Stack, StackConfig, _port_open
+
+pytestmark = pytest.mark.integration
+
+
+def live_processes_under(root: Path) -> list[str]:
+    """Command lines of running (not zombie) processes that mention the stack's folder."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        state = next((line.split()[1] for line in status.splitlines() if line.startswith("State:")), "?")
+        if state != "Z" and str(root) in cmdline and int(entry.name) != os.getpid():
+            found.append(cmdline)
+    return found
+
+
+def assert_healthy(stack: Stack) -> None:
+    with psycopg.connect(stack.bouncer_url(), prepare_threshold=None, connect_timeout=5) as conn:
+        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone() == ("0.8.1",)
+    queue = QueueClient.from_connection_string(stack.storage_connection_string(), "stack-check")
+    queue.create_queue()
+    queue.send_message("ping")
+    assert [m.content for m in queue.receive_messages()] == ["ping"]
+    queue.delete_queue()
+
+
+def assert_stopped(stack: Stack) -> None:
+    c = stack.config
+    assert stack.status() == {"postgres": False, "pgbouncer": False, "azurite": False}
+    for port in (c.pg_port, c.bouncer_port, c.blob_port, c.queue_port, c.table_port):
+        assert not _port_open(c.host, port), f"port {port} still open"
+    assert live_processes_under(stack.root) == []
+
+
+def test_up_down_up_is_healthy_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    stack = Stack(StackConfig.ephemeral(tmp_path / "stack"))
+    try:
+        stack.up()
+        assert all(stack.status().values())
+        assert_healthy(stack)
+        stack.up()  # idempotent: already running
+        assert_healthy(stack)
+        stack.down()
+        assert_stopped(stack)
+        stack.up()  # same data folder, started again
+        assert_healthy(stack)
+    finally:
+        stack.down()
+    assert_stopped(stack)
+    stack.down()  # idempotent when already down
+
+
+def test_migrations_are_recorded_once(stack: Stack) -> None:
+    applied_again = stack.migrate()
+    assert applied_again == []
+    with psycopg.connect(stack.admin_conninfo()) as conn:
+        versions = [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+    assert versions[:2] == ["001", "002"]
+    assert len(versions) == len(set(versions))
+
+
+def test_pgbouncer_runs_in_transaction_mode_with_a_readable_admin_console(stack: Stack) -> None:
+    with psycopg.connect(stack.bouncer_admin_url(), autocommit=True, prepare_threshold=None) as admin:
+        config = {row[0]: row[1] for row in admin.execute("SHOW CONFIG")}
+        pools = admin.execute("SHOW POOLS").fetchall()
+    assert config["pool_mode"] == "transaction"
+    assert config["listen_port"] == str(stack.config.bouncer_port)
+    assert any(row[0] == "recsys" and row[-1] == "transaction" for row in pools)
+
+
+def test_postgres_verifies_passwords(stack: Stack) -> None:
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(stack.direct_url(password="wrong"), connect_timeout=5)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(stack.bouncer_url(password="wrong"), connect_timeout=5)
+
+
+def test_postgres_runs_as_an_unprivileged_user(stack: Stack) -> None:
+    with psycopg.connect(stack.admin_conninfo()) as conn:
+        data_directory = conn.execute("SHOW data_directory").fetchone()[0]  # type: ignore[index]
+    owner = Path(data_directory).stat().st_uid
+    assert owner != 0 or os.geteuid() != 0
