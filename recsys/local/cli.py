@@ -54,11 +54,20 @@ def stack_main(argv: list[str]) -> int:
 def migrate_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m recsys migrate", description="apply sql/ migrations")
     parser.add_argument("--root", help="folder of the local stack (default: .stack/)")
+    parser.add_argument("--url", help="a direct (not PgBouncer) URL of the schema owner, e.g. on Azure")
     args = parser.parse_args(argv)
     _logging()
     settings = load_settings()
-    stack = Stack(StackConfig.local(Path(args.root) if args.root else None, embedding_dim=settings.embedding_dim))
-    applied = stack.migrate()
+    if args.url:
+        import psycopg
+
+        from recsys.db.migrations import apply_migrations
+
+        with psycopg.connect(args.url, autocommit=True) as conn:
+            applied = apply_migrations(conn, embedding_dim=settings.embedding_dim)
+    else:
+        root = Path(args.root) if args.root else None
+        applied = Stack(StackConfig.local(root, embedding_dim=settings.embedding_dim)).migrate()
     print("\n".join(applied) if applied else "nothing to apply")
     return 0
 
