@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -136,11 +137,9 @@ def serve(
         timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
-    try:
+    # uvicorn re-raises the Ctrl-C it handled once it has shut down gracefully.
+    with contextlib.suppress(KeyboardInterrupt):
         server.run()
-    except KeyboardInterrupt:
-        # uvicorn re-raises the Ctrl-C it handled once it has shut down gracefully.
-        pass
     return 0 if server.started else 1
 
 

@@ -495,6 +495,11 @@ class QueueDriver:
 
     async def _process(self, message: Any) -> None:
         function = self.function
+        if (message.dequeue_count or 0) > self.options.max_dequeue_count:
+            # Delivered more often than allowed (its previous holder died mid-run): poison it
+            # without running it again, as the Functions host does.
+            await self._to_poison(message)
+            return
         try:
             body = self._decode(message.content)
             queue_message = QueueMessage(
@@ -516,13 +521,16 @@ class QueueDriver:
         count = message.dequeue_count or 1
         log.warning("function %s failed on message %s (attempt %d): %s", self.function.name, message.id, count, exc)
         if count >= self.options.max_dequeue_count:
-            log.error("message %s moved to %s-poison after %d attempts", message.id, self.queue_name, count)
-            await self.poison.send_message(message.content)
-            await self.queue.delete_message(message.id, message.pop_receipt)
+            await self._to_poison(message)
         else:
             await self.queue.update_message(
                 message.id, message.pop_receipt, visibility_timeout=int(self.options.visibility_timeout)
             )
+
+    async def _to_poison(self, message: Any) -> None:
+        log.error("message %s moved to %s-poison after %d attempts", message.id, self.queue_name, message.dequeue_count)
+        await self.poison.send_message(message.content)
+        await self.queue.delete_message(message.id, message.pop_receipt)
 
 
 # ----------------------------------------------------------------------------- in a thread
