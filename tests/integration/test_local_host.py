@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import azure.functions as func
 import httpx
@@ -20,6 +21,7 @@ from recsys.local.stack import Stack, free_port
 pytestmark = pytest.mark.integration
 
 QUEUE = "host-test"
+Served = tuple[str, "Recorder", QueueClient]
 
 
 class Recorder:
@@ -56,10 +58,8 @@ def make_app(recorder: Recorder, release: asyncio.Event | None = None) -> func.F
     return app
 
 
-@pytest.fixture
-def served(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Recorder, QueueClient]]:
-    monkeypatch.setenv("HOST_TEST_QUEUE", QUEUE)
-    monkeypatch.setenv("HostTestStorage", stack.storage_connection_string())
+@contextlib.contextmanager
+def serving(stack: Stack, before_start: Callable[[QueueClient], None] | None = None) -> Iterator[Served]:
     recorder = Recorder()
     config = HostConfig(
         route_prefix="api",
@@ -67,10 +67,28 @@ def served(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str,
     )
     host = FunctionHost(make_app(recorder), config)
     queue = QueueClient.from_connection_string(stack.storage_connection_string(), QUEUE)
-    with serve_in_thread(host, free_port()) as url:
-        yield url, recorder, queue
-    queue.delete_queue()
-    QueueClient.from_connection_string(stack.storage_connection_string(), f"{QUEUE}-poison").delete_queue()
+    poison = QueueClient.from_connection_string(stack.storage_connection_string(), f"{QUEUE}-poison")
+    if before_start:
+        queue.create_queue()
+        before_start(queue)
+    try:
+        with serve_in_thread(host, free_port()) as url:
+            yield url, recorder, queue
+    finally:
+        queue.delete_queue()
+        poison.delete_queue()
+
+
+@pytest.fixture
+def env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOST_TEST_QUEUE", QUEUE)
+    monkeypatch.setenv("HostTestStorage", stack.storage_connection_string())
+
+
+@pytest.fixture
+def served(stack: Stack, env: None) -> Iterator[Served]:
+    with serving(stack) as served:
+        yield served
 
 
 def wait_for(condition: object, timeout: float = 30) -> None:
@@ -81,7 +99,7 @@ def wait_for(condition: object, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def test_a_request_is_served_while_another_is_slow(served: tuple[str, Recorder, QueueClient]) -> None:
+def test_a_request_is_served_while_another_is_slow(served: Served) -> None:
     url, _, _ = served
     finished: list[str] = []
 
@@ -97,7 +115,7 @@ def test_a_request_is_served_while_another_is_slow(served: tuple[str, Recorder, 
     assert finished == ["slow"]
 
 
-def test_a_message_sent_with_the_sdk_runs_the_queue_function(served: tuple[str, Recorder, QueueClient]) -> None:
+def test_a_message_sent_with_the_sdk_runs_the_queue_function(served: Served) -> None:
     _, recorder, queue = served
     payload = json.dumps({"hello": "world"})
     queue.send_message(base64.b64encode(payload.encode()).decode())  # the host's default messageEncoding
@@ -107,7 +125,7 @@ def test_a_message_sent_with_the_sdk_runs_the_queue_function(served: tuple[str, 
 
 
 def test_a_failing_message_is_retried_then_moved_to_poison(
-    served: tuple[str, Recorder, QueueClient], stack: Stack
+    served: Served, stack: Stack
 ) -> None:
     _, recorder, queue = served
     queue.send_message(base64.b64encode(b"fail-1").decode())
@@ -118,3 +136,16 @@ def test_a_failing_message_is_retried_then_moved_to_poison(
     assert recorder.attempts["ok-1"] == 1  # other messages are not affected
     assert [base64.b64decode(m.content) for m in poison.peek_messages()] == [b"fail-1"]
     assert [count for body, count in recorder.seen if body == "fail-1"] == [1, 2, 3]
+
+
+def test_a_message_delivered_too_often_goes_to_poison_without_running(stack: Stack, env: None) -> None:
+    def deliver_four_times(queue: QueueClient) -> None:
+        queue.send_message(base64.b64encode(b"worn-out").decode())
+        for _ in range(4):  # each receive counts as a delivery whose holder then vanished
+            assert [m.content for m in queue.receive_messages(visibility_timeout=1)]
+            time.sleep(1.1)
+
+    with serving(stack, deliver_four_times) as (_, recorder, _queue):
+        poison = QueueClient.from_connection_string(stack.storage_connection_string(), f"{QUEUE}-poison")
+        wait_for(lambda: poison.peek_messages())
+        assert recorder.seen == []
