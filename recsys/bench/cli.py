@@ -1,0 +1,125 @@
+"""``python -m recsys bench [NAME...]``: run benchmarks, write their results and the README table."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from recsys.bench.harness import BenchOptions
+from recsys.bench.results import machine_info, to_document, write_readme, write_result
+from recsys.local import tools
+
+__all__ = ["BENCHMARKS", "bench_main"]
+
+log = logging.getLogger("recsys")
+
+#: name -> (module with ``run(options) -> BenchResult``, what it measures), in the README's order.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "connections": (
+        "recsys.bench.connections",
+        "a pooled connection vs a new connection per request (SCRAM password authentication), straight "
+        "to PostgreSQL and through PgBouncer: requests/s and p50 of a one-row lookup, one client.",
+    ),
+    "lookup": (
+        "recsys.bench.lookup",
+        "one `= ANY` query for 500 ids vs 500 single-id queries over the same pooled connection.",
+    ),
+    "ingest": (
+        "recsys.bench.ingest",
+        "binary COPY vs text COPY vs `executemany` INSERT (rows/s); loading then indexing vs loading "
+        "into the indexed table; end-to-end items/s from the queue to the table through the loader.",
+    ),
+    "recall": (
+        "recsys.bench.recall",
+        "recall@10 against numpy ground truth and p50 latency per `ef_search`, next to the exact scan "
+        "in PostgreSQL; filtered queries at 10% and 1% selectivity with and without iterative scans.",
+    ),
+    "endpoint": (
+        "recsys.bench.endpoint",
+        "`/similar` through the local host vs the same SQL run raw over the same pool, at concurrency "
+        "1, 8 and 32: p50, p95, requests/s.",
+    ),
+    "overload": (
+        "recsys.bench.overload",
+        "PostgreSQL with `max_connections = 22`; 30, 100 and 500 simulated function instances, each "
+        "with its own small pool, at a fixed offered load: direct vs through PgBouncer (transaction "
+        "mode): failed requests, p50/p95, server connections in use.",
+    ),
+    "roundtrips": (
+        "recsys.bench.roundtrips",
+        "a TCP proxy delaying each direction by 1 ms between the client and PgBouncer: the similar "
+        "query through the project's one-statement path vs a naive BEGIN / SET LOCAL / SELECT / COMMIT.",
+    ),
+}
+
+
+def results_dir() -> Path:
+    return tools.project_root() / "bench" / "results"
+
+
+def descriptions() -> dict[str, str]:
+    return {name: text for name, (_, text) in BENCHMARKS.items()}
+
+
+def bench_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m recsys bench",
+        description="run benchmarks against ephemeral local stacks; write bench/results/ and bench/README.md",
+    )
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"some of: {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, results to a temporary folder")
+    parser.add_argument("--out", type=Path, help="folder of the results (default: bench/results)")
+    parser.add_argument("--readme-only", action="store_true", help="only regenerate bench/README.md")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.names if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("azure").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    out = args.out or (Path(tempfile.mkdtemp(prefix="recsys-bench-quick-")) if args.quick else results_dir())
+    readme = out.parent / "README.md" if args.out or not args.quick else out / "README.md"
+    if args.readme_only:
+        print(write_readme(out, readme, descriptions()))
+        return 0
+    tools.ensure_tools()
+    out.mkdir(parents=True, exist_ok=True)
+    options = BenchOptions(quick=args.quick, out_dir=out)
+    failed = []
+    for name in args.names or list(BENCHMARKS):
+        module_name, _ = BENCHMARKS[name]
+        run = importlib.import_module(module_name).run
+        command = f"python -m recsys bench {name}" + (" --quick" if args.quick else "")
+        started_at = datetime.now(UTC).replace(microsecond=0).isoformat()
+        log.info("benchmark %s: starting", name)
+        started = time.monotonic()
+        try:
+            result = run(options)
+        except Exception:
+            log.exception("benchmark %s failed", name)
+            failed.append(name)
+            continue
+        document = to_document(
+            result, command=command, started_at=started_at, duration_s=time.monotonic() - started,
+            machine=machine_info(),
+        )
+        path = write_result(document, out)
+        for plot in result.plots:
+            log.info("benchmark %s: plot %s", name, out / plot)
+        log.info("benchmark %s: %s", name, path)
+        for headline in result.headlines:
+            print(f"{name}: {headline.label}: {headline.value} {headline.unit}"
+                  + (f" (goal {headline.goal}: {'met' if headline.met else 'MISSED'})" if headline.goal else ""))
+    write_readme(out, readme, descriptions())
+    print(f"results in {out}, table in {readme}")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,188 @@
+"""What every benchmark needs: options, an ephemeral stack, a catalogue loaded fast, versions."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from pgvector.psycopg import register_vector
+
+from recsys.datasets import Catalogue
+from recsys.local import tools
+from recsys.local.stack import Stack, StackConfig
+
+__all__ = [
+    "SIMILAR_FUNCTION",
+    "SIMILAR_SQL",
+    "BenchOptions",
+    "Deadline",
+    "bench_stack",
+    "build_hnsw_index",
+    "drop_hnsw_index",
+    "install_similar_function",
+    "load_catalogue",
+    "server_versions",
+]
+
+log = logging.getLogger("recsys")
+
+HNSW_INDEX = "items_embedding_cosine"
+
+#: A similar-items query in one statement: a function that sets ``hnsw.ef_search``
+#: transaction-locally (``set_config(..., true)``) and runs the query, so one round trip.
+SIMILAR_FUNCTION = """
+CREATE OR REPLACE FUNCTION bench_similar(query_id text, k int, ef int)
+RETURNS TABLE (id text, score double precision) LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    q vector;
+BEGIN
+    PERFORM set_config('hnsw.ef_search', ef::text, true);
+    SELECT i.embedding INTO q FROM items i WHERE i.id = query_id;
+    RETURN QUERY
+        SELECT i.id, 1 - (i.embedding <=> q) FROM items i WHERE i.id <> query_id
+        ORDER BY i.embedding <=> q LIMIT k;
+END $$
+"""
+SIMILAR_SQL = "SELECT id, score FROM bench_similar(%(id)s, %(k)s, %(ef)s)"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """``quick`` shrinks every size so that a benchmark only proves it runs."""
+
+    quick: bool = False
+    #: Where results and plots go.
+    out_dir: Path = Path("bench/results")
+    #: Where the ephemeral stacks live (default: the system's temporary folder).
+    work_dir: Path | None = None
+
+    def size(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+
+class Deadline:
+    """A time bound for a load loop: ``while deadline:`` stops when the time is up."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def __bool__(self) -> bool:
+        return time.monotonic() < self.end
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+
+@contextlib.contextmanager
+def bench_stack(
+    options: BenchOptions,
+    name: str,
+    *,
+    embedding_dim: int = 384,
+    pg_settings: Mapping[str, str] | None = None,
+    bouncer_settings: Mapping[str, str] | None = None,
+    **config: Any,
+) -> Iterator[Stack]:
+    """A fresh local stack on free ports in a temporary folder, stopped and removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=f"recsys-bench-{name}-", dir=options.work_dir))
+    pg = {"max_wal_size": "'4GB'", "checkpoint_timeout": "'30min'", **(pg_settings or {})}
+    stack = Stack(StackConfig.ephemeral(
+        root, embedding_dim=embedding_dim, pg_settings=pg, bouncer_settings=dict(bouncer_settings or {}), **config
+    ))
+    try:
+        stack.up()
+        grant_app_role(stack)
+        yield stack
+    finally:
+        stack.down()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def grant_app_role(stack: Stack) -> None:
+    """Let the app role ``recsys`` read and write every table: benchmarks measure speed, not privileges."""
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO recsys")
+        conn.execute("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO recsys")
+
+
+def server_versions(stack: Stack) -> dict[str, str]:
+    """PostgreSQL, pgvector and PgBouncer versions of ``stack``."""
+    versions: dict[str, str] = {}
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+        versions["postgresql"] = str(row[0]) if row else "?"
+        row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+        versions["pgvector"] = str(row[0]) if row else "?"
+    binary = tools.pgbouncer_bin()
+    if binary is not None:
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False).stdout
+        versions["pgbouncer"] = out.splitlines()[0].removeprefix("PgBouncer ").strip() if out else "?"
+    return versions
+
+
+def install_similar_function(stack: Stack) -> None:
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        conn.execute(SIMILAR_FUNCTION)
+
+
+def drop_hnsw_index(stack: Stack) -> None:
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        conn.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
+
+
+def build_hnsw_index(stack: Stack, *, m: int = 16, ef_construction: int = 64) -> float:
+    """(Re)build the HNSW cosine index after a bulk load; returns the seconds it took.
+
+    Built as the schema owner with two parallel workers and ample ``maintenance_work_mem``: the
+    fast way to index a catalogue loaded in bulk (the graph fits in memory while it is built).
+    """
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        conn.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
+        row = conn.execute(
+            "SELECT format_type(atttypid, NULL) FROM pg_attribute"
+            " WHERE attrelid = 'items'::regclass AND attname = 'embedding'"
+        ).fetchone()
+        opclass = "halfvec_cosine_ops" if row and row[0] == "halfvec" else "vector_cosine_ops"
+        conn.execute("SET maintenance_work_mem = '1GB'")
+        conn.execute("SET max_parallel_maintenance_workers = 2")
+        started = time.perf_counter()
+        conn.execute(
+            f"CREATE INDEX {HNSW_INDEX} ON items USING hnsw (embedding {opclass})"
+            f" WITH (m = {int(m)}, ef_construction = {int(ef_construction)})"
+        )
+        conn.execute("ANALYZE items")
+        return time.perf_counter() - started
+
+
+def load_catalogue(stack: Stack, catalogue: Catalogue, *, index: bool = True) -> dict[str, float]:
+    """Load ``catalogue`` into ``items`` by binary COPY with the HNSW index dropped, then rebuild it.
+
+    Returns the seconds spent copying and indexing.
+    """
+    drop_hnsw_index(stack)
+    started = time.perf_counter()
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        register_vector(conn)
+        with (
+            conn.transaction(),
+            conn.cursor() as cur,
+            cur.copy("COPY items (id, embedding, category) FROM STDIN WITH (FORMAT BINARY)") as copy,
+        ):
+            copy.set_types(["text", "vector", "text"])
+            for item_id, vector, category in zip(catalogue.ids, catalogue.vectors, catalogue.categories, strict=True):
+                copy.write_row((item_id, vector, category))
+        conn.execute("ANALYZE items")
+    copied = time.perf_counter() - started
+    indexed = build_hnsw_index(stack) if index else 0.0
+    log.info("loaded %d items in %.1f s, indexed in %.1f s", len(catalogue.ids), copied, indexed)
+    return {"copy_s": round(copied, 3), "index_s": round(indexed, 3)}

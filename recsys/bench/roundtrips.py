@@ -1,0 +1,152 @@
+"""Benchmark 7: round trips of the similar query, with a delaying proxy in front of PgBouncer.
+
+On Azure the function and the database are a network hop apart; every round trip costs that
+hop. A proxy adds ``delay`` each way (one round trip = 2 × delay more); the latency each query
+path adds over the undelayed path, divided by the measured cost of one round trip (``SELECT 1``
+with and without the proxy), is the number of round trips the path makes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+
+from recsys.bench.harness import (
+    SIMILAR_FUNCTION,
+    SIMILAR_SQL,
+    BenchOptions,
+    Deadline,
+    bench_stack,
+    install_similar_function,
+    load_catalogue,
+    server_versions,
+)
+from recsys.bench.proxy import delaying_proxy
+from recsys.bench.results import BenchResult, Headline
+from recsys.bench.stats import percentile, ratio, summarize
+from recsys.config import Settings
+from recsys.datasets import clustered_catalogue
+from recsys.db.pool import configure_connection, connection_kwargs
+
+__all__ = ["run"]
+
+TITLE = "round trips of the similar query"
+K = 10
+EF_SEARCH = 40
+
+#: The naive path: four statements, four round trips.
+NAIVE_SET = "SET LOCAL hnsw.ef_search = 40"
+NAIVE_SELECT = """
+WITH q AS (SELECT embedding FROM items WHERE id = %(id)s)
+SELECT i.id, 1 - (i.embedding <=> (SELECT embedding FROM q)) AS score
+FROM items i
+WHERE i.id <> %(id)s
+ORDER BY i.embedding <=> (SELECT embedding FROM q)
+LIMIT %(k)s
+"""
+
+Path = Callable[[psycopg.AsyncConnection[Any], str], Awaitable[int]]
+
+
+async def select_one(conn: psycopg.AsyncConnection[Any], item_id: str) -> int:
+    await (await conn.execute("SELECT 1")).fetchall()
+    return 1
+
+
+async def one_statement(conn: psycopg.AsyncConnection[Any], item_id: str) -> int:
+    rows = await (await conn.execute(SIMILAR_SQL, {"id": item_id, "k": K, "ef": EF_SEARCH})).fetchall()
+    return len(rows)
+
+
+async def naive(conn: psycopg.AsyncConnection[Any], item_id: str) -> int:
+    async with conn.transaction():
+        await conn.execute(NAIVE_SET)
+        rows = await (await conn.execute(NAIVE_SELECT, {"id": item_id, "k": K})).fetchall()
+    return len(rows)
+
+
+PATHS: dict[str, Path] = {"select_1": select_one, "one_statement": one_statement, "naive": naive}
+
+
+async def _connect(url: str) -> psycopg.AsyncConnection[Any]:
+    conn = await psycopg.AsyncConnection.connect(url, **connection_kwargs(Settings()))
+    await configure_connection(conn)
+    return conn
+
+
+async def _run(urls: dict[str, str], ids: list[str], count: int, seconds: float) -> dict[str, list[float]]:
+    conns = {route: await _connect(url) for route, url in urls.items()}
+    samples: dict[str, list[float]] = {f"{route}/{path}": [] for route in conns for path in PATHS}
+    rng = random.Random(3)
+    deadline = Deadline(seconds)
+    try:
+        for i in range(count + 20):
+            if not deadline:
+                break
+            item_id = rng.choice(ids)
+            # Every path on every route for the same item, in turn: background noise hits all alike.
+            for route, conn in conns.items():
+                for name, path in PATHS.items():
+                    started = time.perf_counter()
+                    found = await path(conn, item_id)
+                    elapsed = time.perf_counter() - started
+                    assert found > 0
+                    if i >= 20:  # warm-up
+                        samples[f"{route}/{name}"].append(elapsed)
+    finally:
+        for conn in conns.values():
+            await conn.close()
+    return samples
+
+
+def run(options: BenchOptions) -> BenchResult:
+    items = options.size(10_000, 1_000)
+    dim = options.size(384, 64)
+    count = options.size(400, 30)
+    seconds = options.size(120, 20)
+    delay_ms = 1.0
+    catalogue = clustered_catalogue(items, dim, seed=7)
+    with bench_stack(options, "roundtrips", embedding_dim=dim) as stack:
+        load_catalogue(stack, catalogue)
+        install_similar_function(stack)
+        servers = server_versions(stack)
+        with delaying_proxy(stack.config.host, stack.config.bouncer_port, delay_ms / 1000) as port:
+            urls = {"pgbouncer": stack.bouncer_url(), "delayed": stack.bouncer_url().replace(
+                f":{stack.config.bouncer_port}/", f":{port}/")}
+            samples = asyncio.run(_run(urls, catalogue.ids, count, seconds))
+
+    figures: dict[str, Any] = {key: summarize(values) for key, values in samples.items()}
+    rtt = percentile(samples["delayed/select_1"], 50) - percentile(samples["pgbouncer/select_1"], 50)
+    figures["round_trip_ms"] = round(rtt * 1000, 3)
+    added: dict[str, float] = {}
+    for name in ("one_statement", "naive"):
+        extra = percentile(samples[f"delayed/{name}"], 50) - percentile(samples[f"pgbouncer/{name}"], 50)
+        added[name] = ratio(extra, rtt)
+        figures[f"{name}/added_ms"] = round(extra * 1000, 3)
+        figures[f"{name}/added_round_trips"] = round(added[name], 2)
+    return BenchResult(
+        name="roundtrips",
+        title=TITLE,
+        inputs={
+            "catalogue_items": items, "dim": dim, "k": K, "ef_search": EF_SEARCH, "delay_each_way_ms": delay_ms,
+            "requests_per_path": count, "one_statement_sql": SIMILAR_SQL,
+            "one_statement_function": SIMILAR_FUNCTION.strip(),
+            "naive": ["BEGIN", NAIVE_SET, NAIVE_SELECT.strip(), "COMMIT"],
+        },
+        figures=figures,
+        headlines=[
+            Headline(f"round trips added by the one-statement path (1 RTT = {figures['round_trip_ms']} ms)",
+                     round(added["one_statement"], 2), "RTT", "≤ 1.2", added["one_statement"] <= 1.2),
+            Headline("round trips added by BEGIN / SET LOCAL / SELECT / COMMIT", round(added["naive"], 2), "RTT",
+                     "~4", 3.5 <= added["naive"] <= 4.5),
+            Headline("p50 with 1 ms each way: one statement",
+                     figures["delayed/one_statement"]["p50_ms"], "ms"),
+            Headline("p50 with 1 ms each way: naive", figures["delayed/naive"]["p50_ms"], "ms"),
+        ],
+        servers=servers,
+    )
