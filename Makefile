@@ -39,5 +39,9 @@ stack-down: $(STAMP)
 stack-status: $(STAMP)
 	$(PY) -m recsys stack status
 
+# Benchmarks start their own stacks on free ports; BENCH="lookup recall" runs some of them.
+bench: setup
+	$(PY) -m recsys bench $(BENCH)
+
 clean: stack-down
 	rm -rf .stack .pytest_cache .mypy_cache .ruff_cache

@@ -46,7 +46,8 @@ def test_document_holds_inputs_machine_figures_and_is_strict_json() -> None:
 
 
 def test_finite_replaces_non_finite_numbers_at_any_depth() -> None:
-    assert finite({"a": [1.0, float("nan"), {"b": float("-inf")}], "c": "x"}) == {"a": [1.0, None, {"b": None}], "c": "x"}
+    value = {"a": [1.0, float("nan"), {"b": float("-inf")}], "c": "x"}
+    assert finite(value) == {"a": [1.0, None, {"b": None}], "c": "x"}
 
 
 def test_write_result_then_load_in_the_given_order(tmp_path: Path) -> None:

@@ -1,0 +1,373 @@
+"""Recall calibration: what ``ef_search`` a request needs for the recall it asks for.
+
+``python -m recsys calibrate`` samples items of the live catalogue, finds their exact ``k``
+nearest neighbours (index scans disabled, transaction-locally) and, for each ``ef_search`` of
+a fixed ladder, the neighbours the HNSW index returns with the query path's settings
+(iterative scan, ``ef_search`` at least ``k``, the query item excluded). The recall@k per
+``ef_search`` is stored (``sql/040_recall_calibration.sql``); :func:`choose_ef_search` turns a
+request's ``recall_target`` into the smallest calibrated ``ef_search`` expected to reach it.
+
+The curve of a process's database is cached for :data:`CACHE_SECONDS`, so that a request with
+``recall_target`` stays one round trip; a missing calibration is never cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import psycopg
+
+from recsys.config import Settings, get_settings
+from recsys.errors import NotCalibrated
+
+__all__ = [
+    "CACHE_SECONDS",
+    "LADDER",
+    "Calibration",
+    "CalibrationError",
+    "CalibrationPoint",
+    "EfSearch",
+    "calibrate",
+    "calibrate_catalogue",
+    "calibrate_main",
+    "choose_ef_search",
+    "exact_neighbours",
+    "forget_calibrations",
+    "hnsw_neighbours",
+    "load_calibration",
+    "measure_recall",
+    "pick_ef_search",
+    "store_calibration",
+]
+
+log = logging.getLogger("recsys")
+
+#: The ``ef_search`` values measured: doubling steps over the useful range of pgvector's HNSW.
+LADDER: tuple[int, ...] = (10, 20, 40, 80, 160, 320, 640)
+DEFAULT_K = 10
+DEFAULT_SAMPLE = 200
+#: How long a process trusts the curve it read; a new calibration reaches every worker within it.
+CACHE_SECONDS = 60.0
+#: Query items per statement while measuring (bounds each statement's run time).
+CHUNK = 50
+COMMAND = "python -m recsys calibrate"
+
+# A deterministic sample: the same seed picks the same items while the catalogue is unchanged.
+SAMPLE_SQL = "SELECT id FROM items ORDER BY md5(id || %(seed)s) LIMIT %(n)s"
+COUNT_SQL = "SELECT count(*) FROM items"
+
+# The neighbours of each sampled item, one subquery per item (the index is used per item).
+HNSW_SQL = """
+SELECT q.id, ARRAY(
+    SELECT i.id FROM items i
+    WHERE i.id <> q.id
+    ORDER BY i.embedding <=> q.embedding
+    LIMIT %(k)s)
+FROM items q WHERE q.id = ANY(%(ids)s::text[])
+"""
+# The exact reference: every row scored (index scans off; the second sort key alone would keep
+# the planner off the HNSW index), ties broken by id.
+EXACT_SQL = """
+SELECT q.id, ARRAY(
+    SELECT i.id FROM items i
+    WHERE i.id <> q.id
+    ORDER BY i.embedding <=> q.embedding, i.id
+    LIMIT %(k)s)
+FROM items q WHERE q.id = ANY(%(ids)s::text[])
+"""
+EXACT_SETTINGS = {"enable_indexscan": "off", "enable_bitmapscan": "off"}
+
+LATEST_SQL = """
+SELECT c.id, c.measured_at, c.k, c.sample_size, c.catalogue_size, c.exact_ms,
+       p.ef_search, p.recall, p.mean_ms
+FROM (SELECT * FROM recall_calibrations ORDER BY id DESC LIMIT 1) c
+JOIN recall_calibration_points p ON p.calibration_id = c.id
+ORDER BY p.ef_search
+"""
+
+
+class CalibrationError(ValueError):
+    """The catalogue cannot be calibrated (for instance: too few items)."""
+
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    ef_search: int
+    recall: float
+    mean_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One calibration run: recall@``k`` per ``ef_search`` over ``sample_size`` sampled items."""
+
+    k: int
+    sample_size: int
+    catalogue_size: int
+    points: tuple[CalibrationPoint, ...]
+    exact_ms: float | None = None
+    id: int | None = None
+    measured_at: datetime | None = None
+
+
+class EfSearch(NamedTuple):
+    """The ``ef_search`` chosen for a recall target, and the recall calibrated for it."""
+
+    ef_search: int
+    expected_recall: float
+
+
+def _not_calibrated() -> NotCalibrated:
+    return NotCalibrated(
+        f"this catalogue has no recall calibration, so recall_target cannot be honoured: run `{COMMAND}` "
+        "(or pass ef_search instead)"
+    )
+
+
+def pick_ef_search(points: Sequence[CalibrationPoint], recall_target: float) -> EfSearch:
+    """The smallest ``ef_search`` whose calibrated recall reaches ``recall_target``.
+
+    When none reaches it, the point of highest recall (the smallest such ``ef_search``), with
+    its recall, which is then below the target: the caller reports it as ``expected_recall``.
+    Raises :class:`NotCalibrated` when there are no points.
+    """
+    if not points:
+        raise _not_calibrated()
+    reaching = [p for p in points if p.recall >= recall_target]
+    if reaching:
+        best = min(reaching, key=lambda p: p.ef_search)
+    else:
+        best = max(points, key=lambda p: (p.recall, -p.ef_search))
+        log.warning(
+            "recall target %.3f is above every calibrated recall; using ef_search %d (recall %.3f)",
+            recall_target, best.ef_search, best.recall,
+        )
+    return EfSearch(best.ef_search, best.recall)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+async def _neighbours(
+    conn: psycopg.AsyncConnection[Any], statement: str, ids: Sequence[str], k: int, settings: dict[str, str]
+) -> tuple[dict[str, list[str]], float]:
+    """Neighbours of each of ``ids`` by ``statement`` with ``settings`` applied transaction-locally."""
+    found: dict[str, list[str]] = {}
+    elapsed = 0.0
+    for start in range(0, len(ids), CHUNK):
+        chunk = list(ids[start:start + CHUNK])
+        async with conn.transaction():
+            for name, value in settings.items():
+                await conn.execute("SELECT set_config(%s, %s, true)", [name, value])
+            started = time.perf_counter()
+            cursor = await conn.execute(statement, {"ids": chunk, "k": k})
+            rows = await cursor.fetchall()
+            elapsed += time.perf_counter() - started
+        found.update({str(row[0]): list(row[1]) for row in rows})
+    return found, elapsed
+
+
+async def exact_neighbours(
+    conn: psycopg.AsyncConnection[Any], ids: Sequence[str], k: int, *, statement_timeout_ms: int = 600_000
+) -> tuple[dict[str, list[str]], float]:
+    """The exact ``k`` nearest neighbours (cosine) of each item of ``ids``, itself excluded.
+
+    Returns them by item id, and the seconds spent.
+    """
+    settings = {**EXACT_SETTINGS, "statement_timeout": str(statement_timeout_ms)}
+    return await _neighbours(conn, EXACT_SQL, ids, k, settings)
+
+
+async def hnsw_neighbours(
+    conn: psycopg.AsyncConnection[Any], ids: Sequence[str], k: int, ef_search: int, *,
+    statement_timeout_ms: int = 600_000,
+) -> tuple[dict[str, list[str]], float]:
+    """The ``k`` neighbours the HNSW index returns at ``ef_search`` with the query path's settings.
+
+    As the query functions do: ``ef_search`` at least ``k``, iterative scan in relaxed order
+    (so the excluded query item does not cost a result).
+    """
+    settings = {
+        "hnsw.ef_search": str(min(max(ef_search, k), 1000)),
+        "hnsw.iterative_scan": "relaxed_order",
+        "statement_timeout": str(statement_timeout_ms),
+    }
+    return await _neighbours(conn, HNSW_SQL, ids, k, settings)
+
+
+def _recall(found: dict[str, list[str]], truth: dict[str, list[str]], k: int) -> float:
+    hits = sum(len(set(found.get(item, [])[:k]) & set(neighbours[:k])) for item, neighbours in truth.items())
+    return hits / (k * len(truth))
+
+
+async def measure_recall(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    sample_size: int = DEFAULT_SAMPLE,
+    k: int = DEFAULT_K,
+    ladder: Sequence[int] = LADDER,
+    seed: str = "recsys",
+    statement_timeout_ms: int = 600_000,
+) -> Calibration:
+    """Measure recall@``k`` of the HNSW index per ``ef_search`` of ``ladder`` on a sample.
+
+    Raises :class:`CalibrationError` when the catalogue has ``k`` items or fewer.
+    """
+    if not 1 <= k <= 1000:
+        raise CalibrationError("k must be between 1 and 1000")
+    if sample_size < 1:
+        raise CalibrationError("the sample must hold at least one item")
+    if not ladder or any(not 1 <= ef <= 1000 for ef in ladder):
+        raise CalibrationError("every ef_search of the ladder must be between 1 and 1000")
+    row = await (await conn.execute(COUNT_SQL)).fetchone()
+    catalogue_size = int(row[0]) if row else 0
+    if catalogue_size <= k:
+        raise CalibrationError(
+            f"the catalogue holds {catalogue_size} items; calibrating recall@{k} needs more than {k}"
+        )
+    rows = await (await conn.execute(SAMPLE_SQL, {"seed": seed, "n": sample_size})).fetchall()
+    ids = [str(r[0]) for r in rows]
+    truth, exact_s = await exact_neighbours(conn, ids, k, statement_timeout_ms=statement_timeout_ms)
+    points = []
+    for ef in sorted(set(ladder)):
+        found, spent = await hnsw_neighbours(conn, ids, k, ef, statement_timeout_ms=statement_timeout_ms)
+        points.append(CalibrationPoint(ef, round(_recall(found, truth, k), 4), round(spent * 1000 / len(ids), 3)))
+        log.info("ef_search %d: recall@%d %.4f", ef, k, points[-1].recall)
+    return Calibration(
+        k=k, sample_size=len(ids), catalogue_size=catalogue_size, points=tuple(points),
+        exact_ms=round(exact_s * 1000 / len(ids), 3),
+    )
+
+
+# ----------------------------------------------------------------------------- storing, reading
+
+
+async def store_calibration(conn: psycopg.AsyncConnection[Any], calibration: Calibration) -> Calibration:
+    """Record ``calibration`` as the latest run (one transaction); return it with its id and time."""
+    async with conn.transaction():
+        cursor = await conn.execute(
+            "INSERT INTO recall_calibrations (k, sample_size, catalogue_size, exact_ms)"
+            " VALUES (%s, %s, %s, %s) RETURNING id, measured_at",
+            [calibration.k, calibration.sample_size, calibration.catalogue_size, calibration.exact_ms],
+        )
+        row = await cursor.fetchone()
+        assert row is not None
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO recall_calibration_points (calibration_id, ef_search, recall, mean_ms)"
+                " VALUES (%s, %s, %s, %s)",
+                [(row[0], p.ef_search, p.recall, p.mean_ms) for p in calibration.points],
+            )
+    forget_calibrations()
+    return replace(calibration, id=int(row[0]), measured_at=row[1])
+
+
+async def calibrate(conn: psycopg.AsyncConnection[Any], **options: Any) -> Calibration:
+    """:func:`measure_recall` then :func:`store_calibration`; ``options`` as for the former."""
+    return await store_calibration(conn, await measure_recall(conn, **options))
+
+
+async def load_calibration(conn: psycopg.AsyncConnection[Any]) -> Calibration | None:
+    """The latest calibration of the catalogue, or ``None`` when there is none (one query)."""
+    rows = await (await conn.execute(LATEST_SQL)).fetchall()
+    if not rows:
+        return None
+    first = rows[0]
+    return Calibration(
+        id=int(first[0]), measured_at=first[1], k=int(first[2]), sample_size=int(first[3]),
+        catalogue_size=int(first[4]), exact_ms=first[5],
+        points=tuple(CalibrationPoint(int(r[6]), float(r[7]), r[8]) for r in rows),
+    )
+
+
+_cache: dict[tuple[str, int, str], tuple[float, Calibration]] = {}
+
+
+def forget_calibrations() -> None:
+    """Drop the cached curves, so that the next request reads the latest calibration."""
+    _cache.clear()
+
+
+async def choose_ef_search(conn: psycopg.AsyncConnection[Any], recall_target: float) -> EfSearch:
+    """The smallest calibrated ``ef_search`` expected to reach ``recall_target``, and its recall.
+
+    If no calibrated value reaches the target, the one of highest recall (its recall then says
+    so). Raises :class:`NotCalibrated` (409) when the catalogue has no calibration.
+    """
+    key = (str(conn.info.host), int(conn.info.port), str(conn.info.dbname))
+    cached = _cache.get(key)
+    if cached is None or time.monotonic() - cached[0] > CACHE_SECONDS:
+        calibration = await load_calibration(conn)
+        if calibration is None:
+            raise _not_calibrated()
+        cached = (time.monotonic(), calibration)
+        _cache[key] = cached
+    return pick_ef_search(cached[1].points, recall_target)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+async def calibrate_catalogue(settings: Settings | None = None, **options: Any) -> Calibration:
+    """Calibrate the catalogue of the configured database over the process's loader pool."""
+    from recsys.db.pool import get_pool
+
+    pool = await get_pool("loader", settings or get_settings())
+    async with pool.connection() as conn:
+        calibration = await calibrate(conn, **options)
+    log.info("recall calibration %s stored: %s", calibration.id,
+             ", ".join(f"ef_search {p.ef_search}: {p.recall:.3f}" for p in calibration.points))
+    return calibration
+
+
+def _print(calibration: Calibration) -> None:
+    print(f"recall@{calibration.k} on {calibration.sample_size} sampled items of {calibration.catalogue_size} "
+          f"(calibration {calibration.id}); exact scan {calibration.exact_ms} ms per query")
+    print(f"{'ef_search':>9}  {'recall':>6}  {'ms/query':>8}")
+    for p in calibration.points:
+        print(f"{p.ef_search:>9}  {p.recall:>6.3f}  {p.mean_ms if p.mean_ms is not None else '':>8}")
+
+
+def calibrate_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"{COMMAND}", description="measure recall per ef_search and store it")
+    parser.add_argument("--url", help="database URL (default: RECSYS_DATABASE_URL, through PgBouncer)")
+    parser.add_argument("--sample", type=int, default=DEFAULT_SAMPLE, help="items sampled as queries")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help="recall@k (default 10)")
+    parser.add_argument("--ladder", default=",".join(map(str, LADDER)), help="ef_search values, comma-separated")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        ladder = [int(v) for v in args.ladder.split(",") if v.strip()]
+    except ValueError:
+        parser.error("--ladder must be comma-separated integers")
+    options = {"sample_size": args.sample, "k": args.k, "ladder": ladder}
+
+    async def main() -> Calibration:
+        if args.url:
+            from recsys.db.pool import configure_connection
+
+            async with await psycopg.AsyncConnection.connect(args.url, autocommit=True, prepare_threshold=None) as conn:
+                await configure_connection(conn)
+                return await calibrate(conn, **options)
+        from recsys.db.pool import close_pools
+
+        try:
+            return await calibrate_catalogue(**options)
+        finally:
+            await close_pools()
+
+    try:
+        calibration = asyncio.run(main())
+    except CalibrationError as exc:
+        print(f"recsys calibrate: {exc}", file=sys.stderr)
+        return 1
+    _print(calibration)
+    return 0

@@ -1,0 +1,175 @@
+"""Recall calibration against a real database of its own (a catalogue no other test touches)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector
+from psycopg import sql
+
+from recsys.datasets import clustered_catalogue
+from recsys.db.migrations import apply_migrations
+from recsys.errors import NotCalibrated
+from recsys.local.stack import Stack
+from recsys.search.calibration import (
+    EXACT_SETTINGS,
+    EXACT_SQL,
+    HNSW_SQL,
+    LADDER,
+    Calibration,
+    CalibrationError,
+    CalibrationPoint,
+    EfSearch,
+    calibrate,
+    calibrate_main,
+    choose_ef_search,
+    exact_neighbours,
+    forget_calibrations,
+    hnsw_neighbours,
+    load_calibration,
+    store_calibration,
+)
+
+pytestmark = pytest.mark.integration
+
+DATABASE = "recsys_calibration_test"
+DIM = 32
+CATALOGUE = clustered_catalogue(3000, DIM, clusters=30, spread=0.6, seed=11)
+
+
+@pytest.fixture(scope="module")
+def calibration_url(stack: Stack) -> Iterator[str]:
+    """A database of this module's own, migrated, holding CATALOGUE; its URL through PgBouncer."""
+    with psycopg.connect(stack.admin_conninfo("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DATABASE)))
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER recsys").format(sql.Identifier(DATABASE)))
+    with psycopg.connect(stack.admin_conninfo(DATABASE), autocommit=True) as conn:
+        apply_migrations(conn, embedding_dim=DIM)
+        register_vector(conn)
+        copy_sql = "COPY items (id, embedding, category) FROM STDIN WITH (FORMAT BINARY)"
+        with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+            copy.set_types(["text", "vector", "text"])
+            for row in zip(CATALOGUE.ids, CATALOGUE.vectors, CATALOGUE.categories, strict=True):
+                copy.write_row(row)
+        conn.execute("ANALYZE items")
+        # This database stands for any catalogue: the app role may read and write it.
+        conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO recsys")
+    yield stack.bouncer_url(database=DATABASE)
+    with psycopg.connect(stack.admin_conninfo("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DATABASE)))
+
+
+@pytest.fixture
+async def conn(calibration_url: str, stack: Stack) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    with psycopg.connect(stack.admin_conninfo(DATABASE), autocommit=True) as admin:
+        admin.execute("DELETE FROM recall_calibrations")
+    forget_calibrations()
+    async with await psycopg.AsyncConnection.connect(calibration_url, autocommit=True, prepare_threshold=None) as c:
+        yield c
+    forget_calibrations()
+
+
+def _numpy_neighbours(item_id: str, k: int) -> list[str]:
+    index = CATALOGUE.ids.index(item_id)
+    similarity = CATALOGUE.vectors @ CATALOGUE.vectors[index]
+    similarity[index] = -np.inf
+    return [CATALOGUE.ids[i] for i in np.argsort(-similarity, kind="stable")[:k]]
+
+
+async def test_without_a_calibration_a_recall_target_is_409_naming_the_command(
+    conn: psycopg.AsyncConnection[Any],
+) -> None:
+    assert await load_calibration(conn) is None
+    with pytest.raises(NotCalibrated) as caught:
+        await choose_ef_search(conn, 0.9)
+    assert caught.value.status == 409
+    assert "python -m recsys calibrate" in caught.value.message
+
+
+async def test_exact_reference_is_the_numpy_ground_truth(conn: psycopg.AsyncConnection[Any]) -> None:
+    ids = CATALOGUE.ids[::150]
+    found, _ = await exact_neighbours(conn, ids, 10)
+    assert set(found) == set(ids)
+    for item_id in ids:
+        assert found[item_id] == _numpy_neighbours(item_id, 10)
+
+
+async def test_hnsw_measurement_uses_the_index_and_the_exact_one_does_not(
+    conn: psycopg.AsyncConnection[Any],
+) -> None:
+    async def plan(statement: str, settings: dict[str, str]) -> str:
+        async with conn.transaction():
+            for name, value in settings.items():
+                await conn.execute("SELECT set_config(%s, %s, true)", [name, value])
+            rows = await (await conn.execute("EXPLAIN " + statement, {"ids": CATALOGUE.ids[:5], "k": 10})).fetchall()
+        return "\n".join(str(r[0]) for r in rows)
+
+    assert "items_embedding_cosine" in await plan(HNSW_SQL, {"hnsw.ef_search": "40"})
+    assert "items_embedding_cosine" not in await plan(EXACT_SQL, EXACT_SETTINGS)
+
+
+async def test_calibrate_measures_recall_per_ef_search_and_stores_the_curve(
+    conn: psycopg.AsyncConnection[Any],
+) -> None:
+    calibration = await calibrate(conn, sample_size=60, k=10)
+    assert calibration.id is not None
+    assert (calibration.k, calibration.sample_size, calibration.catalogue_size) == (10, 60, len(CATALOGUE.ids))
+    assert [p.ef_search for p in calibration.points] == list(LADDER)
+    recalls = [p.recall for p in calibration.points]
+    assert all(0 <= r <= 1 for r in recalls)
+    assert recalls[-1] >= 0.95
+    assert recalls[-1] >= recalls[0]
+    assert await load_calibration(conn) == calibration
+
+
+async def test_stored_recall_is_the_recall_of_the_index_against_numpy(conn: psycopg.AsyncConnection[Any]) -> None:
+    calibration = await calibrate(conn, sample_size=40, k=10, ladder=[10], seed="numpy")
+    from recsys.search.calibration import SAMPLE_SQL
+
+    rows = await (await conn.execute(SAMPLE_SQL, {"seed": "numpy", "n": 40})).fetchall()
+    ids = [r[0] for r in rows]
+    found, _ = await hnsw_neighbours(conn, ids, 10, 10)
+    hits = sum(len(set(found[i]) & set(_numpy_neighbours(i, 10))) for i in ids)
+    assert calibration.points[0].recall == pytest.approx(hits / (10 * len(ids)), abs=1e-4)
+
+
+async def test_recall_target_picks_the_smallest_ef_search_of_the_latest_calibration(
+    conn: psycopg.AsyncConnection[Any],
+) -> None:
+    curve = (CalibrationPoint(10, 0.80), CalibrationPoint(20, 0.90), CalibrationPoint(40, 0.96),
+             CalibrationPoint(80, 0.99))
+    await store_calibration(conn, Calibration(k=10, sample_size=100, catalogue_size=3000, points=curve))
+    assert await choose_ef_search(conn, 0.95) == EfSearch(40, 0.96)
+    assert await choose_ef_search(conn, 0.5) == EfSearch(10, 0.80)
+    # Out of reach: the best calibrated value, with the lower recall it is expected to give.
+    assert await choose_ef_search(conn, 0.999) == EfSearch(80, 0.99)
+
+    newer = (CalibrationPoint(10, 0.70), CalibrationPoint(160, 0.97))
+    await store_calibration(conn, Calibration(k=10, sample_size=100, catalogue_size=3000, points=newer))
+    assert await choose_ef_search(conn, 0.95) == EfSearch(160, 0.97)
+
+
+async def test_bad_calibration_options_are_refused(conn: psycopg.AsyncConnection[Any]) -> None:
+    with pytest.raises(CalibrationError, match="ladder"):
+        await calibrate(conn, ladder=[0, 10])
+    with pytest.raises(CalibrationError, match="k must be between 1 and 1000"):
+        await calibrate(conn, k=5000)
+    assert await load_calibration(conn) is None
+
+
+def test_calibrate_command_stores_a_calibration(
+    calibration_url: str, stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert calibrate_main(["--url", calibration_url, "--sample", "20", "--ladder", "10,40"]) == 0
+    out = capsys.readouterr().out
+    assert "ef_search" in out
+    with psycopg.connect(stack.admin_conninfo(DATABASE), autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT ef_search FROM recall_calibration_points"
+            " WHERE calibration_id = (SELECT max(id) FROM recall_calibrations) ORDER BY ef_search"
+        ).fetchall()
+    assert [r[0] for r in rows] == [10, 40]
