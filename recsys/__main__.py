@@ -15,8 +15,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("recsys.local.cli", "run_main", "stack up, demo catalogue, serve; Ctrl-C stops everything"),
     "migrate": ("recsys.local.cli", "migrate_main", "apply the sql/ migrations to the database"),
     "setup": ("recsys.local.cli", "setup_main", "install PgBouncer and Azurite where missing"),
-    "bench": ("recsys.bench.cli", "bench_main", "run benchmarks on ephemeral stacks; write bench/results, bench/README.md"),
-    "calibrate": ("recsys.search.calibration", "calibrate_main", "measure recall per ef_search on the catalogue, store it"),
+    "bench": ("recsys.bench.cli", "bench_main", "run benchmarks on ephemeral stacks, write bench/results"),
+    "calibrate": ("recsys.search.calibration", "calibrate_main", "measure recall per ef_search, store it"),
 }
 
 
