@@ -1,0 +1,192 @@
+"""Benchmark 3: how fast embeddings get into the catalogue.
+
+- Row-loading methods into the items table without its HNSW index, through PgBouncer as the
+  loader connects: binary COPY, text COPY and ``executemany`` INSERT (psycopg batches it in a
+  pipeline), each in one transaction.
+- Index order: loading then building the HNSW index, vs loading into the indexed table.
+- End to end: batches enqueued with the project's producer, loaded by the queue-triggered loader
+  run by the local host, until the last row is in the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from pgvector.psycopg import register_vector
+
+from recsys.bench.harness import BenchOptions, bench_stack, build_hnsw_index, drop_hnsw_index, server_versions
+from recsys.bench.results import BenchResult, Headline
+from recsys.bench.stats import ratio
+from recsys.config import Settings
+from recsys.datasets import Catalogue, clustered_catalogue
+from recsys.db.pool import connection_kwargs
+from recsys.local.stack import Stack
+
+__all__ = ["run"]
+
+log = logging.getLogger("recsys")
+
+TITLE = "loading embeddings"
+COPY_BINARY = "COPY items (id, embedding, category) FROM STDIN WITH (FORMAT BINARY)"
+COPY_TEXT = "COPY items (id, embedding, category) FROM STDIN"
+INSERT = "INSERT INTO items (id, embedding, category) VALUES (%s, %s, %s)"
+
+Loader = Callable[[psycopg.Connection[Any], Catalogue, int], None]
+
+
+def _rows(catalogue: Catalogue, count: int) -> Any:
+    return zip(catalogue.ids[:count], catalogue.vectors[:count], catalogue.categories[:count], strict=True)
+
+
+def copy_binary(conn: psycopg.Connection[Any], catalogue: Catalogue, count: int) -> None:
+    with conn.transaction(), conn.cursor() as cur, cur.copy(COPY_BINARY) as copy:
+        copy.set_types(["text", "vector", "text"])
+        for row in _rows(catalogue, count):
+            copy.write_row(row)
+
+
+def copy_text(conn: psycopg.Connection[Any], catalogue: Catalogue, count: int) -> None:
+    with conn.transaction(), conn.cursor() as cur, cur.copy(COPY_TEXT) as copy:
+        for row in _rows(catalogue, count):
+            copy.write_row(row)
+
+
+def copy_text_preformatted(conn: psycopg.Connection[Any], catalogue: Catalogue, count: int) -> None:
+    """Text COPY of lines formatted beforehand (not timed): the server's share of text COPY."""
+    with conn.transaction(), conn.cursor() as cur, cur.copy(COPY_TEXT) as copy:
+        copy.write(_text_lines(catalogue, count))
+
+
+_formatted: dict[tuple[int, int], bytes] = {}
+
+
+def _text_lines(catalogue: Catalogue, count: int) -> bytes:
+    key = (id(catalogue), count)
+    if key not in _formatted:
+        _formatted[key] = "".join(
+            f"{item}\t[{','.join(map(repr, vector.tolist()))}]\t{category}\n"
+            for item, vector, category in _rows(catalogue, count)
+        ).encode()
+    return _formatted[key]
+
+
+def insert_per_row(conn: psycopg.Connection[Any], catalogue: Catalogue, count: int) -> None:
+    """One INSERT and one round trip per row: what a loop of ``execute`` calls does."""
+    with conn.transaction(), conn.cursor() as cur:
+        for row in _rows(catalogue, count):
+            cur.execute(INSERT, row)
+
+
+def executemany(conn: psycopg.Connection[Any], catalogue: Catalogue, count: int) -> None:
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(INSERT, list(_rows(catalogue, count)))
+
+
+LOADERS: dict[str, Loader] = {
+    "copy_binary": copy_binary,
+    "copy_text": copy_text,
+    "copy_text_preformatted": copy_text_preformatted,
+    "executemany": executemany,
+    "insert_per_row": insert_per_row,
+}
+
+
+def _truncate(stack: Stack) -> None:
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        conn.execute("TRUNCATE items")
+
+
+def _methods(stack: Stack, catalogue: Catalogue, counts: dict[str, int], rounds: int) -> dict[str, Any]:
+    drop_hnsw_index(stack)
+    timings: dict[str, list[float]] = {name: [] for name in LOADERS}
+    with psycopg.connect(stack.bouncer_url(), **connection_kwargs(Settings())) as conn:
+        register_vector(conn)
+        for _ in range(rounds):
+            for name, load in LOADERS.items():
+                _truncate(stack)
+                if name == "copy_text_preformatted":
+                    _text_lines(catalogue, counts[name])
+                started = time.perf_counter()
+                load(conn, catalogue, counts[name])
+                timings[name].append(time.perf_counter() - started)
+                log.info("ingest: %s %d rows in %.2f s", name, counts[name], timings[name][-1])
+    return {
+        name: {"rows": counts[name], "seconds": [round(s, 3) for s in spent],
+               "rows_per_s": round(counts[name] / min(spent), 0)}
+        for name, spent in timings.items()
+    }
+
+
+def _index_order(stack: Stack, catalogue: Catalogue, count: int) -> dict[str, Any]:
+    with psycopg.connect(stack.bouncer_url(), **connection_kwargs(Settings())) as conn:
+        register_vector(conn)
+        _truncate(stack)
+        drop_hnsw_index(stack)
+        started = time.perf_counter()
+        copy_binary(conn, catalogue, count)
+        loaded = time.perf_counter() - started
+        indexed = build_hnsw_index(stack)
+        then_index = {"copy_s": round(loaded, 2), "index_s": round(indexed, 2), "total_s": round(loaded + indexed, 2)}
+
+        _truncate(stack)
+        build_hnsw_index(stack)
+        started = time.perf_counter()
+        copy_binary(conn, catalogue, count)
+        into_indexed = {"total_s": round(time.perf_counter() - started, 2)}
+    return {"rows": count, "load_then_index": then_index, "load_into_indexed": into_indexed}
+
+
+def run(options: BenchOptions) -> BenchResult:
+    dim = 384
+    copy_rows = options.size(50_000, 2_000)
+    insert_rows = options.size(10_000, 500)
+    index_rows = options.size(20_000, 1_000)
+    rounds = options.size(2, 1)
+    catalogue = clustered_catalogue(max(copy_rows, index_rows), dim, seed=3)
+    counts = {"copy_binary": copy_rows, "copy_text": copy_rows, "copy_text_preformatted": copy_rows,
+              "executemany": insert_rows, "insert_per_row": insert_rows}
+    with bench_stack(options, "ingest", embedding_dim=dim) as stack:
+        servers = server_versions(stack)
+        figures: dict[str, Any] = {"methods": _methods(stack, catalogue, counts, rounds)}
+        figures["index_order"] = _index_order(stack, catalogue, index_rows)
+    methods = figures["methods"]
+    binary, text, many = (methods[n]["rows_per_s"] for n in ("copy_binary", "copy_text", "executemany"))
+    text_server, per_row = methods["copy_text_preformatted"]["rows_per_s"], methods["insert_per_row"]["rows_per_s"]
+    order = figures["index_order"]
+    index_speedup = ratio(order["load_into_indexed"]["total_s"], order["load_then_index"]["total_s"])
+    figures["binary_vs_executemany"] = round(ratio(binary, many), 2)
+    figures["binary_vs_text"] = round(ratio(binary, text), 2)
+    figures["load_then_index_speedup"] = round(index_speedup, 2)
+    headlines = [
+        Headline(f"binary COPY ÷ executemany INSERT, rows/s ({binary:,.0f} vs {many:,.0f})",
+                 round(ratio(binary, many), 1), "×", "≥ 20×", ratio(binary, many) >= 20),
+        Headline(f"binary COPY ÷ text COPY, rows/s (text: {text:,.0f})", round(ratio(binary, text), 1), "×", "≥ 3×",
+                 ratio(binary, text) >= 3),
+        Headline(f"binary COPY ÷ text COPY of lines formatted beforehand ({text_server:,.0f} rows/s)",
+                 round(ratio(binary, text_server), 1), "×"),
+        Headline(f"binary COPY ÷ one INSERT per row ({per_row:,.0f} rows/s)", round(ratio(binary, per_row), 1), "×"),
+        Headline(f"load into indexed table ÷ load then index, total time ({order['rows']:,} rows)",
+                 round(index_speedup, 1), "×"),
+    ]
+    return BenchResult(
+        name="ingest",
+        title=TITLE,
+        inputs={
+            "dim": dim, "rows": counts, "rounds": rounds, "index_rows": index_rows,
+            "path": "PgBouncer, one transaction per load",
+            "statements": {"copy_binary": COPY_BINARY, "copy_text": COPY_TEXT, "executemany": INSERT},
+            "hnsw": {"m": 16, "ef_construction": 64, "maintenance_work_mem": "1GB", "parallel_workers": 2},
+        },
+        figures=figures,
+        headlines=headlines,
+        servers=servers,
+        notes=[
+            "rows/s is the best of the rounds",
+            "psycopg 3 sends executemany as a pipeline with binary parameters: not one round trip per row",
+            "copy_text formats each vector as text in Python (pgvector's text dumper) while copying",
+        ],
+    )

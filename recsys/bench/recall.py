@@ -1,0 +1,202 @@
+"""Benchmark 4: recall@10 and latency per ``ef_search``, next to the exact scan; filtered queries.
+
+Ground truth is computed with numpy (exact cosine over the whole catalogue, the query item
+excluded). Each query is one statement over a pooled connection through PgBouncer: a function
+that applies the HNSW settings transaction-locally and runs the similar-items query, as the
+query path does. Filtered queries keep the planner on the HNSW index (the category test is
+written so that the category index cannot answer it), to show what the index does under a
+filter with and without pgvector 0.8's iterative scans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+
+from recsys.bench.harness import BenchOptions, Deadline, bench_stack, load_catalogue, server_versions
+from recsys.bench.plots import line_plot
+from recsys.bench.results import BenchResult, Headline
+from recsys.bench.stats import ratio, recall_at_k, summarize
+from recsys.config import Settings
+from recsys.datasets import CATEGORIES, Catalogue, clustered_catalogue
+from recsys.db.pool import configure_connection, connection_kwargs
+
+__all__ = ["ground_truth", "run"]
+
+TITLE = "recall against latency per ef_search"
+K = 10
+LADDER = (10, 20, 40, 80, 160, 320)
+#: ef_search of the filtered comparison (pgvector's default).
+FILTER_EF = 40
+
+# enable_seqscan off: the HNSW index, not a scan of the table, answers the filtered query;
+# `category || ''` keeps the planner from using the category's B-tree index instead.
+FUNCTIONS = """
+CREATE OR REPLACE FUNCTION bench_hnsw(query_id text, k int, ef int, cat text, iterative text)
+RETURNS TABLE (id text) LANGUAGE plpgsql AS $$
+DECLARE
+    q vector;
+BEGIN
+    PERFORM set_config('hnsw.ef_search', ef::text, true);
+    PERFORM set_config('hnsw.iterative_scan', iterative, true);
+    PERFORM set_config('enable_seqscan', 'off', true);
+    SELECT i.embedding INTO q FROM items i WHERE i.id = query_id;
+    RETURN QUERY
+        SELECT i.id FROM items i
+        WHERE i.id <> query_id AND (cat IS NULL OR i.category || '' = cat)
+        ORDER BY i.embedding <=> q LIMIT k;
+END $$;
+
+CREATE OR REPLACE FUNCTION bench_exact(query_id text, k int, cat text)
+RETURNS TABLE (id text) LANGUAGE plpgsql AS $$
+DECLARE
+    q vector;
+BEGIN
+    PERFORM set_config('enable_indexscan', 'off', true);
+    PERFORM set_config('enable_bitmapscan', 'off', true);
+    SELECT i.embedding INTO q FROM items i WHERE i.id = query_id;
+    RETURN QUERY
+        SELECT i.id FROM items i
+        WHERE i.id <> query_id AND (cat IS NULL OR i.category = cat)
+        ORDER BY i.embedding <=> q, i.id LIMIT k;
+END $$;
+"""
+HNSW_SQL = "SELECT id FROM bench_hnsw(%(id)s, %(k)s, %(ef)s, %(cat)s, %(iterative)s)"
+EXACT_SQL = "SELECT id FROM bench_exact(%(id)s, %(k)s, %(cat)s)"
+
+
+def ground_truth(catalogue: Catalogue, query_ids: list[str], category: str | None, k: int) -> list[list[str]]:
+    """Exact top-``k`` by cosine (unit vectors: dot product), query item excluded, with numpy."""
+    position = {item: i for i, item in enumerate(catalogue.ids)}
+    vectors: npt.NDArray[np.float32] = catalogue.vectors
+    allowed = np.ones(len(catalogue.ids), dtype=bool)
+    if category is not None:
+        allowed = np.asarray([c == category for c in catalogue.categories])
+    truth = []
+    for item in query_ids:
+        scores = vectors @ vectors[position[item]]
+        scores[~allowed] = -np.inf
+        scores[position[item]] = -np.inf
+        top = np.argpartition(-scores, k)[:k]
+        truth.append([catalogue.ids[i] for i in top[np.argsort(-scores[top], kind="stable")]])
+    return truth
+
+
+async def _series(conn: psycopg.AsyncConnection[Any], statement: str, params: dict[str, Any], query_ids: list[str],
+                  deadline: Deadline) -> tuple[list[list[str]], list[float]]:
+    found: list[list[str]] = []
+    latencies: list[float] = []
+    for item in query_ids:
+        if not deadline:
+            raise TimeoutError("the recall benchmark ran out of time; use fewer queries")
+        started = time.perf_counter()
+        rows = await (await conn.execute(statement, {**params, "id": item})).fetchall()
+        latencies.append(time.perf_counter() - started)
+        found.append([r[0] for r in rows])
+    return found, latencies
+
+
+def _figures(found: list[list[str]], latencies: list[float], truth: list[list[str]]) -> dict[str, Any]:
+    return {
+        "recall": round(recall_at_k(found, truth, K), 4),
+        "mean_results": round(sum(map(len, found)) / len(found), 2),
+        **summarize(latencies),
+    }
+
+
+async def _run(url: str, catalogue: Catalogue, query_ids: list[str], filters: dict[str, str | None],
+               seconds: float) -> dict[str, Any]:
+    conn = await psycopg.AsyncConnection.connect(url, **connection_kwargs(Settings()))
+    await configure_connection(conn)
+    deadline = Deadline(seconds)
+    figures: dict[str, Any] = {}
+    try:
+        await _series(conn, EXACT_SQL, {"k": K, "cat": None}, query_ids[:5], deadline)  # warm the cache
+        for name, category in filters.items():
+            truth = ground_truth(catalogue, query_ids, category, K)
+            found, latencies = await _series(conn, EXACT_SQL, {"k": K, "cat": category}, query_ids, deadline)
+            figures[f"{name}/exact"] = _figures(found, latencies, truth)
+            modes = ("off",) if category is None else ("off", "relaxed_order")
+            for mode in modes:
+                for ef in LADDER if category is None else (FILTER_EF,):
+                    params = {"k": K, "ef": ef, "cat": category, "iterative": mode}
+                    found, latencies = await _series(conn, HNSW_SQL, params, query_ids, deadline)
+                    figures[f"{name}/hnsw/{mode}/{ef}"] = _figures(found, latencies, truth)
+    finally:
+        await conn.close()
+    return figures
+
+
+def run(options: BenchOptions) -> BenchResult:
+    items = options.size(30_000, 3_000)
+    dim = options.size(384, 64)
+    queries = options.size(200, 20)
+    seconds = options.size(600, 60)
+    # One category holds 10% of the catalogue, another 1%: the two filter selectivities.
+    weights = (0.10, 0.01, *([0.89 / (len(CATEGORIES) - 2)] * (len(CATEGORIES) - 2)))
+    catalogue = clustered_catalogue(items, dim, seed=4, category_weights=weights)
+    filters: dict[str, str | None] = {"unfiltered": None, "filter_10pct": CATEGORIES[0], "filter_1pct": CATEGORIES[1]}
+    query_ids = random.Random(4).sample(catalogue.ids, queries)
+    with bench_stack(options, "recall", embedding_dim=dim) as stack:
+        loaded = load_catalogue(stack, catalogue)
+        with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+            conn.execute(FUNCTIONS)
+        servers = server_versions(stack)
+        figures = asyncio.run(_run(stack.bouncer_url(), catalogue, query_ids, filters, seconds))
+    figures["load"] = loaded
+
+    exact = figures["unfiltered/exact"]
+    curve = [(ef, figures[f"unfiltered/hnsw/off/{ef}"]) for ef in LADDER]
+    reaching = [(ef, point) for ef, point in curve if point["recall"] >= 0.95]
+    plot = "recall.png"
+    line_plot(
+        options.out_dir / plot,
+        {
+            "HNSW, unfiltered": ([p["p50_ms"] for _, p in curve], [p["recall"] for _, p in curve]),
+            "exact scan": ([exact["p50_ms"]], [exact["recall"]]),
+        },
+        annotations={"HNSW, unfiltered": [f"ef={ef}" for ef, _ in curve]},
+        title=f"recall@{K} vs p50 latency, {items:,} × {dim}", xlabel="p50 latency per query (ms)",
+        ylabel=f"recall@{K}", logx=True,
+    )
+    headlines = []
+    if reaching:
+        ef, point = reaching[0]
+        share = ratio(point["p50_ms"], exact["p50_ms"])
+        figures["smallest_ef_search_for_0.95"] = ef
+        headlines += [
+            Headline(f"p50 at ef_search {ef} (smallest with recall@10 ≥ 0.95: {point['recall']}) ÷ exact scan "
+                     f"p50 ({point['p50_ms']} ms vs {exact['p50_ms']} ms)", round(100 * share, 1), "%", "≤ 10%",
+                     share <= 0.10),
+        ]
+    else:
+        headlines.append(Headline("no ef_search of the ladder reached recall@10 ≥ 0.95", None, "", "≤ 10%", False))
+    headlines += [Headline(f"recall@10 at ef_search {ef}", point["recall"], "") for ef, point in curve[:1]]
+    for name, label in (("filter_10pct", "10%"), ("filter_1pct", "1%")):
+        off = figures[f"{name}/hnsw/off/{FILTER_EF}"]
+        on = figures[f"{name}/hnsw/relaxed_order/{FILTER_EF}"]
+        headlines += [
+            Headline(f"filter {label}, ef_search {FILTER_EF}: recall@10 with iterative scan "
+                     f"(without: {off['recall']}, {off['mean_results']} results per query)", on["recall"], ""),
+        ]
+    return BenchResult(
+        name="recall",
+        title=TITLE,
+        inputs={
+            "catalogue_items": items, "dim": dim, "queries": queries, "k": K, "ladder": list(LADDER),
+            "filter_ef_search": FILTER_EF, "filters": filters, "catalogue": "clustered_catalogue(seed=4)",
+            "hnsw": {"m": 16, "ef_construction": 64}, "hnsw_sql": HNSW_SQL, "exact_sql": EXACT_SQL,
+            "functions": FUNCTIONS.strip(),
+        },
+        figures=figures,
+        headlines=headlines,
+        plots=[plot],
+        servers=servers,
+    )
+
