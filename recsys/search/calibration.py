@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
 from recsys.config import Settings, get_settings
 from recsys.errors import NotCalibrated
@@ -288,7 +289,8 @@ async def load_calibration(conn: psycopg.AsyncConnection[Any]) -> Calibration | 
     )
 
 
-_cache: dict[tuple[str, int, str], tuple[float, Calibration]] = {}
+Source = psycopg.AsyncConnection[Any] | AsyncConnectionPool
+_cache: dict[tuple[Any, ...], tuple[float, Calibration]] = {}
 
 
 def forget_calibrations() -> None:
@@ -296,16 +298,34 @@ def forget_calibrations() -> None:
     _cache.clear()
 
 
-async def choose_ef_search(conn: psycopg.AsyncConnection[Any], recall_target: float) -> EfSearch:
+def _cache_key(source: Source) -> tuple[Any, ...]:
+    if isinstance(source, AsyncConnectionPool):
+        # A pool's connections all reach one database; a conninfo built per connection (a
+        # callable) leaves only the pool itself to tell databases apart.
+        conninfo = source.conninfo
+        return ("pool", conninfo) if isinstance(conninfo, str) else ("pool", id(source))
+    return ("connection", str(source.info.host), int(source.info.port), str(source.info.dbname))
+
+
+async def _load(source: Source) -> Calibration | None:
+    if isinstance(source, AsyncConnectionPool):
+        async with source.connection() as conn:
+            return await load_calibration(conn)
+    return await load_calibration(source)
+
+
+async def choose_ef_search(source: Source, recall_target: float) -> EfSearch:
     """The smallest calibrated ``ef_search`` expected to reach ``recall_target``, and its recall.
 
-    If no calibrated value reaches the target, the one of highest recall (its recall then says
-    so). Raises :class:`NotCalibrated` (409) when the catalogue has no calibration.
+    ``source`` is a connection or a pool; the curve is read at most once per
+    :data:`CACHE_SECONDS` per database (a pool's connection is borrowed only then). If no
+    calibrated value reaches the target, the one of highest recall (its recall then says so).
+    Raises :class:`NotCalibrated` (409) when the catalogue has no calibration.
     """
-    key = (str(conn.info.host), int(conn.info.port), str(conn.info.dbname))
+    key = _cache_key(source)
     cached = _cache.get(key)
     if cached is None or time.monotonic() - cached[0] > CACHE_SECONDS:
-        calibration = await load_calibration(conn)
+        calibration = await _load(source)
         if calibration is None:
             raise _not_calibrated()
         cached = (time.monotonic(), calibration)

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 from psycopg import sql
+from psycopg_pool import AsyncConnectionPool, PoolClosed
 
 from recsys.datasets import clustered_catalogue
 from recsys.db.migrations import apply_migrations
@@ -173,3 +174,20 @@ def test_calibrate_command_stores_a_calibration(
             " WHERE calibration_id = (SELECT max(id) FROM recall_calibrations) ORDER BY ef_search"
         ).fetchall()
     assert [r[0] for r in rows] == [10, 40]
+
+
+async def test_a_pool_is_read_once_then_the_curve_comes_from_the_cache(
+    conn: psycopg.AsyncConnection[Any], calibration_url: str
+) -> None:
+    curve = (CalibrationPoint(10, 0.90), CalibrationPoint(40, 0.97))
+    await store_calibration(conn, Calibration(k=10, sample_size=100, catalogue_size=3000, points=curve))
+    pool = AsyncConnectionPool(calibration_url, kwargs={"autocommit": True, "prepare_threshold": None},
+                               min_size=1, max_size=1, open=False)
+    await pool.open(wait=True)
+    assert await choose_ef_search(pool, 0.95) == EfSearch(40, 0.97)
+    await pool.close()
+    # A request with recall_target costs no extra round trip: the closed pool is not touched.
+    assert await choose_ef_search(pool, 0.9) == EfSearch(10, 0.90)
+    forget_calibrations()
+    with pytest.raises(PoolClosed):
+        await choose_ef_search(pool, 0.9)
