@@ -12,9 +12,11 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
 from recsys.bench.harness import (
     SIMILAR_FUNCTION,
@@ -50,38 +52,76 @@ ORDER BY i.embedding <=> (SELECT embedding FROM q)
 LIMIT %(k)s
 """
 
-Path = Callable[[psycopg.AsyncConnection[Any], str], Awaitable[int]]
+@dataclass
+class Route:
+    """One way to the database: a connection, and pools with and without a check on checkout."""
+
+    conn: psycopg.AsyncConnection[Any]
+    checked_pool: AsyncConnectionPool
+    pool: AsyncConnectionPool
 
 
-async def select_one(conn: psycopg.AsyncConnection[Any], item_id: str) -> int:
-    await (await conn.execute("SELECT 1")).fetchall()
-    return 1
+Path = Callable[[Route, str], Awaitable[int]]
 
 
-async def one_statement(conn: psycopg.AsyncConnection[Any], item_id: str) -> int:
+async def _similar(conn: psycopg.AsyncConnection[Any], item_id: str) -> int:
     rows = await (await conn.execute(SIMILAR_SQL, {"id": item_id, "k": K, "ef": EF_SEARCH})).fetchall()
     return len(rows)
 
 
-async def naive(conn: psycopg.AsyncConnection[Any], item_id: str) -> int:
-    async with conn.transaction():
-        await conn.execute(NAIVE_SET)
-        rows = await (await conn.execute(NAIVE_SELECT, {"id": item_id, "k": K})).fetchall()
+async def select_one(route: Route, item_id: str) -> int:
+    await (await route.conn.execute("SELECT 1")).fetchall()
+    return 1
+
+
+async def one_statement(route: Route, item_id: str) -> int:
+    return await _similar(route.conn, item_id)
+
+
+async def naive(route: Route, item_id: str) -> int:
+    async with route.conn.transaction():
+        await route.conn.execute(NAIVE_SET)
+        rows = await (await route.conn.execute(NAIVE_SELECT, {"id": item_id, "k": K})).fetchall()
     return len(rows)
 
 
-PATHS: dict[str, Path] = {"select_1": select_one, "one_statement": one_statement, "naive": naive}
+async def pooled_checked(route: Route, item_id: str) -> int:
+    """The one-statement path behind the app's pool, which checks each connection it lends."""
+    async with route.checked_pool.connection() as conn:
+        return await _similar(conn, item_id)
 
 
-async def _connect(url: str) -> psycopg.AsyncConnection[Any]:
-    conn = await psycopg.AsyncConnection.connect(url, **connection_kwargs(Settings()))
+async def pooled(route: Route, item_id: str) -> int:
+    async with route.pool.connection() as conn:
+        return await _similar(conn, item_id)
+
+
+PATHS: dict[str, Path] = {
+    "select_1": select_one,
+    "one_statement": one_statement,
+    "naive": naive,
+    "pool_checked_one_statement": pooled_checked,
+    "pool_unchecked_one_statement": pooled,
+}
+
+
+async def _route(url: str) -> Route:
+    kwargs = connection_kwargs(Settings())
+    conn = await psycopg.AsyncConnection.connect(url, **kwargs)
     await configure_connection(conn)
-    return conn
+    pools = [
+        AsyncConnectionPool(url, kwargs=kwargs, min_size=1, max_size=1, configure=configure_connection, check=check,
+                            open=False)
+        for check in (AsyncConnectionPool.check_connection, None)
+    ]
+    for pool in pools:
+        await pool.open(wait=True, timeout=30)
+    return Route(conn, *pools)
 
 
 async def _run(urls: dict[str, str], ids: list[str], count: int, seconds: float) -> dict[str, list[float]]:
-    conns = {route: await _connect(url) for route, url in urls.items()}
-    samples: dict[str, list[float]] = {f"{route}/{path}": [] for route in conns for path in PATHS}
+    routes = {name: await _route(url) for name, url in urls.items()}
+    samples: dict[str, list[float]] = {f"{name}/{path}": [] for name in routes for path in PATHS}
     rng = random.Random(3)
     deadline = Deadline(seconds)
     try:
@@ -90,17 +130,19 @@ async def _run(urls: dict[str, str], ids: list[str], count: int, seconds: float)
                 break
             item_id = rng.choice(ids)
             # Every path on every route for the same item, in turn: background noise hits all alike.
-            for route, conn in conns.items():
+            for route_name, route in routes.items():
                 for name, path in PATHS.items():
                     started = time.perf_counter()
-                    found = await path(conn, item_id)
+                    found = await path(route, item_id)
                     elapsed = time.perf_counter() - started
                     assert found > 0
                     if i >= 20:  # warm-up
-                        samples[f"{route}/{name}"].append(elapsed)
+                        samples[f"{route_name}/{name}"].append(elapsed)
     finally:
-        for conn in conns.values():
-            await conn.close()
+        for route in routes.values():
+            await route.conn.close()
+            await route.checked_pool.close()
+            await route.pool.close()
     return samples
 
 
@@ -124,7 +166,7 @@ def run(options: BenchOptions) -> BenchResult:
     rtt = percentile(samples["delayed/select_1"], 50) - percentile(samples["pgbouncer/select_1"], 50)
     figures["round_trip_ms"] = round(rtt * 1000, 3)
     added: dict[str, float] = {}
-    for name in ("one_statement", "naive"):
+    for name in [p for p in PATHS if p != "select_1"]:
         extra = percentile(samples[f"delayed/{name}"], 50) - percentile(samples[f"pgbouncer/{name}"], 50)
         added[name] = ratio(extra, rtt)
         figures[f"{name}/added_ms"] = round(extra * 1000, 3)
@@ -144,6 +186,10 @@ def run(options: BenchOptions) -> BenchResult:
                      round(added["one_statement"], 2), "RTT", "≤ 1.2", added["one_statement"] <= 1.2),
             Headline("round trips added by BEGIN / SET LOCAL / SELECT / COMMIT", round(added["naive"], 2), "RTT",
                      "~4", 3.5 <= added["naive"] <= 4.5),
+            Headline("round trips added by the one-statement path behind a pool that checks on checkout",
+                     round(added["pool_checked_one_statement"], 2), "RTT"),
+            Headline("round trips added by the one-statement path behind a pool without the check",
+                     round(added["pool_unchecked_one_statement"], 2), "RTT"),
             Headline("p50 with 1 ms each way: one statement",
                      figures["delayed/one_statement"]["p50_ms"], "ms"),
             Headline("p50 with 1 ms each way: naive", figures["delayed/naive"]["p50_ms"], "ms"),
