@@ -255,8 +255,11 @@ def encode_embedding(vector: Vector) -> str:
 # ----------------------------------------------------------------------------- items
 
 
-def parse_item(raw: Any, dim: int, name: str) -> Item:
-    """One item object; ``name`` prefixes the fields in errors (``items[3]``)."""
+def parse_item(raw: Any, dim: int, name: str, *, vector: Vector | None = None) -> Item:
+    """One item object; ``name`` prefixes the fields in errors (``items[3]``).
+
+    ``vector``, when given, is the item's embedding from elsewhere (the bulk loader's ``.npy``).
+    """
     if not isinstance(raw, dict):
         raise InvalidArgument(f"{name} must be an object", field=name)
     if "id" not in raw:
@@ -264,9 +267,13 @@ def parse_item(raw: Any, dim: int, name: str) -> Item:
     item_id = parse_id(raw["id"], f"{name}.id")
     has_list = raw.get("embedding") is not None
     has_b64 = raw.get("embedding_b64") is not None
-    if has_list and has_b64:
+    if vector is not None:
+        if vector.shape != (dim,):
+            raise InvalidArgument(f"{name}.embedding must have {dim} dimensions", field=f"{name}.embedding")
+        vector = _finite_vector(np.asarray(vector, dtype=np.float32), f"{name}.embedding")
+    elif has_list and has_b64:
         raise InvalidArgument(f"{name} must have embedding or embedding_b64, not both", field=f"{name}.embedding")
-    if has_b64:
+    elif has_b64:
         vector = parse_embedding_b64(raw["embedding_b64"], dim, f"{name}.embedding_b64")
     elif has_list:
         vector = parse_embedding(raw["embedding"], dim, f"{name}.embedding")
