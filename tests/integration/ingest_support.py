@@ -8,6 +8,7 @@ only when the handler returned (a raise leaves it in the queue for a later deliv
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -162,19 +163,41 @@ async def deliver_all(env: IngestEnv, handler: Handler) -> int:
     return handled
 
 
-def grant_app_login(env: IngestEnv) -> None:
+def grant_app_login(stack: Stack, settings: Settings) -> None:
     """Give the login of the app's URLs the rights the ingest path needs on the service's tables.
 
     The roles migration (``sql/03x``) grants them to ``recsys_loader``; where the app still logs
     in as another role, this gives that role the same rights and no more.
     """
-    urls = {env.settings.database_url, getattr(env.settings, "loader_database_url", env.settings.database_url)}
+    urls = {settings.database_url, getattr(settings, "loader_database_url", settings.database_url)}
     users = {conninfo_to_dict(url).get("user") for url in urls} - {None}
-    with env.connect() as conn:
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
         for user in users:
             conn.execute(
                 sql.SQL("GRANT SELECT, INSERT, UPDATE ON items, ingest_batches TO {}").format(sql.Identifier(str(user)))
             )
+
+
+async def deliver_until_empty(env: IngestEnv, handler: Handler, attempts: int = 60) -> int:
+    """Deliver until the queue is empty; a delivery that raises comes back, as with the host.
+
+    Returns the number of deliveries made (failed ones included).
+    """
+    deliveries = 0
+    for _ in range(attempts):
+        messages = env.receive()
+        if not messages:
+            return deliveries
+        for message in messages:
+            deliveries += 1
+            try:
+                await handler(to_function_message(message))
+            except Exception:
+                env.release(message)
+                await asyncio.sleep(0.5)
+            else:
+                env.delete(message)
+    raise AssertionError(f"messages still waiting after {attempts} rounds of delivery")
 
 
 @pytest.fixture
@@ -186,7 +209,7 @@ def ingest_env(stack: Stack, stack_env: dict[str, str]) -> Iterator[IngestEnv]:
     os.environ.update(private)
     get_settings.cache_clear()
     env = IngestEnv(stack=stack, settings=load_settings(os.environ), prefix=f"t{token}-")
-    grant_app_login(env)
+    grant_app_login(stack, env.settings)
     for client in (env.queue, env.poison):  # as the host's queue listener does when it starts
         with client:
             client.create_queue()
