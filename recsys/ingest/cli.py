@@ -156,13 +156,14 @@ def enqueue_main(argv: list[str]) -> int:
 
 def demo_main(argv: list[str]) -> int:
     """``python -m recsys demo``: enqueue the demo catalogue and wait until a running host loaded it."""
-    from recsys.ingest.demo import DEMO_BATCHES, DEMO_ITEMS, DEMO_SEED, load_demo_catalogue
+    from recsys.ingest.demo import DEMO_BATCHES, DEMO_ITEMS, DEMO_PREFIX, DEMO_SEED, load_demo_catalogue
 
     parser = argparse.ArgumentParser(prog="python -m recsys demo",
                                      description="load the demo catalogue through the queue (needs a running host)")
     parser.add_argument("--items", type=int, default=DEMO_ITEMS)
     parser.add_argument("--batches", type=int, default=DEMO_BATCHES)
     parser.add_argument("--seed", type=int, default=DEMO_SEED)
+    parser.add_argument("--prefix", default=DEMO_PREFIX, help="prefix of the item ids (default item-)")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--force", action="store_true", help="enqueue again even when already loaded")
     args = parser.parse_args(argv)
@@ -176,7 +177,7 @@ def demo_main(argv: list[str]) -> int:
 
         try:
             statuses = await load_demo_catalogue(settings, n=args.items, batches=args.batches, seed=args.seed,
-                                                 timeout=args.timeout, force=args.force)
+                                                 prefix=args.prefix, timeout=args.timeout, force=args.force)
         finally:
             await close_pools()
         print(json.dumps([s.to_body() for s in statuses]))

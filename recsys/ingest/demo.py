@@ -19,19 +19,29 @@ from recsys.ingest import ledger
 from recsys.ingest.messages import Item
 from recsys.ingest.producer import enqueue_items
 
-__all__ = ["DEMO_BATCHES", "DEMO_ITEMS", "DEMO_SEED", "demo_batch_ids", "demo_items", "enqueue_demo_catalogue",
-           "load_demo_catalogue", "wait_for_batches"]
+__all__ = [
+    "DEMO_BATCHES",
+    "DEMO_ITEMS",
+    "DEMO_PREFIX",
+    "DEMO_SEED",
+    "demo_batch_ids",
+    "demo_items",
+    "enqueue_demo_catalogue",
+    "load_demo_catalogue",
+    "wait_for_batches",
+]
 
 log = logging.getLogger("recsys")
 
 DEMO_ITEMS = 20_000
 DEMO_BATCHES = 4
 DEMO_SEED = 42
+DEMO_PREFIX = "item-"
 
 
-def demo_items(n: int = DEMO_ITEMS, dim: int = 384, *, seed: int = DEMO_SEED) -> list[Item]:
+def demo_items(n: int = DEMO_ITEMS, dim: int = 384, *, seed: int = DEMO_SEED, prefix: str = DEMO_PREFIX) -> list[Item]:
     """The demo catalogue's items: ids ``item-000000``…, a category, a cluster tag, a title."""
-    catalogue = clustered_catalogue(n, dim, seed=seed)
+    catalogue = clustered_catalogue(n, dim, seed=seed, id_prefix=prefix)
     return [
         Item(
             id=item_id,
@@ -44,18 +54,25 @@ def demo_items(n: int = DEMO_ITEMS, dim: int = 384, *, seed: int = DEMO_SEED) ->
     ]
 
 
-def demo_batch_ids(batches: int = DEMO_BATCHES, *, seed: int = DEMO_SEED, n: int = DEMO_ITEMS) -> list[str]:
-    return [f"demo-{seed}-{n}-{k + 1}of{batches}" for k in range(batches)]
+def demo_batch_ids(
+    batches: int = DEMO_BATCHES, *, seed: int = DEMO_SEED, n: int = DEMO_ITEMS, prefix: str = DEMO_PREFIX
+) -> list[str]:
+    return [f"{prefix}demo-{seed}-{n}-{k + 1}of{batches}" for k in range(batches)]
 
 
 async def enqueue_demo_catalogue(
-    settings: Settings | None = None, *, n: int = DEMO_ITEMS, batches: int = DEMO_BATCHES, seed: int = DEMO_SEED
+    settings: Settings | None = None,
+    *,
+    n: int = DEMO_ITEMS,
+    batches: int = DEMO_BATCHES,
+    seed: int = DEMO_SEED,
+    prefix: str = DEMO_PREFIX,
 ) -> list[str]:
     """Send the demo catalogue to the loader's queue as ``batches`` batches; returns their ids."""
     settings = settings or get_settings()
-    items = await asyncio.to_thread(demo_items, n, settings.embedding_dim, seed=seed)
+    items = await asyncio.to_thread(demo_items, n, settings.embedding_dim, seed=seed, prefix=prefix)
     size = -(-n // batches)
-    ids = demo_batch_ids(batches, seed=seed, n=n)
+    ids = demo_batch_ids(batches, seed=seed, n=n, prefix=prefix)
     for k, batch_id in enumerate(ids):
         chunk = items[k * size:(k + 1) * size]
         # One part per batch: each batch is one message and one blob, whatever its size.
@@ -98,17 +115,18 @@ async def load_demo_catalogue(
     n: int = DEMO_ITEMS,
     batches: int = DEMO_BATCHES,
     seed: int = DEMO_SEED,
+    prefix: str = DEMO_PREFIX,
     timeout: float = 900.0,
     force: bool = False,
 ) -> list[ledger.BatchStatus]:
     """Enqueue the demo catalogue and wait until it is loaded (a no-op when it already is)."""
-    ids = demo_batch_ids(batches, seed=seed, n=n)
+    ids = demo_batch_ids(batches, seed=seed, n=n, prefix=prefix)
     if not force:
         current = await _statuses(ids)
         if all(s is not None and s.status == "loaded" for s in current):
             log.info("the demo catalogue is already loaded (%d batches)", len(ids))
             return [s for s in current if s is not None]
-    await enqueue_demo_catalogue(settings, n=n, batches=batches, seed=seed)
+    await enqueue_demo_catalogue(settings, n=n, batches=batches, seed=seed, prefix=prefix)
     statuses = await wait_for_batches(ids, timeout=timeout)
     log.info("demo catalogue loaded: %d items in %d batches", sum(s.rows for s in statuses), len(statuses))
     return statuses
