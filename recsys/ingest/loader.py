@@ -200,6 +200,7 @@ async def process_message(
     except _REFUSED as exc:
         reason = f"the database refused the rows: {str(exc).splitlines()[0]}"
         return await _reject(body, key, reason, settings, pool)
-    if message.blob is not None and outcome.status == "loaded":
+    if message.blob is not None:
+        # Loaded now or before (a redelivery after a failed delete): the claim-check is spent.
         await storage.delete_blob(settings, message.blob)
     return outcome
