@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +28,13 @@ __all__ = [
     "SIMILAR_SQL",
     "BenchOptions",
     "Deadline",
+    "app_environment",
     "bench_stack",
     "build_hnsw_index",
     "drop_hnsw_index",
     "install_similar_function",
     "load_catalogue",
+    "local_host",
     "server_versions",
 ]
 
@@ -106,6 +111,59 @@ def bench_stack(
     finally:
         stack.down()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_host(env: Mapping[str, str], port: int) -> Iterator[str]:
+    """``python -m recsys serve`` in a process of its own (as a Functions worker is) with ``env``.
+
+    Yields its base URL once ``/api/health`` answers; stops it afterwards.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "recsys", "serve", "--port", str(port)],
+        cwd=tools.project_root(), env={**os.environ, **env},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = Deadline(60)
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the local host exited with {process.returncode}")
+            if not deadline:
+                raise RuntimeError("the local host did not answer /api/health within 60 s")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def app_environment(env: Mapping[str, str]) -> Iterator[None]:
+    """``env`` in ``os.environ`` (and the settings cache cleared) for the duration of the block."""
+    from recsys.config import get_settings
+
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()
 
 
 def grant_app_role(stack: Stack) -> None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 import time
@@ -20,13 +21,21 @@ import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 
-from recsys.bench.harness import BenchOptions, bench_stack, build_hnsw_index, drop_hnsw_index, server_versions
+from recsys.bench.harness import (
+    BenchOptions,
+    app_environment,
+    bench_stack,
+    build_hnsw_index,
+    drop_hnsw_index,
+    local_host,
+    server_versions,
+)
 from recsys.bench.results import BenchResult, Headline
 from recsys.bench.stats import ratio
 from recsys.config import Settings
 from recsys.datasets import Catalogue, clustered_catalogue
 from recsys.db.pool import connection_kwargs
-from recsys.local.stack import Stack
+from recsys.local.stack import Stack, free_port
 
 __all__ = ["run"]
 
@@ -179,6 +188,41 @@ def _index_order(stack: Stack, catalogue: Catalogue, count: int) -> dict[str, An
     return {"rows": count, "load_then_index": then_index, "load_into_indexed": into_indexed}
 
 
+async def _enqueue_and_wait(items: list[Any], batch_id: str, part_items: int, timeout: float) -> dict[str, Any]:
+    from recsys.db.pool import close_pools
+    from recsys.ingest.demo import wait_for_batches
+    from recsys.ingest.producer import enqueue_items
+
+    try:
+        started = time.perf_counter()
+        enqueued = await enqueue_items(items, batch_id=batch_id, part_items=part_items)
+        sent = time.perf_counter() - started
+        statuses = await wait_for_batches([batch_id], timeout=timeout, interval=0.2)
+        elapsed = time.perf_counter() - started
+    finally:
+        await close_pools()
+    rows = sum(s.rows for s in statuses)
+    assert rows == len(items), f"loaded {rows} of {len(items)} items"
+    return {
+        "items": len(items), "messages": enqueued.messages, "blobs": enqueued.blobs, "part_items": part_items,
+        "enqueue_s": round(sent, 2), "total_s": round(elapsed, 2), "items_per_s": round(len(items) / elapsed, 0),
+    }
+
+
+def _end_to_end(stack: Stack, runs: dict[str, tuple[int, int]], timeout: float) -> dict[str, Any]:
+    """Enqueue with the project's producer, load with the host's queue-triggered loader; items/s."""
+    from recsys.ingest.demo import demo_items
+
+    figures: dict[str, Any] = {}
+    env = stack.app_environment()
+    with app_environment(env), local_host(env, free_port()):
+        for name, (count, part_items) in runs.items():
+            items = demo_items(count, stack.config.embedding_dim, seed=9, prefix=f"{name}-")
+            figures[name] = asyncio.run(_enqueue_and_wait(items, f"bench-{name}", part_items, timeout))
+            log.info("ingest: end to end %s: %s", name, figures[name])
+    return figures
+
+
 def run(options: BenchOptions) -> BenchResult:
     dim = 384
     copy_rows = options.size(50_000, 2_000)
@@ -192,6 +236,14 @@ def run(options: BenchOptions) -> BenchResult:
         servers = server_versions(stack)
         figures: dict[str, Any] = {"methods": _methods(stack, catalogue, counts, rounds)}
         figures["index_order"] = _index_order(stack, catalogue, index_rows)
+        _truncate(stack)
+        end_to_end = {
+            # The project's default: parts of 5,000 items, each a blob behind one message.
+            "claim_check": (options.size(20_000, 1_000), 5_000),
+            # Parts small enough to travel inside the queue message (64 KiB).
+            "inline": (options.size(2_000, 100), 20),
+        }
+        figures["end_to_end"] = _end_to_end(stack, end_to_end, timeout=options.size(600, 120))
     methods = figures["methods"]
     binary, text, many = (methods[n]["rows_per_s"] for n in ("copy_binary", "copy_text", "executemany"))
     text_server, per_row = methods["copy_text_preformatted"]["rows_per_s"], methods["insert_per_row"]["rows_per_s"]
@@ -201,6 +253,7 @@ def run(options: BenchOptions) -> BenchResult:
     figures["binary_vs_executemany"] = round(ratio(binary, many), 2)
     figures["binary_vs_text"] = round(ratio(binary, text), 2)
     figures["load_then_index_speedup"] = round(index_speedup, 2)
+    e2e = figures["end_to_end"]
     headlines = [
         Headline(f"binary COPY ÷ executemany INSERT, rows/s ({binary:,.0f} vs {many:,.0f})",
                  round(ratio(binary, many), 1), "×", "≥ 20×", ratio(binary, many) >= 20),
@@ -211,6 +264,11 @@ def run(options: BenchOptions) -> BenchResult:
         Headline(f"binary COPY ÷ text COPY of lines formatted beforehand ({text_server:,.0f} rows/s)",
                  round(ratio(binary, text_server), 1), "×"),
         Headline(f"binary COPY ÷ one INSERT per row ({per_row:,.0f} rows/s)", round(ratio(binary, per_row), 1), "×"),
+        Headline(f"end to end, queue to table, {e2e['claim_check']['items']:,} items in parts of "
+                 f"{e2e['claim_check']['part_items']:,} through Blob storage", e2e["claim_check"]["items_per_s"],
+                 "items/s"),
+        Headline(f"end to end, {e2e['inline']['items']:,} items in inline messages of "
+                 f"{e2e['inline']['part_items']} items", e2e["inline"]["items_per_s"], "items/s"),
         Headline(f"load into indexed table ÷ load then index, total time ({order['rows']:,} rows)",
                  round(index_speedup, 1), "×"),
     ]
