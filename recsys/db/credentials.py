@@ -62,12 +62,13 @@ def build_credential(
 
     ``ManagedIdentityCredential`` when the managed identity endpoint is present (App Service,
     Azure Functions), else ``DefaultAzureCredential``. Each HTTP call to the token endpoint
-    is bounded by ``timeout`` and retried at most twice, so a token request never hangs.
+    is bounded by ``timeout`` and retried once: the pool's own reconnection attempts are the
+    retries that matter, and a thread stuck on an endpoint that does not answer is freed soon.
     """
     from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 
     env = os.environ if env is None else env
-    transport: dict[str, Any] = {"connection_timeout": timeout, "read_timeout": timeout, "retry_total": 2}
+    transport: dict[str, Any] = {"connection_timeout": timeout, "read_timeout": timeout, "retry_total": 1}
     if env.get("IDENTITY_ENDPOINT"):
         return ManagedIdentityCredential(client_id=client_id, **transport)
     return DefaultAzureCredential(managed_identity_client_id=client_id, **transport)
@@ -81,7 +82,8 @@ class EntraPasswordProvider:
     """A thread-safe, caching source of Entra tokens to use as passwords.
 
     Calling it returns a token valid for a while yet: the cached one, or a new one once the
-    cached one is within its refresh margin. Concurrent callers wait for a single refresh.
+    cached one is within its refresh margin. Concurrent callers wait (at most ``wait`` seconds)
+    for a single refresh.
     Raises :class:`TokenUnavailable` (logged with its reason) when no valid token can be had.
     """
 
@@ -90,10 +92,12 @@ class EntraPasswordProvider:
         credential: TokenCredential,
         *,
         scope: str = ENTRA_SCOPE,
+        wait: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._credential = credential
         self._scope = scope
+        self._wait = wait
         self._clock = clock
         self._lock = threading.Lock()  # guards the cached state
         self._refreshing = threading.Lock()  # held by the one caller asking for a new token
@@ -112,10 +116,15 @@ class EntraPasswordProvider:
             if token is not None and now < self._refresh_at:
                 return token
             still_valid = token is not None and now < self._expires_on
-        # One caller refreshes; while it does, the others keep using a token that is still valid.
-        if not self._refreshing.acquire(blocking=not still_valid):
-            assert token is not None
-            return token
+        # One caller refreshes; while it does, the others keep using a token that is still valid,
+        # or wait for it a bounded time (so a hanging endpoint never piles up waiting threads).
+        if still_valid:
+            if not self._refreshing.acquire(blocking=False):
+                assert token is not None
+                return token
+        elif not self._refreshing.acquire(timeout=self._wait):
+            log.warning("entra token request already in progress for %g s; not waiting longer", self._wait)
+            raise TokenUnavailable("an entra token request is already in progress")
         try:
             with self._lock:
                 if self._token is not None and self._clock() < self._refresh_at:
@@ -167,4 +176,4 @@ def entra_password_provider(settings: Settings, *, purpose: str = "query") -> En
     PostgreSQL role, named in the path's database URL).
     """
     credential = build_credential(settings.entra_client_id_for(purpose), timeout=settings.connect_timeout)
-    return EntraPasswordProvider(credential)
+    return EntraPasswordProvider(credential, wait=settings.connect_timeout)
