@@ -1,20 +1,22 @@
 """sql/030_roles.sql: each path's role can do its job and is refused everything else.
 
-Connections go through PgBouncer in transaction mode, as the functions do; whatever a test
-writes is rolled back, so the shared stack's catalogue is left as it was.
+The rights are checked on a stack of this module's own, exactly as the migrations leave them
+(fixtures of other areas may grant extra rights on the shared one). Connections go through
+PgBouncer in transaction mode, as the functions do; whatever a test writes is rolled back.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import errors, sql
 
 from recsys.db.pool import get_pool
-from recsys.local.stack import Stack
+from recsys.local.stack import Stack, StackConfig
 
 pytestmark = pytest.mark.integration
 
@@ -25,15 +27,27 @@ def vector_literal(dim: int) -> str:
     return "[" + ",".join(["0.5"] * dim) + "]"
 
 
+@pytest.fixture(scope="module")
+def roles_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = Stack(StackConfig.ephemeral(Path(tmp_path_factory.mktemp("roles-stack"))))
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
+
+
 @pytest.fixture
-def query_conn(stack: Stack) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(stack.bouncer_url(user="recsys_query"), prepare_threshold=None, autocommit=True) as conn:
+def query_conn(roles_stack: Stack) -> Iterator[psycopg.Connection]:
+    url = roles_stack.bouncer_url(user="recsys_query")
+    with psycopg.connect(url, prepare_threshold=None, autocommit=True) as conn:
         yield conn
 
 
 @pytest.fixture
-def loader_conn(stack: Stack) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(stack.bouncer_url(user="recsys_loader"), prepare_threshold=None, autocommit=True) as conn:
+def loader_conn(roles_stack: Stack) -> Iterator[psycopg.Connection]:
+    url = roles_stack.bouncer_url(user="recsys_loader")
+    with psycopg.connect(url, prepare_threshold=None, autocommit=True) as conn:
         yield conn
 
 
@@ -43,8 +57,8 @@ def refused(conn: psycopg.Connection, statement: str, params: list[object] | Non
         conn.execute(statement, params)  # type: ignore[arg-type]
 
 
-def test_roles_exist_without_login_in_sql(stack: Stack) -> None:
-    with psycopg.connect(stack.admin_conninfo()) as conn:
+def test_roles_exist_without_login_in_sql(roles_stack: Stack) -> None:
+    with psycopg.connect(roles_stack.admin_conninfo()) as conn:
         rows: dict[str, bool] = dict(conn.execute(
             "SELECT rolname, rolsuper OR rolcreaterole OR rolcreatedb OR rolbypassrls FROM pg_roles"
             " WHERE rolname IN ('recsys_owner', 'recsys_query', 'recsys_loader')"
@@ -89,8 +103,8 @@ def test_the_query_role_cannot_write_even_in_a_read_write_transaction(query_conn
             query_conn.execute(statement)
 
 
-def test_the_loader_stages_with_copy_and_upserts(loader_conn: psycopg.Connection, stack: Stack) -> None:
-    dim = stack.config.embedding_dim
+def test_the_loader_stages_with_copy_and_upserts(loader_conn: psycopg.Connection, roles_stack: Stack) -> None:
+    dim = roles_stack.config.embedding_dim
     item = f"role-test-{uuid.uuid4().hex}"
     with loader_conn.transaction(force_rollback=True):
         loader_conn.execute(
@@ -133,13 +147,38 @@ def test_the_loader_is_refused_the_rest(loader_conn: psycopg.Connection, stateme
     refused(loader_conn, statement)
 
 
+def test_rights_on_every_table_of_the_service(roles_stack: Stack, query_conn: psycopg.Connection,
+                                             loader_conn: psycopg.Connection) -> None:
+    # Whatever the areas' migrations created (items, the ingest ledger, ...), not just items.
+    with psycopg.connect(roles_stack.admin_conninfo()) as conn:
+        tables = [row[0] for row in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'schema_migrations'"
+        )]
+        rights = {
+            (role, table, privilege): conn.execute(
+                "SELECT has_table_privilege(%s, format('public.%%I', %s::text), %s)", [role, table, privilege]
+            ).fetchone()[0]  # type: ignore[index]
+            for role in ("recsys_query", "recsys_loader")
+            for table in tables
+            for privilege in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+        }
+    assert "items" in tables
+    for (role, table, privilege), granted in rights.items():
+        expected = privilege == "SELECT" or (role == "recsys_loader" and privilege in ("INSERT", "UPDATE"))
+        assert granted == expected, (role, table, privilege)
+    for table in tables:
+        statement = sql.SQL("DELETE FROM {}").format(sql.Identifier(table))
+        refused(query_conn, statement.as_string(query_conn))
+        refused(loader_conn, statement.as_string(loader_conn))
+
+
 def test_tables_of_later_migrations_get_the_same_rights(
-    stack: Stack, query_conn: psycopg.Connection, loader_conn: psycopg.Connection
+    roles_stack: Stack, query_conn: psycopg.Connection, loader_conn: psycopg.Connection
 ) -> None:
     # A table created by the migrating login after 030 (an area's ledger merged later, say).
     name = f"later_{uuid.uuid4().hex[:12]}"
     table = sql.Identifier(name)
-    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+    with psycopg.connect(roles_stack.admin_conninfo(), autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE TABLE {} (id text PRIMARY KEY, status text)").format(table))
         try:
             with loader_conn.transaction(force_rollback=True):
