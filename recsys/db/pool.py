@@ -8,6 +8,10 @@ Connections are in autocommit mode: a query path sends one statement (one round 
 that is its own transaction, and writers open an explicit ``conn.transaction()``.
 PgBouncer in transaction mode cannot keep protocol-level prepared statements, hence
 ``prepare_threshold=None``.
+
+Each purpose connects as its own role: ``query`` with ``RECSYS_DATABASE_URL`` (``recsys_query``,
+read-only), ``loader`` with ``RECSYS_LOADER_DATABASE_URL`` (``recsys_loader``). In Entra mode
+the password is a token of the purpose's managed identity (``recsys.db.credentials``).
 """
 
 from __future__ import annotations
