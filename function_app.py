@@ -7,7 +7,11 @@ hides the functions from the host.
 
 import azure.functions as func
 
+from recsys.http.batches import bp as batches_bp
 from recsys.http.health import bp as health_bp
+from recsys.http.loader import bp as loader_bp
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(health_bp)
+app.register_functions(batches_bp)
+app.register_functions(loader_bp)
