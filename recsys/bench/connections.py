@@ -77,6 +77,11 @@ async def _run(urls: dict[str, str], ids: list[str], new_count: int, pooled_coun
         for name, url in urls.items()
     }
     samples: dict[str, tuple[list[float], float]] = {}
+    for name, url in urls.items():
+        conn = await psycopg.AsyncConnection.connect(url, **_kwargs())
+        uses_tls = conn.pgconn.ssl_in_use
+        await conn.close()
+        assert uses_tls == ("sslmode=verify-full" in url), f"{name}: TLS in use is {uses_tls}"
     try:
         for pool in pools.values():
             await pool.open(wait=True, timeout=30)
@@ -107,14 +112,20 @@ def run(options: BenchOptions) -> BenchResult:
     pooled_count = options.size(6_000, 150)
     seconds = options.size(60, 10)
     catalogue = clustered_catalogue(items, 32, seed=1)
-    with bench_stack(options, "connections", embedding_dim=32) as stack:
+    # TLS terminates at PgBouncer (this PostgreSQL build has no OpenSSL); "allow" lets the
+    # plain and the TLS clients share one PgBouncer, so that they are measured side by side.
+    with bench_stack(options, "connections", embedding_dim=32, tls=True,
+                     bouncer_settings={"client_tls_sslmode": "allow"}) as stack:
         load_catalogue(stack, catalogue, index=False)
         servers = server_versions(stack)
-        urls = {"direct": stack.direct_url(), "pgbouncer": stack.bouncer_url()}
+        tls = f"?sslmode=verify-full&sslrootcert={stack.tls_files.ca_cert}"
+        urls = {"direct": stack.direct_url(), "pgbouncer": stack.bouncer_url(),
+                "pgbouncer_tls": stack.bouncer_url() + tls}
         figures = asyncio.run(_run(urls, catalogue.ids, new_count, pooled_count, seconds))
 
     headlines = []
-    for name, label in (("direct", "straight to PostgreSQL"), ("pgbouncer", "through PgBouncer")):
+    for name, label in (("direct", "straight to PostgreSQL"), ("pgbouncer", "through PgBouncer"),
+                        ("pgbouncer_tls", "through PgBouncer with TLS (verify-full)")):
         pooled_rate = figures[f"{name}/pooled"]["requests_per_s"]
         new_rate = figures[f"{name}/new_connection"]["requests_per_s"]
         speedup = ratio(pooled_rate, new_rate)
@@ -132,7 +143,7 @@ def run(options: BenchOptions) -> BenchResult:
         inputs={
             "catalogue_items": items, "request": LOOKUP, "clients": 1, "rounds": ROUNDS,
             "new_connection_requests": new_count, "pooled_requests": pooled_count, "time_cap_s": seconds,
-            "auth": "SCRAM-SHA-256 password",
+            "auth": "SCRAM-SHA-256 password", "tls": "TLS 1.3 at PgBouncer, sslmode=verify-full, local CA",
             "pool": "psycopg_pool AsyncConnectionPool, max_size 1, checked on checkout",
         },
         figures=figures,
