@@ -119,7 +119,8 @@ def run(options: BenchOptions) -> BenchResult:
         load_catalogue(stack, catalogue, index=False)
         servers = server_versions(stack)
         tls = f"?sslmode=verify-full&sslrootcert={stack.tls_files.ca_cert}"
-        urls = {"direct": stack.direct_url(), "pgbouncer": stack.bouncer_url(),
+        plain = "?sslmode=disable"
+        urls = {"direct": stack.direct_url() + plain, "pgbouncer": stack.bouncer_url() + plain,
                 "pgbouncer_tls": stack.bouncer_url() + tls}
         figures = asyncio.run(_run(urls, catalogue.ids, new_count, pooled_count, seconds))
 
