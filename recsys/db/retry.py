@@ -25,7 +25,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
-__all__ = ["Database", "backoff_delay", "is_transient", "run_read"]
+__all__ = ["Database", "NoAnswer", "backoff_delay", "is_transient", "run_read", "within"]
 
 log = logging.getLogger("recsys")
 
@@ -53,32 +53,80 @@ def backoff_delay(attempt: int, *, rng: random.Random | None = None) -> float:
     return (rng or random).uniform(0.0, ceiling)
 
 
+class NoAnswer(psycopg.OperationalError):
+    """The database did not answer within the request's time limit (nor cancelled the statement)."""
+
+
+async def within(awaitable: Awaitable[T], seconds: float | None) -> T:
+    """``await awaitable``, but raise ``TimeoutError`` after ``seconds`` without waiting longer.
+
+    While PostgreSQL is down, PgBouncer holds a query (the pool's check on checkout, or the
+    request itself) for its ``query_wait_timeout`` (30 s locally, 120 s by default on Azure)
+    waiting for a server connection. Cancelling a psycopg operation makes psycopg ask the
+    server to cancel and wait up to 5 s for it; a query PgBouncer is holding is never
+    cancelled, and a second cancellation makes psycopg close the connection at once, which is
+    what we want: the request ends on time and the connection is discarded.
+    """
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if done:
+        return task.result()
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
+    if not task.cancelled() and task.exception() is None:
+        return task.result()  # it finished just as it was being cancelled
+    raise TimeoutError
+
+
+async def _attempt(
+    pool: AsyncConnectionPool,
+    operation: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]],
+    deadline: float,
+    limit: float | None,
+) -> T:
+    remaining = max(deadline - time.monotonic(), 0.001)
+    try:
+        conn = await within(pool.getconn(timeout=remaining), remaining)
+    except TimeoutError:
+        raise PoolTimeout(f"no working connection within {remaining:.2f} sec") from None
+    try:
+        return await within(operation(conn), limit)
+    except TimeoutError:
+        raise NoAnswer(f"the database did not answer within {limit:.2f} sec") from None
+    finally:
+        await pool.putconn(conn)
+
+
 async def run_read(
     db: Database,
     operation: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]],
     *,
     budget: float | None = None,
+    limit: float | None = None,
 ) -> T:
     """Run ``operation`` on a connection of ``db`` and return its result.
 
     With a pool, a transient ``OperationalError`` (see :func:`is_transient`) is retried on
     another connection after a backoff, as long as the next attempt can start before
     ``budget`` seconds (default: the pool's timeout) have passed since the call; each wait
-    for a connection is limited to what is left of the budget. The last error is raised when
-    the budget is spent; an exhausted pool raises :class:`psycopg_pool.PoolTimeout`.
+    for a connection is limited to what is left of the budget, and each run of ``operation``
+    to ``limit`` seconds (:class:`NoAnswer` past it). The last error is raised when the budget
+    is spent; no working connection in time raises :class:`psycopg_pool.PoolTimeout`.
 
-    With a connection, ``operation`` runs once on it.
+    With a connection, ``operation`` runs once on it (within ``limit``).
     """
     if isinstance(db, psycopg.AsyncConnection):
-        return await operation(db)
+        try:
+            return await within(operation(db), limit)
+        except TimeoutError:
+            raise NoAnswer(f"the database did not answer within {limit:.2f} sec") from None
     deadline = time.monotonic() + (db.timeout if budget is None else budget)
     attempt = 0
     while True:
         attempt += 1
-        remaining = deadline - time.monotonic()
         try:
-            async with db.connection(timeout=max(remaining, 0.001)) as conn:
-                return await operation(conn)
+            return await _attempt(db, operation, deadline, limit)
         except Exception as exc:
             if not is_transient(exc):
                 raise

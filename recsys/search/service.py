@@ -54,7 +54,15 @@ EXACT_SEARCH_MAX_ROWS = 1000
 #: alpha of the recommendation query vector: q = mean(positives) - alpha * mean(negatives).
 NEGATIVE_WEIGHT = 0.5
 
+#: Seconds a request waits for the database beyond its statement timeout before giving up:
+#: past that, the statement never reached PostgreSQL (which would have cancelled it).
+ANSWER_GRACE = 1.0
+
 Row = dict[str, Any]
+
+
+def _limit(timeout_ms: int) -> float:
+    return timeout_ms / 1000 + ANSWER_GRACE
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,7 @@ async def get_item(db: Database, item_id: str, *, include_vector: bool = False, 
     async def operation(conn: psycopg.AsyncConnection[Any]) -> list[Row]:
         return await _fetch(conn, query, {"id": item_id}, timeout_ms)
 
-    rows = await run_read(db, operation)
+    rows = await run_read(db, operation, limit=_limit(timeout_ms))
     if not rows:
         raise NotFound(f"item {item_id} not found", field="id")
     return _item(rows[0])
@@ -156,7 +164,8 @@ async def lookup_items(
     async def operation(conn: psycopg.AsyncConnection[Any]) -> list[Row]:
         return await _fetch(conn, query, {"ids": unique}, timeout_ms)
 
-    found = {row["id"]: _item(row) for row in await run_read(db, operation)} if unique else {}
+    rows = await run_read(db, operation, limit=_limit(timeout_ms)) if unique else []
+    found = {row["id"]: _item(row) for row in rows}
     return {
         "items": [found[i] for i in ids if i in found],
         "missing": [i for i in ids if i not in found],
@@ -211,7 +220,7 @@ async def similar_items(
         return await _fetch(conn, queries.SIMILAR, params, timeout_ms)
 
     started = time.perf_counter()
-    rows = await run_read(db, operation)
+    rows = await run_read(db, operation, limit=_limit(timeout_ms))
     return {"id": item_id, **_response(rows, choice, (time.perf_counter() - started) * 1000)}
 
 
@@ -246,7 +255,7 @@ async def recommend(
         return await _fetch(conn, queries.RECOMMEND, params, timeout_ms)
 
     started = time.perf_counter()
-    rows = await run_read(db, operation)
+    rows = await run_read(db, operation, limit=_limit(timeout_ms))
     return _response(rows, choice, (time.perf_counter() - started) * 1000)
 
 
