@@ -15,6 +15,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("recsys.local.cli", "run_main", "stack up, demo catalogue, serve; Ctrl-C stops everything"),
     "migrate": ("recsys.local.cli", "migrate_main", "apply the sql/ migrations to the database"),
     "setup": ("recsys.local.cli", "setup_main", "install PgBouncer and Azurite where missing"),
+    "load": ("recsys.ingest.cli", "load_main", "bulk-load a .jsonl (or .npy + .jsonl) with binary COPY"),
+    "enqueue": ("recsys.ingest.cli", "enqueue_main", "validate a batch file and send it to the loader's queue"),
+    "demo": ("recsys.ingest.cli", "demo_main", "load the demo catalogue through the queue (host running)"),
 }
 
 

@@ -43,6 +43,7 @@ class Settings:
     pool_timeout: float = 5.0
     pool_max_lifetime: float = 1800.0
     statement_timeout_ms: int = 5000
+    loader_statement_timeout_ms: int = 120_000
     connect_timeout: int = 5
     sslmode: str | None = None
     sslrootcert: str | None = None
@@ -118,6 +119,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         pool_timeout=_number(env, "RECSYS_POOL_TIMEOUT", 5.0, float, 0.1, 300),
         pool_max_lifetime=_number(env, "RECSYS_POOL_MAX_LIFETIME", 1800.0, float, 10, 86400),
         statement_timeout_ms=_number(env, "RECSYS_STATEMENT_TIMEOUT_MS", 5000, int, 1, 3_600_000),
+        loader_statement_timeout_ms=_number(
+            env, "RECSYS_LOADER_STATEMENT_TIMEOUT_MS", 120_000, int, 1000, 3_600_000
+        ),
         connect_timeout=_number(env, "RECSYS_CONNECT_TIMEOUT", 5, int, 1, 300),
         sslmode=_choice(env, "RECSYS_SSLMODE", None, SSL_MODES),
         sslrootcert=_text(env, "RECSYS_SSLROOTCERT", None),

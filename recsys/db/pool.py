@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -27,8 +28,11 @@ __all__ = ["close_pools", "configure_connection", "connection_kwargs", "get_pool
 
 log = logging.getLogger("recsys")
 
-#: Pools by purpose ("query", "loader"), each bound to the event loop that opened it.
-_pools: dict[str, tuple[asyncio.AbstractEventLoop, AsyncConnectionPool]] = {}
+#: Pools by event loop, then by purpose ("query", "loader"). A pool belongs to the loop that
+#: opened it; a worker has one loop, but the local host and tests may run several at once.
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncConnectionPool]] = (
+    weakref.WeakKeyDictionary()
+)
 
 #: Builds the connection arguments of each new connection (a fresh token in Entra mode).
 KwargsFactory = Callable[[], dict[str, Any]]
@@ -91,27 +95,22 @@ async def get_pool(purpose: str = "query", settings: Settings | None = None) -> 
     Opening does not wait for connections: a database that is down at start delays only the
     requests that need it, which then get :class:`psycopg_pool.PoolTimeout`.
     """
-    loop = asyncio.get_running_loop()
-    entry = _pools.get(purpose)
-    if entry is not None:
-        owner, pool = entry
-        if owner is loop and not pool.closed:
-            return pool
-    pool = _new_pool(settings or get_settings(), purpose)
-    _pools[purpose] = (loop, pool)
-    await pool.open(wait=False)
+    pools = _pools.setdefault(asyncio.get_running_loop(), {})
+    pool = pools.get(purpose)
+    if pool is None or pool.closed:
+        pool = pools[purpose] = _new_pool(settings or get_settings(), purpose)
+        await pool.open(wait=False)
     return pool
 
 
 async def close_pools() -> None:
     """Close the pools opened on the running loop (tests and the local host's shutdown)."""
-    loop = asyncio.get_running_loop()
-    for purpose, (owner, pool) in list(_pools.items()):
-        if owner is loop:
-            await pool.close()
-            del _pools[purpose]
+    pools = _pools.pop(asyncio.get_running_loop(), {})
+    for pool in pools.values():
+        await pool.close()
 
 
 def pool_stats() -> dict[str, dict[str, int]]:
-    """``get_stats()`` of each open pool of this process, by purpose."""
-    return {purpose: pool.get_stats() for purpose, (_, pool) in _pools.items() if not pool.closed}
+    """``get_stats()`` of each open pool of the running loop, by purpose."""
+    pools = _pools.get(asyncio.get_running_loop(), {})
+    return {purpose: pool.get_stats() for purpose, pool in pools.items() if not pool.closed}

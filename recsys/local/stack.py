@@ -172,6 +172,9 @@ class Stack:
             "RECSYS_DB_AUTH": "password",
             "RECSYS_EMBEDDING_DIM": str(self.config.embedding_dim),
             "AzureWebJobsStorage": self.storage_connection_string(),
+            # The loader's queue trigger binds %RECSYS_QUEUE_NAME%: a binding expression needs
+            # the app setting itself, a default in Settings is not enough.
+            "RECSYS_QUEUE_NAME": "embedding-batches",
         }
 
     # ----------------------------------------------------------------- lifecycle

@@ -39,6 +39,7 @@ def test_values_are_parsed() -> None:
         ("RECSYS_POOL_MAX_SIZE", "-1"),
         ("RECSYS_POOL_TIMEOUT", "soon"),
         ("RECSYS_STATEMENT_TIMEOUT_MS", "0"),
+        ("RECSYS_LOADER_STATEMENT_TIMEOUT_MS", "500"),
         ("RECSYS_DB_AUTH", "kerberos"),
         ("RECSYS_SSLMODE", "verify-everything"),
         ("RECSYS_QUEUE_NAME", "Bad_Queue"),

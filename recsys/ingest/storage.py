@@ -1,0 +1,72 @@
+"""Azure Storage for the ingest path: the batch queue, its poison queue, and claim-check blobs.
+
+Clients are created per call from ``AzureWebJobsStorage`` (the async SDK clients own an HTTP
+session each; a call here sends a handful of requests, so the set-up cost is negligible) and
+closed at once, so nothing is bound to an event loop between calls.
+
+Queue messages are sent base64-encoded: the Functions host decodes them with the default
+``messageEncoding`` (``base64``) of host.json before the queue trigger sees them.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from collections.abc import Sequence
+
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.storage.blob.aio import BlobServiceClient
+from azure.storage.queue.aio import QueueClient
+
+from recsys.config import Settings
+from recsys.ingest.messages import BlobRef
+
+__all__ = ["delete_blob", "download_blob", "send_messages", "upload_blob"]
+
+
+def _wire(payload: bytes) -> str:
+    return base64.b64encode(payload).decode("ascii")
+
+
+async def send_messages(settings: Settings, queue_name: str, payloads: Sequence[bytes]) -> None:
+    """Send each payload (UTF-8 JSON) as one base64 message; creates the queue when missing."""
+    async with QueueClient.from_connection_string(settings.storage_connection, queue_name) as queue:
+        for payload in payloads:
+            try:
+                await queue.send_message(_wire(payload))
+            except ResourceNotFoundError:
+                # A fresh storage account: the Functions host creates the queue only when it
+                # starts listening, which may be after the first producer sends.
+                with contextlib.suppress(ResourceExistsError):
+                    await queue.create_queue()
+                await queue.send_message(_wire(payload))
+
+
+async def upload_blob(settings: Settings, ref: BlobRef, data: bytes) -> None:
+    """Store ``data`` at ``ref`` (overwriting); creates the container when missing."""
+    async with BlobServiceClient.from_connection_string(settings.storage_connection) as service:
+        blob = service.get_blob_client(ref.container, ref.name)
+        try:
+            await blob.upload_blob(data, overwrite=True, content_type="application/json")
+        except ResourceNotFoundError:
+            with contextlib.suppress(ResourceExistsError):
+                await service.create_container(ref.container)
+            await blob.upload_blob(data, overwrite=True, content_type="application/json")
+
+
+async def download_blob(settings: Settings, ref: BlobRef) -> bytes | None:
+    """The content of ``ref``, or ``None`` when the blob (or its container) does not exist."""
+    async with BlobServiceClient.from_connection_string(settings.storage_connection) as service:
+        blob = service.get_blob_client(ref.container, ref.name)
+        try:
+            stream = await blob.download_blob()
+            return await stream.readall()
+        except ResourceNotFoundError:
+            return None
+
+
+async def delete_blob(settings: Settings, ref: BlobRef) -> None:
+    """Delete ``ref``; a blob already gone is not an error."""
+    async with BlobServiceClient.from_connection_string(settings.storage_connection) as service:
+        with contextlib.suppress(ResourceNotFoundError):
+            await service.get_blob_client(ref.container, ref.name).delete_blob()

@@ -1,0 +1,165 @@
+"""Batch documents and queue messages: validation names the field; encoding round-trips."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from recsys.errors import InvalidArgument
+from recsys.ingest.messages import (
+    INLINE_MAX_BYTES,
+    QUEUE_MESSAGE_MAX_BYTES,
+    BlobRef,
+    encode_document,
+    encode_embedding,
+    message_key,
+    parse_batch_document,
+    parse_items,
+    parse_message,
+)
+from recsys.ingest.producer import plan_messages
+
+DIM = 4
+
+
+def item(**overrides: Any) -> dict[str, Any]:
+    return {"id": "a", "embedding": [0.1, 0.2, 0.3, 0.4], **overrides}
+
+
+def error_of(raw: Any, **kwargs: Any) -> InvalidArgument:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_items(raw, DIM, **kwargs)
+    return caught.value
+
+
+def test_a_valid_item_is_parsed_with_defaults() -> None:
+    (parsed,) = parse_items([item()], DIM)
+    assert parsed.id == "a" and parsed.category is None and parsed.tags == [] and parsed.metadata == {}
+    assert parsed.embedding.dtype == np.float32
+    np.testing.assert_array_equal(parsed.embedding, np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32))
+
+
+def test_an_integer_id_is_taken_as_its_decimal_string() -> None:
+    (parsed,) = parse_items([item(id=12345)], DIM)
+    assert parsed.id == "12345"
+
+
+def test_embedding_b64_is_little_endian_float32() -> None:
+    vector = np.array([1.5, -2.0, 0.25, 8.0], dtype="<f4")
+    (parsed,) = parse_items([{"id": "b", "embedding_b64": base64.b64encode(vector.tobytes()).decode()}], DIM)
+    np.testing.assert_array_equal(parsed.embedding, vector)
+    assert encode_embedding(parsed.embedding) == base64.b64encode(vector.tobytes()).decode()
+
+
+@pytest.mark.parametrize(
+    ("bad", "field", "words"),
+    [
+        (item(id=""), "items[1].id", "1 to 128"),
+        (item(id="x" * 129), "items[1].id", "1 to 128"),
+        (item(id=True), "items[1].id", "string or an integer"),
+        (item(id="a\x00b"), "items[1].id", "NUL"),
+        (item(embedding=[1.0, 2.0]), "items[1].embedding", "4 dimensions, got 2"),
+        (item(embedding=[1.0, 2.0, 3.0, float("nan")]), "items[1].embedding", "finite"),
+        (item(embedding=[1.0, 2.0, 3.0, float("inf")]), "items[1].embedding", "finite"),
+        (item(embedding=[1.0, 2.0, 3.0, 1e300]), "items[1].embedding", "finite"),
+        (item(embedding=[1.0, 2.0, 3.0, "4"]), "items[1].embedding", "only numbers"),
+        (item(embedding=[1.0, 2.0, 3.0, True]), "items[1].embedding", "only numbers"),
+        (item(embedding=[0, 0, 0, 0]), "items[1].embedding", "all zeros"),
+        (item(embedding=None), "items[1].embedding", "required"),
+        ({"id": "b", "embedding_b64": "not base64!"}, "items[1].embedding_b64", "base64"),
+        ({"id": "b", "embedding_b64": base64.b64encode(b"\0" * 12).decode()}, "items[1].embedding_b64", "16 bytes"),
+        (
+            {"id": "b", "embedding_b64": base64.b64encode(np.full(4, np.nan, "<f4").tobytes()).decode()},
+            "items[1].embedding_b64", "finite",
+        ),
+        (item(embedding_b64="AAAA"), "items[1].embedding", "not both"),
+        (item(category=3), "items[1].category", "string"),
+        (item(tags="t"), "items[1].tags", "list of strings"),
+        (item(tags=["ok", 3]), "items[1].tags[1]", "string"),
+        (item(metadata=[1]), "items[1].metadata", "object"),
+        (item(metadata={"x": float("nan")}), "items[1].metadata", "finite"),
+        (item(metadata={"x": "\x00"}), "items[1].metadata", "NUL"),
+        ("not an object", "items[1]", "object"),
+    ],
+)
+def test_a_bad_item_is_refused_naming_its_field(bad: Any, field: str, words: str) -> None:
+    error = error_of([item(id="first"), bad])
+    assert error.field == field
+    assert words in error.message
+
+
+def test_a_repeated_id_is_refused_naming_both_places() -> None:
+    error = error_of([item(id="a"), item(id="b"), item(id="a")])
+    assert error.field == "items[2].id" and "items[0].id" in error.message
+
+
+def test_items_must_be_a_non_empty_list_within_the_limit() -> None:
+    assert error_of([]).field == "items"
+    assert error_of({"id": "a"}).field == "items"
+    assert error_of([item(id=str(i)) for i in range(3)], max_items=2).field == "items"
+
+
+def test_a_batch_document_needs_items_and_a_valid_batch_id() -> None:
+    assert parse_batch_document({"items": [item()]}, DIM)[0] is None
+    assert parse_batch_document({"batch_id": 7, "items": [item()]}, DIM)[0] == "7"
+    for doc, field in [([], "body"), ({"batch_id": "x"}, "items"), ({"batch_id": "", "items": [item()]}, "batch_id")]:
+        with pytest.raises(InvalidArgument) as caught:
+            parse_batch_document(doc, DIM)
+        assert caught.value.field == field
+
+
+def test_a_message_has_items_or_a_blob() -> None:
+    inline = parse_message(json.dumps({"batch_id": "b-1", "items": [item()]}))
+    assert (inline.batch_id, inline.part, inline.blob) == ("b-1", 0, None)
+    pointer = parse_message(json.dumps({"batch_id": "b-1", "part": 2, "blob": "box/dir/name.json"}))
+    assert (pointer.part, pointer.blob) == (2, BlobRef("box", "dir/name.json"))
+    for doc, field in [
+        ("{not json", "body"),
+        ([], "body"),
+        ({"items": []}, "batch_id"),
+        ({"batch_id": "b", "part": -1, "items": []}, "part"),
+        ({"batch_id": "b"}, "items"),
+        ({"batch_id": "b", "items": [], "blob": "c/n"}, "items"),
+        ({"batch_id": "b", "blob": "no-slash"}, "blob"),
+    ]:
+        with pytest.raises(InvalidArgument) as caught:
+            parse_message(doc if isinstance(doc, str) else json.dumps(doc))
+        assert caught.value.field == field, doc
+
+
+def test_the_key_of_a_broken_message_is_kept_when_it_can_be() -> None:
+    assert message_key({"batch_id": "b", "part": 1, "items": "nonsense"}) == ("b", 1)
+    assert message_key({"batch_id": "", "items": []}) is None
+    assert message_key(["b"]) is None
+
+
+def test_encoded_documents_round_trip() -> None:
+    items = parse_items([item(id=str(i), category="c", tags=["t"], metadata={"n": i}) for i in range(3)], DIM)
+    message = parse_message(encode_document("b-9", 1, items=items))
+    assert (message.batch_id, message.part) == ("b-9", 1)
+    again = parse_items(message.items, DIM)
+    assert [(i.id, i.category, i.tags, i.metadata) for i in again] == [(i.id, i.category, i.tags, i.metadata)
+                                                                          for i in items]
+    for a, b in zip(again, items, strict=True):
+        np.testing.assert_array_equal(a.embedding, b.embedding)
+
+
+def test_the_inline_limit_leaves_room_for_base64() -> None:
+    assert len(base64.b64encode(b"x" * INLINE_MAX_BYTES)) <= QUEUE_MESSAGE_MAX_BYTES
+
+
+def test_a_large_batch_becomes_a_few_blob_messages_not_many_small_ones() -> None:
+    rng = np.random.default_rng(1)
+    raw = [{"id": f"i{i}", "embedding": rng.standard_normal(384).tolist()} for i in range(2500)]
+    items = parse_items(raw, 384)
+    small, small_blobs = plan_messages("b", items[:5], container="box")
+    assert len(small) == 1 and small_blobs == []
+    payloads, blobs = plan_messages("b", items, container="box", part_items=1000)
+    assert len(payloads) == 3 and len(blobs) == 3
+    assert all(len(base64.b64encode(p)) <= QUEUE_MESSAGE_MAX_BYTES for p in payloads)
+    assert [json.loads(p)["part"] for p in payloads] == [0, 1, 2]
+    assert [len(json.loads(data)["items"]) for _, data in blobs] == [1000, 1000, 500]
