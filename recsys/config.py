@@ -9,19 +9,45 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
-__all__ = ["LOCAL_DATABASE_URL", "Settings", "SettingsError", "get_settings", "load_settings"]
+__all__ = [
+    "LOCAL_DATABASE_URL",
+    "LOCAL_LOADER_DATABASE_URL",
+    "Settings",
+    "SettingsError",
+    "get_settings",
+    "load_settings",
+    "redact",
+]
 
-#: The local stack's PgBouncer (see ``recsys.local.stack``); a development-only password.
-LOCAL_DATABASE_URL = "postgresql://recsys:recsys-local@127.0.0.1:6432/recsys"
+#: The local stack's PgBouncer as the query role (see ``recsys.local.stack``, ``sql/030_roles.sql``);
+#: a development-only password.
+LOCAL_DATABASE_URL = "postgresql://recsys_query:recsys-local@127.0.0.1:6432/recsys"
+#: The same PgBouncer as the loader role.
+LOCAL_LOADER_DATABASE_URL = "postgresql://recsys_loader:recsys-local@127.0.0.1:6432/recsys"
 
 DB_AUTH_MODES = ("password", "entra")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 T = TypeVar("T")
+
+# Secrets inside connection strings: the password of a URL's user info, ``password=`` in a
+# libpq key=value string or a URL query, and Azure Storage account keys and SAS tokens.
+_URL_PASSWORD = re.compile(r"(?P<keep>[a-z][a-z0-9+.-]*://[^:/?#@\s]*:)[^@/?#\s]*(?=@)", re.IGNORECASE)
+_KEY_VALUE_SECRET = re.compile(
+    r"(?P<keep>\b(?:password|accountkey|sharedaccesssignature|sig)\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s;&]+)",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with every password, account key and SAS signature replaced by ``***``."""
+    text = _URL_PASSWORD.sub(r"\g<keep>***", text)
+    return _KEY_VALUE_SECRET.sub(r"\g<keep>***", text)
 
 
 class SettingsError(ValueError):
@@ -34,9 +60,15 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
+    """The validated settings. Its ``repr`` never shows a password, key or token."""
+
     database_url: str = LOCAL_DATABASE_URL
+    #: The ingest path's URL (the loader role); the query path uses ``database_url``.
+    loader_database_url: str = LOCAL_LOADER_DATABASE_URL
     db_auth: str = "password"
     entra_client_id: str | None = None
+    #: Client id of the loader's user-assigned managed identity (Entra mode).
+    loader_entra_client_id: str | None = None
     embedding_dim: int = 384
     pool_min_size: int = 1
     pool_max_size: int = 4
@@ -55,6 +87,23 @@ class Settings:
     @property
     def poison_queue_name(self) -> str:
         return f"{self.queue_name}-poison"
+
+    def url_for(self, purpose: str) -> str:
+        """The libpq URL of the pool for ``purpose`` (``query`` or ``loader``)."""
+        return self.loader_database_url if purpose == "loader" else self.database_url
+
+    def entra_client_id_for(self, purpose: str) -> str | None:
+        """The managed identity whose tokens authenticate the pool for ``purpose``."""
+        return self.loader_entra_client_id if purpose == "loader" else self.entra_client_id
+
+    def __repr__(self) -> str:
+        shown = []
+        for item in fields(self):
+            if not item.repr:
+                continue
+            value = getattr(self, item.name)
+            shown.append(f"{item.name}={redact(value)!r}" if isinstance(value, str) else f"{item.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
 
 def _text(env: Mapping[str, str], name: str, default: str | None) -> str | None:
@@ -91,6 +140,13 @@ def _choice(env: Mapping[str, str], name: str, default: str | None, choices: tup
     return value
 
 
+def _database_url(env: Mapping[str, str], name: str, default: str) -> str:
+    value = _text(env, name, default) or default
+    if not value.startswith(("postgresql://", "postgres://")) and "=" not in value:
+        raise SettingsError(name, "must be a postgresql:// URL or a libpq key=value string")
+    return value
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (default ``os.environ``).
 
@@ -98,10 +154,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """
     if env is None:
         env = os.environ
-    database_url = _text(env, "RECSYS_DATABASE_URL", LOCAL_DATABASE_URL)
-    assert database_url is not None
-    if not database_url.startswith(("postgresql://", "postgres://")) and "=" not in database_url:
-        raise SettingsError("RECSYS_DATABASE_URL", "must be a postgresql:// URL or a libpq key=value string")
+    database_url = _database_url(env, "RECSYS_DATABASE_URL", LOCAL_DATABASE_URL)
+    # One URL for both paths unless the loader has its own (its own role, or in Entra mode its
+    # own managed identity); with neither set, the local stack's loader role.
+    explicit_query_url = _text(env, "RECSYS_DATABASE_URL", None)
+    loader_database_url = _database_url(
+        env, "RECSYS_LOADER_DATABASE_URL", explicit_query_url or LOCAL_LOADER_DATABASE_URL
+    )
+    entra_client_id = _text(env, "RECSYS_ENTRA_CLIENT_ID", None)
     queue_name = _text(env, "RECSYS_QUEUE_NAME", "embedding-batches")
     assert queue_name is not None
     if not (3 <= len(queue_name) <= 57 and queue_name.replace("-", "").isalnum() and queue_name.islower()):
@@ -111,8 +171,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
     settings = Settings(
         database_url=database_url,
+        loader_database_url=loader_database_url,
         db_auth=_choice(env, "RECSYS_DB_AUTH", "password", DB_AUTH_MODES) or "password",
-        entra_client_id=_text(env, "RECSYS_ENTRA_CLIENT_ID", None),
+        entra_client_id=entra_client_id,
+        loader_entra_client_id=_text(env, "RECSYS_LOADER_ENTRA_CLIENT_ID", entra_client_id),
         embedding_dim=_number(env, "RECSYS_EMBEDDING_DIM", 384, int, 1, 16000),
         pool_min_size=_number(env, "RECSYS_POOL_MIN_SIZE", 1, int, 0, 1000),
         pool_max_size=_number(env, "RECSYS_POOL_MAX_SIZE", 4, int, 1, 1000),

@@ -8,14 +8,19 @@ Connections are in autocommit mode: a query path sends one statement (one round 
 that is its own transaction, and writers open an explicit ``conn.transaction()``.
 PgBouncer in transaction mode cannot keep protocol-level prepared statements, hence
 ``prepare_threshold=None``.
+
+Each purpose connects as its own role: ``query`` with ``RECSYS_DATABASE_URL`` (``recsys_query``,
+read-only), ``loader`` with ``RECSYS_LOADER_DATABASE_URL`` (``recsys_loader``). In Entra mode
+the password is a token of the purpose's managed identity (``recsys.db.credentials``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -34,8 +39,10 @@ _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncConn
     weakref.WeakKeyDictionary()
 )
 
-#: Builds the connection arguments of each new connection (a fresh token in Entra mode).
-KwargsFactory = Callable[[], dict[str, Any]]
+#: Builds the connection arguments of each new connection (with a fresh token in Entra mode).
+KwargsFactory = Callable[[], Awaitable[dict[str, Any]]]
+#: Bounds the lifetime of a new connection of a pool (by its token's expiry in Entra mode).
+LifetimeHook = Callable[[AsyncConnectionPool, psycopg.AsyncConnection[Any]], None]
 
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
@@ -58,35 +65,65 @@ async def configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:
     await register_vector_async(conn)
 
 
-def _kwargs_factory(settings: Settings, purpose: str) -> KwargsFactory | dict[str, Any]:
+def _entra_hooks(settings: Settings, purpose: str) -> tuple[KwargsFactory, LifetimeHook]:
+    """Connection arguments with a fresh token, and the hook that bounds a connection's life.
+
+    The token comes from a thread (azure-identity is synchronous) and the wait is bounded by
+    the connect timeout: a token endpoint that hangs or fails makes the connection attempt
+    fail, the pool retries in the background and waiting requests get ``PoolTimeout`` (503).
+    """
+    from recsys.db.credentials import TokenUnavailable, entra_password_provider
+
     base = connection_kwargs(settings)
-    if settings.db_auth != "entra":
-        return base
-    from recsys.db.credentials import entra_password_provider
+    provider = entra_password_provider(settings, purpose=purpose)
+    timeout = float(settings.connect_timeout)
 
-    password = entra_password_provider(settings)
+    async def build() -> dict[str, Any]:
+        try:
+            password = await asyncio.wait_for(asyncio.to_thread(provider), timeout)
+        except TimeoutError:
+            log.warning("entra token request for the %s pool did not finish within %g s", purpose, timeout)
+            raise TokenUnavailable("the entra token request timed out") from None
+        return {**base, "password": password}
 
-    def build() -> dict[str, Any]:
-        return {**base, "password": password()}
+    def bound_lifetime(pool: AsyncConnectionPool, conn: psycopg.AsyncConnection[Any]) -> None:
+        # psycopg_pool stamps each new connection's expiry from ``max_lifetime`` right after the
+        # configure callback returns; bounding it here gives this connection a lifetime that ends
+        # before its token's (PostgreSQL checks the token only at login, but a pool that never
+        # outlives its credentials keeps working if the identity loses its rights).
+        deadline = provider.deadline_for(conn.info.password)
+        lifetime = settings.pool_max_lifetime if deadline is None else deadline - time.time()
+        pool.max_lifetime = max(1.0, min(settings.pool_max_lifetime, lifetime))
 
-    return build
+    return build, bound_lifetime
 
 
 def _new_pool(settings: Settings, purpose: str) -> AsyncConnectionPool:
-    return AsyncConnectionPool(
-        settings.database_url,
-        kwargs=_kwargs_factory(settings, purpose),  # type: ignore[arg-type]
+    kwargs: dict[str, Any] | KwargsFactory = connection_kwargs(settings)
+    bound_lifetime: LifetimeHook | None = None
+    if settings.db_auth == "entra":
+        kwargs, bound_lifetime = _entra_hooks(settings, purpose)
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await configure_connection(conn)
+        if bound_lifetime is not None:
+            bound_lifetime(pool, conn)  # last, with no await after it: see _entra_hooks
+
+    pool = AsyncConnectionPool(
+        settings.url_for(purpose),
+        kwargs=kwargs,  # type: ignore[arg-type]
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
         timeout=settings.pool_timeout,
         max_lifetime=settings.pool_max_lifetime,
         max_idle=300.0,
         reconnect_timeout=settings.pool_timeout * 6,
-        configure=configure_connection,
+        configure=configure,
         check=AsyncConnectionPool.check_connection,
         name=f"recsys-{purpose}",
         open=False,
     )
+    return pool
 
 
 async def get_pool(purpose: str = "query", settings: Settings | None = None) -> AsyncConnectionPool:

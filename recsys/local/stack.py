@@ -29,6 +29,7 @@ import psycopg
 from psycopg import sql
 
 from recsys.local import tools
+from recsys.local.certs import TlsFiles, write_tls_files
 
 __all__ = [
     "AZURITE_ACCOUNT",
@@ -100,6 +101,9 @@ class StackConfig:
     embedding_dim: int = 384
     #: ``False`` turns off fsync and friends: for throw-away test stacks.
     durable: bool = True
+    #: PgBouncer terminates client TLS (and requires it) with a certificate for ``localhost`` and
+    #: ``127.0.0.1`` signed by a CA generated in the stack's folder (``Stack.tls_files``).
+    tls: bool = False
     pg_settings: Mapping[str, str] = field(default_factory=dict)
     bouncer_settings: Mapping[str, str] = field(default_factory=dict)
 
@@ -133,6 +137,12 @@ class Stack:
         self.run_dir = self.root / "run"
         self.bouncer_dir = self.root / "pgbouncer"
         self.azurite_dir = self.root / "azurite"
+        self.tls_dir = self.root / "tls"
+
+    @property
+    def tls_files(self) -> TlsFiles:
+        """The stack's CA and PgBouncer's server certificate (generated on first use)."""
+        return write_tls_files(self.tls_dir)
 
     # ----------------------------------------------------------------- addresses
 
@@ -166,9 +176,14 @@ class Stack:
         )
 
     def app_environment(self) -> dict[str, str]:
-        """The settings (``API.md``) that point the function app at this stack."""
-        return {
-            "RECSYS_DATABASE_URL": self.bouncer_url(),
+        """The settings (``API.md``) that point the function app at this stack.
+
+        The query path connects as ``recsys_query`` and the ingest path as ``recsys_loader``
+        (``sql/030_roles.sql``), both through PgBouncer; with ``tls`` in ``verify-full`` mode.
+        """
+        env = {
+            "RECSYS_DATABASE_URL": self.bouncer_url(user="recsys_query"),
+            "RECSYS_LOADER_DATABASE_URL": self.bouncer_url(user="recsys_loader"),
             "RECSYS_DB_AUTH": "password",
             "RECSYS_EMBEDDING_DIM": str(self.config.embedding_dim),
             "AzureWebJobsStorage": self.storage_connection_string(),
@@ -176,6 +191,10 @@ class Stack:
             # the app setting itself, a default in Settings is not enough.
             "RECSYS_QUEUE_NAME": "embedding-batches",
         }
+        if self.config.tls:
+            env["RECSYS_SSLMODE"] = "verify-full"
+            env["RECSYS_SSLROOTCERT"] = str(self.tls_files.ca_cert)
+        return env
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -214,6 +233,7 @@ class Stack:
             "pgbouncer": self.bouncer_url(),
             "pgbouncer_admin": self.bouncer_admin_url(),
             "storage": self.storage_connection_string(),
+            "tls_ca": str(self.tls_files.ca_cert) if self.config.tls else None,
             "status": self.status(),
         }
 
@@ -382,6 +402,17 @@ class Stack:
             "logfile": str(self.bouncer_dir / "pgbouncer.log"),
             "pidfile": str(self.bouncer_pidfile),
         }
+        if c.tls:
+            files = self.tls_files
+            self._chown(files.server_key)
+            settings.update({
+                # Clients must use TLS; PostgreSQL behind it is on the same host (and has no TLS).
+                "client_tls_sslmode": "require",
+                "client_tls_key_file": str(files.server_key),
+                "client_tls_cert_file": str(files.server_cert),
+                "client_tls_ca_file": str(files.ca_cert),
+                "server_tls_sslmode": "disable",
+            })
         settings.update(c.bouncer_settings)
         ini = self.bouncer_dir / "pgbouncer.ini"
         ini.write_text(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,3 +60,26 @@ def test_bad_setting_stops_the_local_host_naming_it(name: str, value: str) -> No
     assert result.returncode == 2
     assert name in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_http_function_needs_a_function_key_except_health_and_openapi() -> None:
+    # In a fresh interpreter: get_functions() may be called only once per app object.
+    result = run_python(
+        """
+        import json
+        import function_app
+        levels = {}
+        for f in function_app.app.get_functions():
+            trigger = f.get_trigger().get_dict_repr()
+            if trigger.get("type") == "httpTrigger":
+                levels[str(trigger.get("route"))] = str(trigger.get("authLevel")).split(".")[-1].lower()
+        print(json.dumps(levels))
+        """,
+        {},
+    )
+    assert result.returncode == 0, result.stderr
+    levels = json.loads(result.stdout)
+    anonymous = {route for route in levels if route == "health" or route.startswith("openapi")}
+    assert levels["health"] == "anonymous"
+    for route, level in levels.items():
+        assert level == ("anonymous" if route in anonymous else "function"), route

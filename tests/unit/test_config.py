@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from recsys.config import LOCAL_DATABASE_URL, SettingsError, load_settings
+from recsys.config import LOCAL_DATABASE_URL, SettingsError, load_settings, redact
 
 
 def test_defaults_point_at_the_local_stack() -> None:
@@ -60,3 +60,60 @@ def test_min_pool_size_above_max_is_refused() -> None:
 
 def test_blank_values_take_the_default() -> None:
     assert load_settings({"RECSYS_EMBEDDING_DIM": " ", "RECSYS_SSLMODE": ""}).embedding_dim == 384
+
+
+def test_query_and_loader_use_their_own_roles_locally() -> None:
+    settings = load_settings({})
+    assert settings.url_for("query").startswith("postgresql://recsys_query:")
+    assert settings.url_for("loader").startswith("postgresql://recsys_loader:")
+
+
+def test_the_loader_url_defaults_to_the_query_url_when_that_is_set() -> None:
+    url = "postgresql://app@server.postgres.database.azure.com:6432/recsys"
+    settings = load_settings({"RECSYS_DATABASE_URL": url, "RECSYS_ENTRA_CLIENT_ID": "q"})
+    assert settings.url_for("loader") == url
+    assert settings.entra_client_id_for("loader") == "q"
+    own = load_settings({
+        "RECSYS_DATABASE_URL": url,
+        "RECSYS_LOADER_DATABASE_URL": "postgresql://loader@server/recsys",
+        "RECSYS_ENTRA_CLIENT_ID": "q",
+        "RECSYS_LOADER_ENTRA_CLIENT_ID": "l",
+    })
+    assert own.url_for("loader") == "postgresql://loader@server/recsys"
+    assert (own.entra_client_id_for("query"), own.entra_client_id_for("loader")) == ("q", "l")
+
+
+def test_a_bad_loader_url_names_its_setting() -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings({"RECSYS_LOADER_DATABASE_URL": "mysql://x"})
+    assert raised.value.name == "RECSYS_LOADER_DATABASE_URL"
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("postgresql://app:s3cr%40t@db:6432/recsys?sslmode=verify-full", "s3cr%40t"),
+        ("postgresql://app@db/recsys?password=s3cret&sslmode=require", "s3cret"),
+        ("host=db user=app password=s3cret dbname=recsys", "s3cret"),
+        ("host=db user=app password='s3 cret' dbname=recsys", "s3 cret"),
+        ("DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=S3cr3t/Key==;EndpointSuffix=x", "S3cr3t/Key=="),
+        ("BlobEndpoint=https://acct.blob/;SharedAccessSignature=sv=2022&sig=S1gnature", "S1gnature"),
+    ],
+)
+def test_redact_hides_passwords_and_keys(text: str, secret: str) -> None:
+    redacted = redact(text)
+    assert secret not in redacted
+    assert "***" in redacted
+
+
+def test_the_settings_repr_shows_no_secret() -> None:
+    settings = load_settings({
+        "RECSYS_DATABASE_URL": "postgresql://app:query-pass@db:6432/recsys",
+        "RECSYS_LOADER_DATABASE_URL": "postgresql://loader:loader-pass@db:6432/recsys",
+        "AzureWebJobsStorage": "AccountName=acct;AccountKey=storage-key==",
+        "RECSYS_FUNCTION_KEY": "function-key",
+    })
+    shown = repr(settings) + str(settings)
+    for secret in ("query-pass", "loader-pass", "storage-key==", "function-key"):
+        assert secret not in shown
+    assert "postgresql://app:***@db:6432/recsys" in shown
