@@ -53,7 +53,8 @@ def ensure_catalogue(stack: Stack) -> Catalogue:
                     copy.write_row((item_id, vector, category, psycopg.types.json.Jsonb({"n": i})))
             conn.execute(index[0])
         conn.execute("ANALYZE items")
-        # The app role reads the catalogue through PgBouncer.
+        # The app reads as recsys_query (sql/030_roles.sql); some tests read as the login
+        # `recsys` on a connection of their own, which the roles migration grants nothing.
         conn.execute("GRANT SELECT ON items TO recsys")
         _loaded[str(stack.root)] = _fingerprint(conn)
     return catalogue
