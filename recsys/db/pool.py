@@ -109,6 +109,15 @@ def _new_pool(settings: Settings, purpose: str) -> AsyncConnectionPool:
         if bound_lifetime is not None:
             bound_lifetime(pool, conn)  # last, with no await after it: see _entra_hooks
 
+    check_timeout = min(settings.connect_timeout, settings.pool_timeout)
+
+    async def check(conn: psycopg.AsyncConnection[Any]) -> None:
+        # While PostgreSQL is unreachable, PgBouncer keeps a client's query waiting (up to its
+        # query_wait_timeout) instead of failing it; bounded, a failed check discards the
+        # connection and the request ends within the pool timeout (503) instead of hanging.
+        async with asyncio.timeout(check_timeout):
+            await AsyncConnectionPool.check_connection(conn)
+
     pool = AsyncConnectionPool(
         settings.url_for(purpose),
         kwargs=kwargs,  # type: ignore[arg-type]
@@ -119,7 +128,7 @@ def _new_pool(settings: Settings, purpose: str) -> AsyncConnectionPool:
         max_idle=300.0,
         reconnect_timeout=settings.pool_timeout * 6,
         configure=configure,
-        check=AsyncConnectionPool.check_connection,
+        check=check,
         name=f"recsys-{purpose}",
         open=False,
     )

@@ -27,8 +27,6 @@ from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueClient
 from azure.storage.queue import QueueMessage as StorageMessage
 from pgvector.psycopg import register_vector
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 
 from recsys.config import Settings, get_settings, load_settings
 from recsys.datasets import clustered_catalogue
@@ -163,21 +161,6 @@ async def deliver_all(env: IngestEnv, handler: Handler) -> int:
     return handled
 
 
-def grant_app_login(stack: Stack, settings: Settings) -> None:
-    """Give the login of the app's URLs the rights the ingest path needs on the service's tables.
-
-    The roles migration (``sql/03x``) grants them to ``recsys_loader``; where the app still logs
-    in as another role, this gives that role the same rights and no more.
-    """
-    urls = {settings.database_url, getattr(settings, "loader_database_url", settings.database_url)}
-    users = {conninfo_to_dict(url).get("user") for url in urls} - {None}
-    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
-        for user in users:
-            conn.execute(
-                sql.SQL("GRANT SELECT, INSERT, UPDATE ON items, ingest_batches TO {}").format(sql.Identifier(str(user)))
-            )
-
-
 async def deliver_until_empty(env: IngestEnv, handler: Handler, attempts: int = 60) -> int:
     """Deliver until the queue is empty; a delivery that raises comes back, as with the host.
 
@@ -209,7 +192,6 @@ def ingest_env(stack: Stack, stack_env: dict[str, str]) -> Iterator[IngestEnv]:
     os.environ.update(private)
     get_settings.cache_clear()
     env = IngestEnv(stack=stack, settings=load_settings(os.environ), prefix=f"t{token}-")
-    grant_app_login(stack, env.settings)
     for client in (env.queue, env.poison):  # as the host's queue listener does when it starts
         with client:
             client.create_queue()

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
-from ingest_support import grant_app_login, raw_items
+from ingest_support import raw_items
 
-from recsys.config import load_settings
 from recsys.datasets import clustered_catalogue
 from recsys.local.stack import Stack
 
@@ -33,7 +32,6 @@ def recsys_command(*args: str, timeout: float = 300) -> subprocess.CompletedProc
 
 @pytest.fixture
 def prefix(stack: Stack, stack_env: dict[str, str]) -> Iterator[str]:
-    grant_app_login(stack, load_settings(os.environ))
     token = f"c{uuid.uuid4().hex[:10]}-"
     yield token
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,9 +18,8 @@ import httpx
 import psycopg
 import pytest
 from azure.storage.queue import QueueClient
-from ingest_support import grant_app_login, raw_items
+from ingest_support import raw_items
 
-from recsys.config import load_settings
 from recsys.local.stack import Stack
 
 pytestmark = pytest.mark.integration
@@ -31,7 +29,6 @@ QUEUE = "embedding-batches"
 
 @pytest.fixture
 def prefix(stack: Stack, stack_env: dict[str, str]) -> Iterator[str]:
-    grant_app_login(stack, load_settings(os.environ))
     token = f"h{uuid.uuid4().hex[:10]}-"
     yield token
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
