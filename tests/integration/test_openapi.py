@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 
@@ -11,11 +10,9 @@ import httpx
 import jsonschema
 import psycopg
 import pytest
-from ingest_support import grant_app_login
 from query_catalogue import ensure_catalogue
 from query_http import Answer, call, openapi, routes
 
-from recsys.config import load_settings
 from recsys.http.openapi import OPENAPI_PATH
 from recsys.local.stack import Stack
 
@@ -76,7 +73,6 @@ async def test_health_answers_as_documented(app_pools: None) -> None:
 def test_answers_through_the_local_host_match_the_document(stack: Stack, local_host: str) -> None:
     """Real HTTP answers of every area, the ingest endpoints included, against openapi.json."""
     catalogue = ensure_catalogue(stack)
-    grant_app_login(stack, load_settings(os.environ))
     prefix = f"oa{uuid.uuid4().hex[:8]}-"
     dim = catalogue.vectors.shape[1]
 
