@@ -9,9 +9,15 @@ import azure.functions as func
 
 from recsys.http.batches import bp as batches_bp
 from recsys.http.health import bp as health_bp
+from recsys.http.items import bp as items_bp
 from recsys.http.loader import bp as loader_bp
+from recsys.http.openapi import bp as openapi_bp
+from recsys.http.recommendations import bp as recommendations_bp
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(health_bp)
+app.register_functions(items_bp)
+app.register_functions(recommendations_bp)
 app.register_functions(batches_bp)
 app.register_functions(loader_bp)
+app.register_functions(openapi_bp)

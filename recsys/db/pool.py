@@ -39,6 +39,10 @@ _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncConn
     weakref.WeakKeyDictionary()
 )
 
+#: Seconds a connection returned to the pool may be handed out again without a check.
+CHECK_AFTER_IDLE = 1.0
+_returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = weakref.WeakKeyDictionary()
+
 #: Builds the connection arguments of each new connection (with a fresh token in Entra mode).
 KwargsFactory = Callable[[], Awaitable[dict[str, Any]]]
 #: Bounds the lifetime of a new connection of a pool (by its token's expiry in Entra mode).
@@ -112,11 +116,19 @@ def _new_pool(settings: Settings, purpose: str) -> AsyncConnectionPool:
     check_timeout = min(settings.connect_timeout, settings.pool_timeout)
 
     async def check(conn: psycopg.AsyncConnection[Any]) -> None:
+        returned = _returned_at.get(conn)
+        if returned is not None and time.monotonic() - returned < CHECK_AFTER_IDLE:
+            # Just used successfully: checking it again would double the round trips of a busy
+            # worker; a connection lost since is caught by the read retry (recsys.db.retry).
+            return
         # While PostgreSQL is unreachable, PgBouncer keeps a client's query waiting (up to its
         # query_wait_timeout) instead of failing it; bounded, a failed check discards the
         # connection and the request ends within the pool timeout (503) instead of hanging.
         async with asyncio.timeout(check_timeout):
             await AsyncConnectionPool.check_connection(conn)
+
+    async def reset(conn: psycopg.AsyncConnection[Any]) -> None:
+        _returned_at[conn] = time.monotonic()
 
     pool = AsyncConnectionPool(
         settings.url_for(purpose),
@@ -129,6 +141,7 @@ def _new_pool(settings: Settings, purpose: str) -> AsyncConnectionPool:
         reconnect_timeout=settings.pool_timeout * 6,
         configure=configure,
         check=check,
+        reset=reset,
         name=f"recsys-{purpose}",
         open=False,
     )

@@ -13,6 +13,9 @@ import logging
 import time
 from collections.abc import Sequence
 
+import psycopg
+from psycopg_pool import PoolTimeout
+
 from recsys.config import Settings, get_settings
 from recsys.datasets import clustered_catalogue
 from recsys.ingest import ledger
@@ -88,6 +91,16 @@ async def _statuses(batch_ids: Sequence[str]) -> list[ledger.BatchStatus | None]
         return [await ledger.batch_status(conn, batch_id) for batch_id in batch_ids]
 
 
+async def _statuses_when_available(batch_ids: Sequence[str]) -> list[ledger.BatchStatus | None] | None:
+    """The statuses, or ``None`` while the database is busy or unreachable."""
+    try:
+        return await _statuses(batch_ids)
+    except (PoolTimeout, psycopg.OperationalError) as exc:
+        # The loader may hold every connection of the pool while it loads: ask again later.
+        log.debug("batch statuses unavailable for now: %s", exc)
+        return None
+
+
 async def wait_for_batches(
     batch_ids: Sequence[str], *, timeout: float = 900.0, interval: float = 1.0
 ) -> list[ledger.BatchStatus]:
@@ -97,7 +110,12 @@ async def wait_for_batches(
     """
     deadline = time.monotonic() + timeout
     while True:
-        statuses = await _statuses(batch_ids)
+        statuses = await _statuses_when_available(batch_ids)
+        if statuses is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"batch statuses unavailable after {timeout:g} s")
+            await asyncio.sleep(interval)
+            continue
         failed = [s for s in statuses if s is not None and s.status == "failed"]
         if failed:
             raise RuntimeError(f"batch {failed[0].batch_id} failed: {failed[0].error}")
@@ -122,7 +140,7 @@ async def load_demo_catalogue(
     """Enqueue the demo catalogue and wait until it is loaded (a no-op when it already is)."""
     ids = demo_batch_ids(batches, seed=seed, n=n, prefix=prefix)
     if not force:
-        current = await _statuses(ids)
+        current = await _statuses_when_available(ids) or [None]
         if all(s is not None and s.status == "loaded" for s in current):
             log.info("the demo catalogue is already loaded (%d batches)", len(ids))
             return [s for s in current if s is not None]

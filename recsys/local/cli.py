@@ -200,18 +200,11 @@ _background: set[asyncio.Task[None]] = set()
 async def _after_start(port: int, *, demo: bool) -> None:
     """Load the demo catalogue through the queue path once the host is serving, then say how to try it."""
     if demo:
+        from recsys.ingest.demo import load_demo_catalogue
+
+        log.info("loading the demo catalogue through the queue (a minute or so)")
         try:
-            from recsys.ingest.demo import load_demo_catalogue
-        except ImportError:
-            log.warning("no demo catalogue loader in this build")
-        else:
-            log.info("loading the demo catalogue through the queue (a minute or so)")
             await load_demo_catalogue()
-            try:
-                from recsys.search.calibration import calibrate_catalogue
-            except ImportError:
-                pass
-            else:
-                log.info("calibrating recall per ef_search on the demo catalogue")
-                await calibrate_catalogue()
+        except Exception:
+            log.exception("the demo catalogue did not load; the service runs without it")
     print(TRY_IT.format(port=port), flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -55,3 +56,30 @@ def test_each_event_loop_keeps_its_own_pool(stack_env: dict[str, str]) -> None:
         thread.join(60)
     assert len(set(seen[0])) == 1 and len(set(seen[1])) == 1  # stable within a loop
     assert seen[0][0] != seen[1][0]  # not shared, not replaced, across loops
+
+
+async def test_connections_are_checked_on_checkout_unless_just_returned(
+    settings: Settings, app_pools: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from psycopg_pool import AsyncConnectionPool
+
+    checked: list[int] = []
+    original = AsyncConnectionPool.check_connection
+
+    async def counting(conn: object) -> None:
+        checked.append(1)
+        await original(conn)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AsyncConnectionPool, "check_connection", staticmethod(counting))
+    # One connection, so that every checkout hands out the same one.
+    pool = await get_pool("query", dataclasses.replace(settings, pool_min_size=1, pool_max_size=1))
+    async with pool.connection() as conn:
+        await conn.execute("SELECT 1")
+    first = len(checked)
+    async with pool.connection() as conn:  # returned a moment ago: handed out unchecked
+        await conn.execute("SELECT 1")
+    assert len(checked) == first
+    await asyncio.sleep(1.2)  # idle for longer than CHECK_AFTER_IDLE: checked again
+    async with pool.connection() as conn:
+        await conn.execute("SELECT 1")
+    assert len(checked) == first + 1

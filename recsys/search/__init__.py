@@ -1,0 +1,1 @@
+"""The query path: item lookups, similar items and recommendations over pgvector."""

@@ -1,0 +1,263 @@
+"""Validation of query parameters and bodies into typed values; errors name the field.
+
+Pure functions (no database, no Azure): the HTTP layer passes query-string values (``str``)
+or parsed JSON, and gets back values the service can use, or :class:`InvalidArgument` with
+``field`` set to the offending top-level field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from recsys.errors import InvalidArgument
+
+__all__ = [
+    "MAX_BATCH_QUERIES",
+    "MAX_IDS",
+    "MAX_K",
+    "RecommendationQuery",
+    "SimilarQuery",
+    "parse_bool",
+    "parse_id",
+    "parse_ids",
+    "parse_int",
+    "parse_lookup",
+    "parse_recommendation",
+    "parse_similar",
+]
+
+MAX_K = 1000
+MAX_EF_SEARCH = 1000
+MAX_IDS = 1000
+MAX_ID_LENGTH = 128
+MAX_CATEGORY_LENGTH = 256
+MAX_BATCH_QUERIES = 32
+DEFAULT_K = 10
+RECALL_TARGET_RANGE = (0.5, 0.999)
+#: Largest magnitude a float32 (pgvector's element type) holds.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+@dataclass(frozen=True)
+class SimilarQuery:
+    k: int = DEFAULT_K
+    ef_search: int | None = None
+    recall_target: float | None = None
+    category: str | None = None
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RecommendationQuery:
+    positive: tuple[str, ...] = ()
+    negative: tuple[str, ...] = ()
+    vector: npt.NDArray[np.float32] | None = field(default=None, compare=False)
+    k: int = DEFAULT_K
+    ef_search: int | None = None
+    recall_target: float | None = None
+    category: str | None = None
+    exclude: tuple[str, ...] = ()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_int(value: Any, name: str, low: int, high: int, *, text: bool = False) -> int:
+    """An integer in ``[low, high]``: a JSON number, or with ``text`` a query-string value."""
+    if isinstance(value, str) and text:
+        digits = value.strip()
+        if not _INTEGER.fullmatch(digits):
+            raise InvalidArgument(f"{name} must be an integer, got {value!r}", field=name)
+        value = int(digits)
+    elif isinstance(value, float) and value.is_integer() and math.isfinite(value):
+        value = int(value)
+    if not _is_int(value):
+        raise InvalidArgument(f"{name} must be an integer", field=name)
+    if not low <= value <= high:
+        raise InvalidArgument(f"{name} must be between {low} and {high}", field=name)
+    return int(value)
+
+
+def parse_number(value: Any, name: str, low: float, high: float, *, text: bool = False) -> float:
+    """A finite number in ``[low, high]``: a JSON number, or with ``text`` a query-string value."""
+    if isinstance(value, str) and text:
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise InvalidArgument(f"{name} must be a number, got {value!r}", field=name) from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be a finite number", field=name)
+    if not low <= value <= high:
+        raise InvalidArgument(f"{name} must be between {low:g} and {high:g}", field=name)
+    return float(value)
+
+
+def parse_bool(value: Any, name: str, *, text: bool = False) -> bool:
+    """A JSON boolean, or with ``text`` ``true``/``false``/``1``/``0``/``yes``/``no``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and text:
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    raise InvalidArgument(f"{name} must be true or false", field=name)
+
+
+def parse_id(value: Any, name: str = "id") -> str:
+    """An item id: a string of 1-128 characters, or a JSON integer taken as its decimal string."""
+    if _is_int(value):
+        value = str(value)
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{name} must be a string or an integer", field=name)
+    if not 1 <= len(value) <= MAX_ID_LENGTH:
+        raise InvalidArgument(f"{name} must be 1 to {MAX_ID_LENGTH} characters long", field=name)
+    if "\x00" in value:
+        raise InvalidArgument(f"{name} must not contain NUL characters", field=name)
+    return value
+
+
+def parse_ids(value: Any, name: str, *, limit: int = MAX_IDS) -> tuple[str, ...]:
+    """A JSON array of at most ``limit`` ids; duplicates are kept (the caller decides)."""
+    if not isinstance(value, list):
+        raise InvalidArgument(f"{name} must be an array of ids", field=name)
+    if len(value) > limit:
+        raise InvalidArgument(f"{name} holds {len(value)} ids, the limit is {limit}", field=name)
+    ids = []
+    for index, item in enumerate(value):
+        try:
+            ids.append(parse_id(item, name))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{name}[{index}]: {exc.message}", field=name) from None
+    return tuple(ids)
+
+
+def parse_category(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CATEGORY_LENGTH or "\x00" in value:
+        raise InvalidArgument(f"category must be a string of 1 to {MAX_CATEGORY_LENGTH} characters", field="category")
+    return value
+
+
+def parse_vector(value: Any, dim: int, name: str = "vector") -> npt.NDArray[np.float32]:
+    """A JSON array of exactly ``dim`` finite numbers, not all zero, as float32."""
+    if not isinstance(value, list):
+        raise InvalidArgument(f"{name} must be an array of {dim} numbers", field=name)
+    if len(value) != dim:
+        raise InvalidArgument(f"{name} has {len(value)} dimensions, expected {dim}", field=name)
+    for x in value:
+        if isinstance(x, bool) or not isinstance(x, int | float):
+            raise InvalidArgument(f"{name} must hold only numbers", field=name)
+        if not math.isfinite(x) or abs(x) > FLOAT32_MAX:
+            raise InvalidArgument(f"{name} must hold only finite float32 values", field=name)
+    array = np.asarray(value, dtype=np.float32)
+    if not np.any(array):
+        raise InvalidArgument(f"{name} must not be all zeros: cosine similarity is undefined", field=name)
+    return array
+
+
+def _tuning(get: Mapping[str, Any], *, text: bool) -> tuple[int, int | None, float | None]:
+    k = DEFAULT_K
+    if get.get("k") is not None:
+        k = parse_int(get["k"], "k", 1, MAX_K, text=text)
+    ef_search = None
+    if get.get("ef_search") is not None:
+        ef_search = parse_int(get["ef_search"], "ef_search", 1, MAX_EF_SEARCH, text=text)
+    recall_target = None
+    if get.get("recall_target") is not None:
+        recall_target = parse_number(get["recall_target"], "recall_target", *RECALL_TARGET_RANGE, text=text)
+        if ef_search is not None:
+            raise InvalidArgument("give either ef_search or recall_target, not both", field="recall_target")
+    return k, ef_search, recall_target
+
+
+def parse_similar(params: Mapping[str, str]) -> SimilarQuery:
+    """The query string of ``GET /api/items/{id}/similar``.
+
+    ``exclude`` is a comma-separated list of ids (so excluded ids cannot contain commas here;
+    ``POST /api/recommendations`` takes a JSON array). Unknown parameters are ignored: the
+    Functions host adds its own (``code``, the function key).
+    """
+    k, ef_search, recall_target = _tuning(params, text=True)
+    category = params.get("category")
+    if category is not None and category == "":
+        raise InvalidArgument("category must not be empty", field="category")
+    exclude: tuple[str, ...] = ()
+    raw_exclude = params.get("exclude")
+    if raw_exclude:
+        exclude = parse_ids(raw_exclude.split(","), "exclude")
+    return SimilarQuery(
+        k=k, ef_search=ef_search, recall_target=recall_target, category=parse_category(category), exclude=exclude
+    )
+
+
+_RECOMMENDATION_FIELDS = frozenset(
+    ("positive", "negative", "vector", "k", "ef_search", "recall_target", "exclude", "category")
+)
+
+
+def _object(body: Any, allowed: frozenset[str], name: str = "body") -> Mapping[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidArgument(f"{name} must be a JSON object", field=name)
+    for key in body:
+        if key not in allowed:
+            raise InvalidArgument(f"unknown field {key!r}; allowed: {', '.join(sorted(allowed))}", field=key)
+    return body
+
+
+def parse_recommendation(body: Any, dim: int) -> RecommendationQuery:
+    """The body of ``POST /api/recommendations`` (and each query of the batch endpoint)."""
+    data = _object(body, _RECOMMENDATION_FIELDS)
+    positive = parse_ids(data["positive"], "positive") if data.get("positive") is not None else ()
+    negative = parse_ids(data["negative"], "negative") if data.get("negative") is not None else ()
+    vector = parse_vector(data["vector"], dim) if data.get("vector") is not None else None
+    if not positive and vector is None:
+        raise InvalidArgument("at least one of positive or vector is required", field="positive")
+    k, ef_search, recall_target = _tuning(data, text=False)
+    exclude = parse_ids(data["exclude"], "exclude") if data.get("exclude") is not None else ()
+    return RecommendationQuery(
+        positive=tuple(dict.fromkeys(positive)),
+        negative=tuple(dict.fromkeys(negative)),
+        vector=vector,
+        k=k,
+        ef_search=ef_search,
+        recall_target=recall_target,
+        category=parse_category(data.get("category")),
+        exclude=tuple(dict.fromkeys(exclude)),
+    )
+
+
+def parse_batch(body: Any) -> list[Any]:
+    """The ``queries`` array of ``POST /api/recommendations/batch`` (each query parsed later)."""
+    data = _object(body, frozenset(("queries",)))
+    queries = data.get("queries")
+    if not isinstance(queries, list) or not queries:
+        raise InvalidArgument("queries must be a non-empty array of recommendation queries", field="queries")
+    if len(queries) > MAX_BATCH_QUERIES:
+        message = f"queries holds {len(queries)} queries, the limit is {MAX_BATCH_QUERIES}"
+        raise InvalidArgument(message, field="queries")
+    return queries
+
+
+def parse_lookup(body: Any) -> tuple[tuple[str, ...], bool]:
+    """The body of ``POST /api/items/lookup``: the ids (order kept) and ``include_vector``."""
+    data = _object(body, frozenset(("ids", "include_vector")))
+    if "ids" not in data:
+        raise InvalidArgument("ids is required", field="ids")
+    ids = parse_ids(data["ids"], "ids")
+    include_vector = parse_bool(data["include_vector"], "include_vector") if "include_vector" in data else False
+    return ids, include_vector

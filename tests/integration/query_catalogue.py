@@ -1,0 +1,60 @@
+"""A clustered test catalogue in the ``items`` table, shared by the query tests of a session.
+
+Loaded with binary COPY into an emptied table, with the HNSW index dropped during the load
+and rebuilt after it (much faster than inserting into the graph row by row). A later module
+reuses the rows if nothing has touched the table since.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from pgvector.psycopg import register_vector
+
+from recsys.datasets import Catalogue, clustered_catalogue
+from recsys.local.stack import Stack
+
+__all__ = ["RARE_CATEGORY", "SIZE", "ensure_catalogue", "make_catalogue"]
+
+SIZE = 20_000
+#: 1 % of the catalogue; the nine other categories share the rest.
+RARE_CATEGORY = "books"
+_WEIGHTS = (1.0,) + (11.0,) * 9
+
+_loaded: dict[str, object] = {}
+
+
+def make_catalogue(dim: int) -> Catalogue:
+    # Ten wide clusters: hard enough that ef_search visibly trades recall for work.
+    return clustered_catalogue(SIZE, dim, clusters=10, spread=1.5, seed=7, category_weights=_WEIGHTS)
+
+
+def _fingerprint(conn: psycopg.Connection) -> object:
+    return conn.execute("SELECT count(*), max(updated_at), max(xmin::text::bigint) FROM items").fetchone()
+
+
+def ensure_catalogue(stack: Stack) -> Catalogue:
+    """The test catalogue, loaded into the stack's ``items`` table unless it is there already."""
+    catalogue = make_catalogue(stack.config.embedding_dim)
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        if _loaded.get(str(stack.root)) == _fingerprint(conn):
+            return catalogue
+        register_vector(conn)
+        index = conn.execute("SELECT pg_get_indexdef('items_embedding_cosine'::regclass)").fetchone()
+        assert index is not None
+        with conn.transaction():
+            conn.execute("TRUNCATE items")
+            conn.execute("DROP INDEX items_embedding_cosine")
+            statement = "COPY items (id, embedding, category, metadata) FROM STDIN WITH (FORMAT BINARY)"
+            with conn.cursor().copy(statement) as copy:
+                copy.set_types(["text", "vector", "text", "jsonb"])
+                for i, (item_id, vector, category) in enumerate(
+                    zip(catalogue.ids, catalogue.vectors, catalogue.categories, strict=True)
+                ):
+                    copy.write_row((item_id, vector, category, psycopg.types.json.Jsonb({"n": i})))
+            conn.execute(index[0])
+        conn.execute("ANALYZE items")
+        # The app reads as recsys_query (sql/030_roles.sql); some tests read as the login
+        # `recsys` on a connection of their own, which the roles migration grants nothing.
+        conn.execute("GRANT SELECT ON items TO recsys")
+        _loaded[str(stack.root)] = _fingerprint(conn)
+    return catalogue

@@ -1,0 +1,85 @@
+"""sql/010_query_functions.sql: the exact fallback of a filtered index scan, and halfvec catalogues."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector import HalfVector
+from pgvector.psycopg import register_vector
+from query_catalogue import RARE_CATEGORY, ensure_catalogue
+
+from recsys.datasets import clustered_catalogue
+from recsys.db.pool import configure_connection
+from recsys.local.stack import Stack, StackConfig
+from recsys.search import service
+from recsys.search.params import RecommendationQuery, SimilarQuery
+
+pytestmark = pytest.mark.integration
+
+
+def test_an_index_scan_that_runs_dry_is_completed_by_an_exact_scan(stack: Stack) -> None:
+    catalogue = ensure_catalogue(stack)
+    item = catalogue.ids.index(next(i for i, c in zip(catalogue.ids, catalogue.categories, strict=True)
+                                    if c != RARE_CATEGORY))
+    scores = catalogue.vectors @ catalogue.vectors[item]
+    members = [i for i, c in enumerate(catalogue.categories) if c == RARE_CATEGORY]
+    truth = [catalogue.ids[i] for i in sorted(members, key=lambda i: -scores[i])[:10]]
+    with psycopg.connect(stack.bouncer_url(), prepare_threshold=None) as conn:
+        # The iterative scan gives up after max_scan_tuples (beyond its first ef_search candidates),
+        # which at 1 % selectivity hold a row of the category or none: an exact scan must finish.
+        # (Without bitmap scans and sorts the planner cannot answer from the category index.)
+        for setting in ("hnsw.max_scan_tuples = 1", "enable_bitmapscan = off", "enable_sort = off"):
+            conn.execute(f"SET LOCAL {setting}")
+        rows = conn.execute(
+            "SELECT id, strategy FROM recsys_similar(%s, 10, 10, %s, '{}', 0)", [catalogue.ids[item], RARE_CATEGORY]
+        ).fetchall()
+    assert [r[0] for r in rows] == truth
+    assert {r[1] for r in rows} == {"hnsw+exact"}
+
+
+async def test_the_functions_serve_a_halfvec_catalogue_above_2000_dimensions(tmp_path: Path) -> None:
+    dim = 2048
+    catalogue = clustered_catalogue(300, dim, clusters=5, seed=3)
+    big = Stack(StackConfig.ephemeral(tmp_path / "halfvec", embedding_dim=dim))
+    try:
+        big.up()
+        with psycopg.connect(big.admin_conninfo(), autocommit=True) as admin:
+            register_vector(admin)
+            kind = admin.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                                 "WHERE attrelid = 'items'::regclass AND attname = 'embedding'").fetchone()
+            assert kind == (f"halfvec({dim})",)
+            with admin.cursor().copy("COPY items (id, embedding, category) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["text", "halfvec", "text"])
+                for item_id, vector, category in zip(catalogue.ids, catalogue.vectors, catalogue.categories,
+                                                     strict=True):
+                    copy.write_row((item_id, HalfVector(vector), category))
+            admin.execute("ANALYZE items")
+            admin.execute("GRANT SELECT ON items TO recsys")
+        conn = await psycopg.AsyncConnection.connect(big.bouncer_url(), autocommit=True, prepare_threshold=None)
+        await configure_connection(conn)
+        try:
+            halves = catalogue.vectors.astype(np.float16).astype(np.float32)
+            scores = halves @ halves[0] / np.linalg.norm(halves, axis=1) / np.linalg.norm(halves[0])
+            truth = [catalogue.ids[i] for i in np.argsort(-scores)[1:6]]
+            for exact_limit, strategy in ((1000, "exact"), (0, "hnsw")):
+                body = await service.similar_items(
+                    conn, catalogue.ids[0], SimilarQuery(k=5), timeout_ms=5000, exact_limit=exact_limit
+                )
+                assert body["strategy"] == strategy
+                assert [r["id"] for r in body["results"]] == truth
+            recommended = await service.recommend(
+                conn,
+                RecommendationQuery(positive=(catalogue.ids[0],), negative=(catalogue.ids[1],),
+                                    vector=catalogue.vectors[2] * 1e5, k=5),
+                timeout_ms=5000,
+            )
+            assert len(recommended["results"]) == 5
+            item = await service.get_item(conn, catalogue.ids[0], include_vector=True, timeout_ms=5000)
+            assert np.array_equal(np.asarray(item["embedding"], dtype=np.float32), halves[0])
+        finally:
+            await conn.close()
+    finally:
+        big.down()

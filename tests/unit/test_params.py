@@ -1,0 +1,103 @@
+"""Validation of query strings and bodies: typed values out, or InvalidArgument naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from recsys.errors import InvalidArgument
+from recsys.search.params import (
+    parse_batch,
+    parse_bool,
+    parse_id,
+    parse_int,
+    parse_lookup,
+    parse_recommendation,
+    parse_similar,
+)
+
+DIM = 4
+
+
+def field_of(call: Any, *args: Any) -> str | None:
+    with pytest.raises(InvalidArgument) as caught:
+        call(*args)
+    return caught.value.field
+
+
+def test_ids_are_strings_of_1_to_128_characters_or_integers() -> None:
+    assert parse_id("sku-1") == "sku-1"
+    assert parse_id(42) == "42"
+    assert parse_id(-7) == "-7"
+    assert parse_id("x" * 128) == "x" * 128
+    for bad in ("", "x" * 129, True, 1.5, None, ["a"], {"id": 1}, "a\x00b"):
+        assert field_of(parse_id, bad, "ids") == "ids"
+
+
+def test_integers_from_query_strings_and_json() -> None:
+    assert parse_int("10", "k", 1, 1000, text=True) == 10
+    assert parse_int(" +7 ", "k", 1, 1000, text=True) == 7
+    assert parse_int(10, "k", 1, 1000) == 10
+    assert parse_int(10.0, "k", 1, 1000) == 10
+    for bad in ("ten", "1e3", "+-5", "", "١٠", "99999999999999999999999"):
+        assert field_of(lambda v: parse_int(v, "k", 1, 1000, text=True), bad) == "k"
+    for bad in ("10", True, 2.5, None, float("inf")):
+        assert field_of(lambda v: parse_int(v, "k", 1, 1000), bad) == "k"
+    assert field_of(lambda v: parse_int(v, "k", 1, 1000), 0) == "k"
+
+
+def test_booleans() -> None:
+    assert parse_bool(True, "include_vector") is True
+    assert parse_bool("TRUE", "include_vector", text=True) is True
+    assert parse_bool("0", "include_vector", text=True) is False
+    assert field_of(lambda v: parse_bool(v, "include_vector"), "true") == "include_vector"
+    assert field_of(lambda v: parse_bool(v, "include_vector", text=True), "maybe") == "include_vector"
+
+
+def test_similar_query_string() -> None:
+    query = parse_similar({"k": "5", "ef_search": "64", "category": "books", "exclude": "a,b", "code": "key"})
+    assert (query.k, query.ef_search, query.category, query.exclude) == (5, 64, "books", ("a", "b"))
+    assert parse_similar({}).k == 10 and parse_similar({}).ef_search is None
+    assert parse_similar({"recall_target": "0.95"}).recall_target == 0.95
+    assert field_of(parse_similar, {"recall_target": "0.95", "ef_search": "10"}) == "recall_target"
+    assert field_of(parse_similar, {"exclude": "a,,b"}) == "exclude"
+
+
+def test_recommendation_body() -> None:
+    query = parse_recommendation(
+        {"positive": ["a", 2, "a"], "negative": ["n"], "vector": [1, 0, 0, 0.5], "k": 3, "exclude": [9]}, DIM
+    )
+    assert query.positive == ("a", "2") and query.negative == ("n",) and query.exclude == ("9",)
+    assert query.vector is not None and query.vector.dtype == np.float32
+    assert parse_recommendation({"vector": [0, 0, 1, 0]}, DIM).positive == ()
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ([], "body"),
+        ({}, "positive"),
+        ({"positive": ["a"], "unknown": 1}, "unknown"),
+        ({"vector": [1, 2, 3]}, "vector"),
+        ({"vector": [1, 2, 3, float("nan")]}, "vector"),
+        ({"vector": [1, 2, 3, float("inf")]}, "vector"),
+        ({"vector": [1, 2, 3, 1e39]}, "vector"),
+        ({"vector": [1, 2, 3, False]}, "vector"),
+        ({"vector": [0, 0, 0, 0]}, "vector"),
+        ({"positive": ["a"], "category": ""}, "category"),
+        ({"positive": ["a"], "negative": "b"}, "negative"),
+        ({"positive": ["a"], "recall_target": 0.3}, "recall_target"),
+    ],
+)
+def test_invalid_recommendation_bodies(body: Any, field: str) -> None:
+    assert field_of(parse_recommendation, body, DIM) == field
+
+
+def test_lookup_and_batch_envelopes() -> None:
+    assert parse_lookup({"ids": [1, "b"], "include_vector": True}) == (("1", "b"), True)
+    assert field_of(parse_lookup, {"ids": ["a"] * 1001}) == "ids"
+    assert len(parse_batch({"queries": [{}] * 32})) == 32
+    assert field_of(parse_batch, {"queries": [{}] * 33}) == "queries"
+    assert field_of(parse_batch, {"queries": []}) == "queries"
