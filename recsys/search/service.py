@@ -24,8 +24,9 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from recsys.db.retry import Database, run_read
-from recsys.errors import InvalidArgument, NotCalibrated, NotFound, RecsysError
+from recsys.errors import InvalidArgument, NotFound, RecsysError
 from recsys.search import queries
+from recsys.search.calibration import choose_ef_search
 from recsys.search.params import RecommendationQuery, SimilarQuery
 
 __all__ = [
@@ -73,18 +74,20 @@ class EfChoice:
     expected_recall: float | None = None
 
 
-def resolve_ef_search(*, k: int, ef_search: int | None, recall_target: float | None) -> EfChoice:
+async def resolve_ef_search(
+    db: Database, *, k: int, ef_search: int | None, recall_target: float | None
+) -> EfChoice:
     """The ``ef_search`` to use for a request asking for ``k`` results.
 
     An explicit ``ef_search`` below ``k`` is raised to ``k`` (HNSW cannot return more rows
-    than its candidate list holds). ``recall_target`` needs the catalogue's calibration, which
-    does not exist yet: :class:`NotCalibrated`.
+    than its candidate list holds). ``recall_target`` takes the smallest calibrated
+    ``ef_search`` expected to reach it, with that expected recall (``recsys.search.calibration``;
+    the curve is cached per worker, so this costs no round trip while it is fresh). Raises
+    :class:`NotCalibrated` when the catalogue has no calibration.
     """
     if recall_target is not None:
-        raise NotCalibrated(
-            f"no recall calibration for this catalogue, so recall_target={recall_target:g} cannot be honoured; "
-            "run `python -m recsys calibrate` or pass ef_search"
-        )
+        chosen = await choose_ef_search(db, recall_target)
+        return EfChoice(ef_search=max(k, chosen.ef_search), expected_recall=chosen.expected_recall)
     return EfChoice(ef_search=max(k, ef_search if ef_search is not None else DEFAULT_EF_SEARCH))
 
 
@@ -206,7 +209,7 @@ async def similar_items(
 
     :class:`NotFound` (field ``id``) when the item is absent.
     """
-    choice = resolve_ef_search(k=query.k, ef_search=query.ef_search, recall_target=query.recall_target)
+    choice = await resolve_ef_search(db, k=query.k, ef_search=query.ef_search, recall_target=query.recall_target)
     params = {
         "id": item_id,
         "k": query.k,
@@ -238,7 +241,7 @@ async def recommend(
     ``q = mean(unit(v) for v in positives + [vector]) - alpha * mean(unit(n) for n in negatives)``.
     :class:`NotFound` names ``positive`` or ``negative`` when some of their ids are unknown.
     """
-    choice = resolve_ef_search(k=query.k, ef_search=query.ef_search, recall_target=query.recall_target)
+    choice = await resolve_ef_search(db, k=query.k, ef_search=query.ef_search, recall_target=query.recall_target)
     params = {
         "positive": list(query.positive),
         "negative": list(query.negative),

@@ -1,0 +1,122 @@
+"""``recall_target`` on the query endpoints: the calibration chooses ``ef_search`` (API.md, per-request tuning).
+
+The calibrations here live in the session's database only for the duration of a test: the other
+query tests expect a catalogue without one (409 ``not_calibrated``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from query_catalogue import ensure_catalogue
+from query_http import call
+
+from recsys.datasets import Catalogue
+from recsys.db.pool import get_pool
+from recsys.local.stack import Stack
+from recsys.search.calibration import calibrate, calibrate_catalogue, forget_calibrations, load_calibration
+from recsys.search.params import SimilarQuery
+from recsys.search.service import similar_items
+
+pytestmark = pytest.mark.integration
+
+SIMILAR = "/api/items/{id}/similar"
+RECOMMEND = "/api/recommendations"
+CURVE = [(10, 0.80), (20, 0.90), (40, 0.96), (80, 0.99)]
+
+
+@pytest.fixture(scope="module")
+def catalogue(stack: Stack) -> Catalogue:
+    return ensure_catalogue(stack)
+
+
+def _clear(stack: Stack) -> None:
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        conn.execute("DELETE FROM recall_calibrations")
+    forget_calibrations()
+
+
+@pytest.fixture
+def no_calibration(stack: Stack, app_pools: None, catalogue: Catalogue) -> Iterator[None]:
+    _clear(stack)
+    yield
+    _clear(stack)
+
+
+@pytest.fixture
+def calibrated(no_calibration: None, stack: Stack) -> None:
+    """A known curve as the catalogue's latest calibration."""
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO recall_calibrations (k, sample_size, catalogue_size) VALUES (10, 100, 20000) RETURNING id"
+        ).fetchone()
+        assert row is not None
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO recall_calibration_points (calibration_id, ef_search, recall) VALUES (%s, %s, %s)",
+                [(row[0], ef, recall) for ef, recall in CURVE],
+            )
+
+
+async def test_similar_takes_the_smallest_ef_search_expected_to_reach_the_target(
+    calibrated: None, catalogue: Catalogue
+) -> None:
+    answer = await call("similar_get", route_params={"id": catalogue.ids[5]}, params={"recall_target": "0.95"})
+    answer.check(SIMILAR, "GET")
+    assert answer.status == 200
+    assert (answer.body["ef_search"], answer.body["expected_recall"]) == (40, 0.96)
+    assert len(answer.body["results"]) == 10
+    assert catalogue.ids[5] not in [r["id"] for r in answer.body["results"]]
+
+
+async def test_k_above_the_calibrated_ef_search_raises_it_to_k(calibrated: None, catalogue: Catalogue) -> None:
+    answer = await call("similar_get", route_params={"id": catalogue.ids[5]},
+                        params={"recall_target": "0.9", "k": "50"})
+    assert answer.check(SIMILAR, "GET").status == 200
+    assert (answer.body["ef_search"], answer.body["expected_recall"]) == (50, 0.90)
+    assert len(answer.body["results"]) == 50
+
+
+async def test_a_target_above_every_calibrated_recall_gets_the_best_and_says_so(
+    calibrated: None, catalogue: Catalogue
+) -> None:
+    answer = await call("similar_get", route_params={"id": catalogue.ids[5]}, params={"recall_target": "0.999"})
+    assert answer.check(SIMILAR, "GET").status == 200
+    assert (answer.body["ef_search"], answer.body["expected_recall"]) == (80, 0.99)
+
+
+async def test_recommendations_take_recall_target_too(calibrated: None, catalogue: Catalogue) -> None:
+    body = {"positive": [catalogue.ids[1], catalogue.ids[2]], "recall_target": 0.85, "k": 5}
+    answer = await call("recommendations_post", method="POST", json_body=body)
+    assert answer.check(RECOMMEND, "POST").status == 200
+    assert (answer.body["ef_search"], answer.body["expected_recall"]) == (20, 0.90)
+    assert len(answer.body["results"]) == 5
+
+
+async def test_without_ef_search_or_recall_target_no_expected_recall(calibrated: None, catalogue: Catalogue) -> None:
+    answer = await call("similar_get", route_params={"id": catalogue.ids[5]}, params={"ef_search": "40"})
+    assert answer.check(SIMILAR, "GET").status == 200
+    assert "expected_recall" not in answer.body
+
+
+async def test_a_real_calibration_of_the_catalogue_drives_the_service(
+    no_calibration: None, stack: Stack, catalogue: Catalogue
+) -> None:
+    async with await psycopg.AsyncConnection.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        calibration = await calibrate(conn, sample_size=30, k=10, ladder=[10, 40, 160])
+    reached = [p for p in calibration.points if p.recall >= 0.9]
+    expected = reached[0] if reached else max(calibration.points, key=lambda p: p.recall)
+    answer = await similar_items(await get_pool(), catalogue.ids[7], SimilarQuery(recall_target=0.9),
+                                 timeout_ms=5000)
+    assert (answer["ef_search"], answer["expected_recall"]) == (max(10, expected.ef_search), expected.recall)
+
+
+async def test_the_loader_role_can_calibrate_through_the_app_pool(
+    no_calibration: None, stack: Stack, catalogue: Catalogue
+) -> None:
+    calibration = await calibrate_catalogue(sample_size=10, ladder=[10, 40])
+    assert calibration.catalogue_size == len(catalogue.ids)
+    async with await psycopg.AsyncConnection.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        assert await load_calibration(conn) == calibration
