@@ -1,7 +1,8 @@
 """Benchmark 2: one ``= ANY`` query for 500 ids vs 500 single-id queries.
 
-Both run over the same pooled connection through PgBouncer; what differs is the number of
-round trips and statements (1 vs 500). Measured without and with the vectors in the answer.
+Both are the service's own calls (``lookup_items`` once, ``get_item`` 500 times) over the same
+connection of the app's pool through PgBouncer; what differs is the number of round trips and
+statements (1 vs 500). Measured without and with the vectors in the answer.
 """
 
 from __future__ import annotations
@@ -9,67 +10,62 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import replace
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
+import psycopg
 
 from recsys.bench.harness import BenchOptions, Deadline, bench_stack, load_catalogue, server_versions
 from recsys.bench.results import BenchResult, Headline
 from recsys.bench.stats import ratio, summarize
 from recsys.config import Settings
 from recsys.datasets import clustered_catalogue
-from recsys.db.pool import configure_connection, connection_kwargs
+from recsys.db.pool import close_pools, get_pool
+from recsys.search import queries
+from recsys.search.service import get_item, lookup_items
 
 __all__ = ["run"]
 
 TITLE = "one ANY query vs single-id queries"
-COLUMNS = "id, category, tags, metadata, updated_at"
-ANY_SQL = f"SELECT {COLUMNS} FROM items WHERE id = ANY(%s)"
-ONE_SQL = f"SELECT {COLUMNS} FROM items WHERE id = %s"
-ANY_VECTOR_SQL = f"SELECT {COLUMNS}, embedding FROM items WHERE id = ANY(%s)"
-ONE_VECTOR_SQL = f"SELECT {COLUMNS}, embedding FROM items WHERE id = %s"
+TIMEOUT_MS = 5000
 
 
-async def _one_query(pool: AsyncConnectionPool, statement: str, ids: list[str]) -> int:
-    async with pool.connection() as conn:
-        rows = await (await conn.execute(statement, [ids])).fetchall()
-    return len(rows)
+async def _one_query(conn: psycopg.AsyncConnection[Any], ids: list[str], include_vector: bool) -> int:
+    answer = await lookup_items(conn, ids, include_vector=include_vector, timeout_ms=TIMEOUT_MS)
+    return len(answer["items"])
 
 
-async def _many_queries(pool: AsyncConnectionPool, statement: str, ids: list[str]) -> int:
-    found = 0
-    async with pool.connection() as conn:
-        for item_id in ids:
-            found += len(await (await conn.execute(statement, [item_id])).fetchall())
-    return found
+async def _many_queries(conn: psycopg.AsyncConnection[Any], ids: list[str], include_vector: bool) -> int:
+    for item_id in ids:
+        await get_item(conn, item_id, include_vector=include_vector, timeout_ms=TIMEOUT_MS)
+    return len(ids)
 
 
 async def _run(url: str, ids: list[str], batch: int, repeats: int, seconds: float) -> dict[str, Any]:
-    pool = AsyncConnectionPool(url, kwargs=connection_kwargs(Settings()), min_size=1, max_size=1,
-                               configure=configure_connection, open=False)
-    await pool.open(wait=True, timeout=30)
+    pool = await get_pool("bench-lookup", replace(Settings(), database_url=url, pool_min_size=1, pool_max_size=1))
     timings: dict[str, list[float]] = {"any": [], "single": [], "any_with_vectors": [], "single_with_vectors": []}
     rng = random.Random(7)
     deadline = Deadline(seconds)
     try:
-        for repeat in range(repeats + 1):
-            if repeat and not deadline:
-                break
-            wanted = rng.sample(ids, batch)
-            for variant, call, statement in (
-                ("any", _one_query, ANY_SQL),
-                ("single", _many_queries, ONE_SQL),
-                ("any_with_vectors", _one_query, ANY_VECTOR_SQL),
-                ("single_with_vectors", _many_queries, ONE_VECTOR_SQL),
-            ):
-                started = time.perf_counter()
-                found = await call(pool, statement, wanted)
-                elapsed = time.perf_counter() - started
-                assert found == batch, f"{variant} found {found} of {batch}"
-                if repeat:  # the first round warms caches
-                    timings[variant].append(elapsed)
+        async with pool.connection() as conn:
+            for repeat in range(repeats + 1):
+                if repeat and not deadline:
+                    break
+                wanted = rng.sample(ids, batch)
+                for variant, call, include_vector in (
+                    ("any", _one_query, False),
+                    ("single", _many_queries, False),
+                    ("any_with_vectors", _one_query, True),
+                    ("single_with_vectors", _many_queries, True),
+                ):
+                    started = time.perf_counter()
+                    found = await call(conn, wanted, include_vector)
+                    elapsed = time.perf_counter() - started
+                    assert found == batch, f"{variant} found {found} of {batch}"
+                    if repeat:  # the first round warms caches
+                        timings[variant].append(elapsed)
     finally:
-        await pool.close()
+        await close_pools()
     return {variant: summarize(values) for variant, values in timings.items()}
 
 
@@ -93,7 +89,9 @@ def run(options: BenchOptions) -> BenchResult:
         title=TITLE,
         inputs={
             "catalogue_items": items, "dim": dim, "ids_per_lookup": batch, "repeats": repeats,
-            "path": "PgBouncer (transaction mode), one pooled connection", "any_sql": ANY_SQL, "single_sql": ONE_SQL,
+            "path": "PgBouncer (transaction mode), one connection of the app's pool",
+            "any": "recsys.search.service.lookup_items: " + queries.TIMEOUT_PREFIX + queries.LOOKUP_ITEMS,
+            "single": "recsys.search.service.get_item: " + queries.TIMEOUT_PREFIX + queries.GET_ITEM,
         },
         figures=figures,
         headlines=[
