@@ -24,15 +24,12 @@ from recsys.local import tools
 from recsys.local.stack import Stack, StackConfig
 
 __all__ = [
-    "SIMILAR_FUNCTION",
-    "SIMILAR_SQL",
     "BenchOptions",
     "Deadline",
     "app_environment",
     "bench_stack",
     "build_hnsw_index",
     "drop_hnsw_index",
-    "install_similar_function",
     "load_catalogue",
     "local_host",
     "server_versions",
@@ -41,23 +38,6 @@ __all__ = [
 log = logging.getLogger("recsys")
 
 HNSW_INDEX = "items_embedding_cosine"
-
-#: A similar-items query in one statement: a function that sets ``hnsw.ef_search``
-#: transaction-locally (``set_config(..., true)``) and runs the query, so one round trip.
-SIMILAR_FUNCTION = """
-CREATE OR REPLACE FUNCTION bench_similar(query_id text, k int, ef int)
-RETURNS TABLE (id text, score double precision) LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    q vector;
-BEGIN
-    PERFORM set_config('hnsw.ef_search', ef::text, true);
-    SELECT i.embedding INTO q FROM items i WHERE i.id = query_id;
-    RETURN QUERY
-        SELECT i.id, 1 - (i.embedding <=> q) FROM items i WHERE i.id <> query_id
-        ORDER BY i.embedding <=> q LIMIT k;
-END $$
-"""
-SIMILAR_SQL = "SELECT id, score FROM bench_similar(%(id)s, %(k)s, %(ef)s)"
 
 
 @dataclass(frozen=True)
@@ -186,11 +166,6 @@ def server_versions(stack: Stack) -> dict[str, str]:
         out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False).stdout
         versions["pgbouncer"] = out.splitlines()[0].removeprefix("PgBouncer ").strip() if out else "?"
     return versions
-
-
-def install_similar_function(stack: Stack) -> None:
-    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
-        conn.execute(SIMILAR_FUNCTION)
 
 
 def drop_hnsw_index(stack: Stack) -> None:

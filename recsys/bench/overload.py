@@ -17,25 +17,26 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
-from recsys.bench.harness import BenchOptions, bench_stack, install_similar_function, load_catalogue, server_versions
+from recsys.bench.harness import BenchOptions, bench_stack, load_catalogue, server_versions
 from recsys.bench.plots import line_plot
 from recsys.bench.results import BenchResult, Headline
 from recsys.bench.stats import summarize
 from recsys.config import Settings
 from recsys.datasets import clustered_catalogue
-from recsys.db.pool import connection_kwargs
+from recsys.db.pool import close_pools, get_pool
+from recsys.search.params import SimilarQuery
+from recsys.search.service import similar_items
 
 __all__ = ["run"]
 
 TITLE = "many instances, few server connections"
-REQUEST_SQL = "SELECT id, score FROM bench_similar(%(id)s, 10, 40)"
+QUERY = SimilarQuery(k=10, ef_search=40)
 MAX_CONNECTIONS = 22
 #: Server connections PgBouncer may open: below max_connections minus the superuser reserve (3).
 BOUNCER_POOL = 16
@@ -59,19 +60,13 @@ class Workload:
     seed: int
 
 
-async def _instance(work: Workload, rng: random.Random, out: dict[str, Any]) -> None:
-    """One function instance: its own pool; requests arrive at a steady rate, each on its own task."""
+async def _instance(work: Workload, number: int, rng: random.Random, out: dict[str, Any]) -> None:
+    """One function instance: the app's pool of its own; requests arrive at a steady rate, each a task."""
     await asyncio.sleep(max(0.0, work.start_at - time.time()) + rng.uniform(0, work.ramp_s))
-    pool = AsyncConnectionPool(
-        work.url,
-        kwargs=connection_kwargs(Settings(connect_timeout=5)),
-        min_size=1,
-        max_size=work.pool_max_size,
-        timeout=work.pool_timeout_s,
-        reconnect_timeout=work.duration_s + work.pool_timeout_s + 30,
-        open=False,
-    )
-    await pool.open(wait=False)
+    settings = replace(Settings(), database_url=work.url, pool_min_size=1, pool_max_size=work.pool_max_size,
+                       pool_timeout=work.pool_timeout_s, connect_timeout=5)
+    # Instances share an event loop here, so each names its pool (recsys.db.pool keys them by name).
+    pool = await get_pool(f"instance-{number}", settings)
     end = work.start_at + work.ramp_s + work.duration_s
     # After the scale-out storm (every instance connecting at once) has settled.
     steady_from = work.start_at + work.ramp_s + SETTLE_S
@@ -83,8 +78,7 @@ async def _instance(work: Workload, rng: random.Random, out: dict[str, Any]) -> 
         issued = time.time()
         started = time.perf_counter()
         try:
-            async with pool.connection() as conn:
-                await (await conn.execute(REQUEST_SQL, {"id": item_id})).fetchall()
+            await similar_items(pool, item_id, QUERY, timeout_ms=int(work.pool_timeout_s * 1000))
         except Exception as exc:
             out["errors"][type(exc).__name__] += 1
             return
@@ -116,7 +110,12 @@ async def _instance(work: Workload, rng: random.Random, out: dict[str, Any]) -> 
 async def _instances(work: Workload) -> dict[str, Any]:
     out: dict[str, Any] = {"latencies": [], "steady": [], "errors": Counter(), "offered": 0}
     rng = random.Random(work.seed)
-    await asyncio.gather(*(_instance(work, random.Random(rng.random()), out) for _ in range(work.instances)))
+    try:
+        await asyncio.gather(*(
+            _instance(work, number, random.Random(rng.random()), out) for number in range(work.instances)
+        ))
+    finally:
+        await close_pools()
     return out
 
 
@@ -124,6 +123,7 @@ def run_instances(work: Workload) -> dict[str, Any]:
     """Entry point of a worker process: run ``work.instances`` instances on one event loop."""
     # A refused connection is the expected outcome here, not news for the log.
     logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+    logging.getLogger("recsys").setLevel(logging.ERROR)
     out = asyncio.run(_instances(work))
     return {"latencies": out["latencies"], "steady": out["steady"], "errors": dict(out["errors"]),
             "offered": out["offered"]}
@@ -227,7 +227,6 @@ def run(options: BenchOptions) -> BenchResult:
                           "max_client_conn": "3000", "query_wait_timeout": "20"},
     ) as stack:
         load_catalogue(stack, catalogue)
-        install_similar_function(stack)
         servers = server_versions(stack)
         for instances in counts:
             for route in ("direct", "pgbouncer"):
@@ -251,7 +250,8 @@ def run(options: BenchOptions) -> BenchResult:
             "max_connections": MAX_CONNECTIONS, "pgbouncer_pool": BOUNCER_POOL, "instances": counts,
             "offered_requests_per_s": total_rate, "duration_s": duration, "ramp_s": 2.0, "processes": processes,
             "pool_per_instance": {"min_size": 1, "max_size": pool_max_size, "timeout_s": pool_timeout},
-            "request": REQUEST_SQL, "catalogue_items": len(catalogue.ids), "dim": 64,
+            "request": "recsys.search.service.similar_items(k=10, ef_search=40) over the app's pool",
+            "catalogue_items": len(catalogue.ids), "dim": 64,
             "steady_state_from_s_after_ramp": SETTLE_S,
         },
         figures=runs,
