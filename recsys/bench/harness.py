@@ -214,7 +214,9 @@ def load_catalogue(stack: Stack, catalogue: Catalogue, *, index: bool = True) ->
             copy.set_types(["text", "vector", "text"])
             for item_id, vector, category in zip(catalogue.ids, catalogue.vectors, catalogue.categories, strict=True):
                 copy.write_row((item_id, vector, category))
-        conn.execute("ANALYZE items")
+        # As a catalogue in service would be: hint bits set and the visibility map built, so
+        # the first reads of a benchmark do not pay for the load.
+        conn.execute("VACUUM (ANALYZE) items")
     copied = time.perf_counter() - started
     indexed = build_hnsw_index(stack) if index else 0.0
     log.info("loaded %d items in %.1f s, indexed in %.1f s", len(catalogue.ids), copied, indexed)
