@@ -83,3 +83,28 @@ def test_every_http_function_needs_a_function_key_except_health_and_openapi() ->
     assert levels["health"] == "anonymous"
     for route, level in levels.items():
         assert level == ("anonymous" if route in anonymous else "function"), route
+
+
+async def test_the_local_host_enforces_a_configured_function_key_on_the_app(
+    stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, app_pools: None
+) -> None:
+    import httpx
+
+    from recsys.config import get_settings
+    from recsys.local.cli import build_host
+
+    monkeypatch.setenv("RECSYS_FUNCTION_KEY", "local-test-key")
+    get_settings.cache_clear()
+    try:
+        host = build_host(run_queues=False)
+    finally:
+        monkeypatch.delenv("RECSYS_FUNCTION_KEY")
+        get_settings.cache_clear()
+    transport = httpx.ASGITransport(app=host)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        assert (await client.get("/api/items/nope")).status_code == 401
+        assert (await client.get("/api/items/nope", headers={"x-functions-key": "wrong"})).status_code == 401
+        assert (await client.get("/api/items/nope", headers={"x-functions-key": "local-test-key"})).status_code == 404
+        assert (await client.get("/api/items/nope?code=local-test-key")).status_code == 404
+        assert (await client.get("/api/health")).status_code == 200  # anonymous
+        assert (await client.get("/api/openapi.json")).status_code == 200  # anonymous
