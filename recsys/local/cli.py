@@ -158,6 +158,7 @@ recsys is serving on http://localhost:{port}/api
   curl -s http://localhost:{port}/api/health
   curl -s http://localhost:{port}/api/items/item-000042
   curl -s 'http://localhost:{port}/api/items/item-000042/similar?k=5'
+  curl -s 'http://localhost:{port}/api/items/item-000042/similar?k=5&recall_target=0.95'
   curl -s -X POST http://localhost:{port}/api/recommendations \\
        -H 'content-type: application/json' -d '{{"positive": ["item-000042"], "k": 5}}'
 
@@ -201,10 +202,13 @@ async def _after_start(port: int, *, demo: bool) -> None:
     """Load the demo catalogue through the queue path once the host is serving, then say how to try it."""
     if demo:
         from recsys.ingest.demo import load_demo_catalogue
+        from recsys.search.calibration import calibrate_catalogue
 
         log.info("loading the demo catalogue through the queue (a minute or so)")
         try:
             await load_demo_catalogue()
+            log.info("calibrating recall per ef_search on the demo catalogue (recall_target)")
+            await calibrate_catalogue()
         except Exception:
-            log.exception("the demo catalogue did not load; the service runs without it")
+            log.exception("the demo catalogue did not load or calibrate; the service runs without it")
     print(TRY_IT.format(port=port), flush=True)
