@@ -7,10 +7,11 @@ instead of failing on its first request.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
@@ -22,6 +23,7 @@ __all__ = [
     "get_settings",
     "load_settings",
     "redact",
+    "settings_environment",
 ]
 
 #: The local stack's PgBouncer as the query role (see ``recsys.local.stack``, ``sql/030_roles.sql``);
@@ -201,3 +203,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 def get_settings() -> Settings:
     """The process's settings, loaded from the environment on first use."""
     return load_settings()
+
+
+@contextlib.contextmanager
+def settings_environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` (and the settings cache cleared) for the duration of the block.
+
+    For tests, benchmarks and tools that point the app at another database or queue.
+    """
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys.config import Settings, get_settings, load_settings
+from recsys.config import Settings, load_settings, settings_environment
 from recsys.local.stack import Stack, StackConfig
 
 
@@ -31,16 +31,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def stack_env(stack: Stack) -> Iterator[dict[str, str]]:
     """The process environment points the app at the test stack for the whole session."""
     env = {**stack.app_environment(), "RECSYS_POOL_TIMEOUT": "3", "RECSYS_CONNECT_TIMEOUT": "2"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    get_settings.cache_clear()
-    yield env
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    get_settings.cache_clear()
+    with settings_environment(env):
+        yield env
 
 
 @pytest.fixture

@@ -127,23 +127,11 @@ def local_host(env: Mapping[str, str], port: int) -> Iterator[str]:
             process.wait()
 
 
-@contextlib.contextmanager
-def app_environment(env: Mapping[str, str]) -> Iterator[None]:
+def app_environment(env: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:
     """``env`` in ``os.environ`` (and the settings cache cleared) for the duration of the block."""
-    from recsys.config import get_settings
+    from recsys.config import settings_environment
 
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    get_settings.cache_clear()
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        get_settings.cache_clear()
+    return settings_environment(env)
 
 
 def grant_app_role(stack: Stack) -> None:

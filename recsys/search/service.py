@@ -197,6 +197,17 @@ def _response(rows: list[Row], choice: EfChoice, took_ms: float) -> Row:
     return body
 
 
+async def _search(db: Database, query: str, params: dict[str, Any], choice: EfChoice, timeout_ms: int) -> Row:
+    """Run one similarity statement (retried on a lost connection) and shape its response."""
+
+    async def operation(conn: psycopg.AsyncConnection[Any]) -> list[Row]:
+        return await _fetch(conn, query, params, timeout_ms)
+
+    started = time.perf_counter()
+    rows = await run_read(db, operation, limit=_limit(timeout_ms))
+    return _response(rows, choice, (time.perf_counter() - started) * 1000)
+
+
 async def similar_items(
     db: Database,
     item_id: str,
@@ -219,12 +230,7 @@ async def similar_items(
         "exact_limit": exact_limit,
     }
 
-    async def operation(conn: psycopg.AsyncConnection[Any]) -> list[Row]:
-        return await _fetch(conn, queries.SIMILAR, params, timeout_ms)
-
-    started = time.perf_counter()
-    rows = await run_read(db, operation, limit=_limit(timeout_ms))
-    return {"id": item_id, **_response(rows, choice, (time.perf_counter() - started) * 1000)}
+    return {"id": item_id, **await _search(db, queries.SIMILAR, params, choice, timeout_ms)}
 
 
 async def recommend(
@@ -254,12 +260,7 @@ async def recommend(
         "exact_limit": exact_limit,
     }
 
-    async def operation(conn: psycopg.AsyncConnection[Any]) -> list[Row]:
-        return await _fetch(conn, queries.RECOMMEND, params, timeout_ms)
-
-    started = time.perf_counter()
-    rows = await run_read(db, operation, limit=_limit(timeout_ms))
-    return _response(rows, choice, (time.perf_counter() - started) * 1000)
+    return await _search(db, queries.RECOMMEND, params, choice, timeout_ms)
 
 
 def _error_entry(error: RecsysError) -> Row:

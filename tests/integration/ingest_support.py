@@ -28,7 +28,7 @@ from azure.storage.queue import QueueClient
 from azure.storage.queue import QueueMessage as StorageMessage
 from pgvector.psycopg import register_vector
 
-from recsys.config import Settings, get_settings, load_settings
+from recsys.config import Settings, load_settings, settings_environment
 from recsys.datasets import clustered_catalogue
 from recsys.ingest.messages import encode_embedding
 from recsys.local import tools
@@ -188,27 +188,23 @@ def ingest_env(stack: Stack, stack_env: dict[str, str]) -> Iterator[IngestEnv]:
     """Settings pointing at a queue and container of this test alone; cleans up after it."""
     token = uuid.uuid4().hex[:10]
     private = {"RECSYS_QUEUE_NAME": f"ingest-{token}", "RECSYS_BLOB_CONTAINER": f"ingest-{token}"}
-    saved = {key: os.environ.get(key) for key in private}
-    os.environ.update(private)
-    get_settings.cache_clear()
-    env = IngestEnv(stack=stack, settings=load_settings(os.environ), prefix=f"t{token}-")
-    for client in (env.queue, env.poison):  # as the host's queue listener does when it starts
-        with client:
-            client.create_queue()
-    try:
-        yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        get_settings.cache_clear()
-        for client in (env.queue, env.poison):
-            with client, contextlib.suppress(ResourceNotFoundError):
-                client.delete_queue()
-        with env.blobs as blobs, contextlib.suppress(ResourceNotFoundError):
-            blobs.delete_container(env.settings.blob_container)
-        with env.connect() as conn:
-            conn.execute("DELETE FROM items WHERE starts_with(id, %s)", [env.prefix])
-            conn.execute("DELETE FROM ingest_batches WHERE starts_with(batch_id, %s)", [env.prefix])
+    with settings_environment(private):
+        env = IngestEnv(stack=stack, settings=load_settings(os.environ), prefix=f"t{token}-")
+        for client in (env.queue, env.poison):  # as the host's queue listener does when it starts
+            with client:
+                client.create_queue()
+        try:
+            yield env
+        finally:
+            _clean_up(env)
+
+
+def _clean_up(env: IngestEnv) -> None:
+    for client in (env.queue, env.poison):
+        with client, contextlib.suppress(ResourceNotFoundError):
+            client.delete_queue()
+    with env.blobs as blobs, contextlib.suppress(ResourceNotFoundError):
+        blobs.delete_container(env.settings.blob_container)
+    with env.connect() as conn:
+        conn.execute("DELETE FROM items WHERE starts_with(id, %s)", [env.prefix])
+        conn.execute("DELETE FROM ingest_batches WHERE starts_with(batch_id, %s)", [env.prefix])
