@@ -87,10 +87,17 @@ async def copy_items(conn: Conn, rows: Iterable[Row], *, dim: int) -> int:
     kind = vector_type(dim)
     await conn.execute(_STAGING.format(type=sql.SQL(kind), dim=sql.Literal(dim)))
     async with conn.cursor() as cur:
-        async with cur.copy(_COPY) as copy:
-            copy.set_types(["text", kind, "text", "text[]", "jsonb"])
-            for row in rows:
-                await copy.write_row(row)
+        try:
+            async with cur.copy(_COPY) as copy:
+                copy.set_types(["text", kind, "text", "text[]", "jsonb"])
+                for row in rows:
+                    await copy.write_row(row)
+        except Exception as exc:
+            # A backend that dies mid-COPY can surface from psycopg's copy writer as an error
+            # other than OperationalError; a lost connection is a transient fault all the same.
+            if conn.broken or conn.closed:
+                raise psycopg.OperationalError(f"connection lost during COPY: {exc}") from exc
+            raise
         await cur.execute(_UPSERT)
         return max(cur.rowcount, 0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 
 import psycopg
 import pytest
@@ -304,4 +305,50 @@ async def test_a_load_whose_backend_is_terminated_leaves_nothing_and_loads_fully
     await handler(to_function_message(message))  # the host delivers it again
 
     assert env.ledger(f"{env.prefix}cut") == [(0, "loaded", 1000, None)]
+    assert_rows_match(env, items)
+
+
+async def test_a_load_whose_backend_is_terminated_mid_copy_leaves_nothing_and_loads_fully_when_redelivered(
+    ingest_env: IngestEnv, app_pools: None
+) -> None:
+    env = ingest_env
+    total = 5000  # one part: a COPY long enough to be caught halfway
+    items = raw_items(total, env.prefix)
+    await enqueue_document({"batch_id": f"{env.prefix}mid", "items": items}, settings=env.settings)
+    (message,) = env.receive()
+    handler = loader_handler()
+    caught: list[int] = []
+    stop = threading.Event()
+
+    def terminate_mid_copy() -> None:
+        # A thread of its own polls COPY progress while the loader streams rows on the test's
+        # event loop, and ends the loader's backend as soon as the COPY is partway through.
+        with psycopg.connect(env.stack.admin_conninfo(), autocommit=True) as watcher:
+            while not stop.is_set():
+                row = watcher.execute(
+                    "SELECT p.pid, p.tuples_processed FROM pg_stat_progress_copy p"
+                    " JOIN pg_stat_activity a USING (pid) WHERE p.type = 'PIPE' AND a.usename = 'recsys_loader'"
+                    " AND p.tuples_processed BETWEEN 1 AND %s",
+                    [total - 1],
+                ).fetchone()
+                if row is not None:
+                    watcher.execute("SELECT pg_terminate_backend(%s)", [row[0]])
+                    caught.append(int(row[1]))
+                    return
+
+    watcher = threading.Thread(target=terminate_mid_copy)
+    watcher.start()
+    try:
+        with pytest.raises(psycopg.OperationalError):
+            await handler(to_function_message(message))
+    finally:
+        stop.set()
+        watcher.join(30)
+    assert caught and 0 < caught[0] < total, caught  # terminated with the COPY partway through
+    assert env.rows() == {}
+    assert env.ledger(f"{env.prefix}mid") == [(0, "queued", 0, None)]
+
+    await handler(to_function_message(message))  # the host delivers it again
+
+    assert env.ledger(f"{env.prefix}mid") == [(0, "loaded", total, None)]
     assert_rows_match(env, items)
