@@ -208,3 +208,20 @@ def _clean_up(env: IngestEnv) -> None:
     with env.connect() as conn:
         conn.execute("DELETE FROM items WHERE starts_with(id, %s)", [env.prefix])
         conn.execute("DELETE FROM ingest_batches WHERE starts_with(batch_id, %s)", [env.prefix])
+
+
+@contextlib.contextmanager
+def id_prefix(stack: Stack, letter: str) -> Iterator[str]:
+    """A fresh id and batch id prefix for one test; its rows and ledger entries are deleted after it."""
+    token = f"{letter}{uuid.uuid4().hex[:10]}-"
+    yield token
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        conn.execute("DELETE FROM items WHERE starts_with(id, %s)", [token])
+        conn.execute("DELETE FROM ingest_batches WHERE starts_with(batch_id, %s)", [token])
+
+
+def count_items(stack: Stack, prefix: str) -> int:
+    """Rows of ``items`` whose id starts with ``prefix``."""
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM items WHERE starts_with(id, %s)", [prefix]).fetchone()
+        return int(row[0]) if row else 0

@@ -6,14 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import psycopg
 import pytest
-from ingest_support import raw_items
+from ingest_support import count_items, id_prefix, raw_items
 
 from recsys.datasets import clustered_catalogue
 from recsys.local.stack import Stack
@@ -32,17 +31,9 @@ def recsys_command(*args: str, timeout: float = 300) -> subprocess.CompletedProc
 
 @pytest.fixture
 def prefix(stack: Stack, stack_env: dict[str, str]) -> Iterator[str]:
-    token = f"c{uuid.uuid4().hex[:10]}-"
-    yield token
-    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
-        conn.execute("DELETE FROM items WHERE starts_with(id, %s)", [token])
-        conn.execute("DELETE FROM ingest_batches WHERE starts_with(batch_id, %s)", [token])
+    with id_prefix(stack, "c") as token:
+        yield token
 
-
-def count(stack: Stack, prefix: str) -> int:
-    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
-        row = conn.execute("SELECT count(*) FROM items WHERE starts_with(id, %s)", [prefix]).fetchone()
-        return int(row[0]) if row else 0
 
 
 def test_load_copies_a_jsonl_of_items_and_can_run_again(stack: Stack, prefix: str, tmp_path: Path) -> None:
@@ -54,7 +45,7 @@ def test_load_copies_a_jsonl_of_items_and_can_run_again(stack: Stack, prefix: st
         result = recsys_command("load", str(path), "--chunk-size", "50", "--no-progress")
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout.splitlines()[-1]) == {"rows": 120, "chunks": 3, "index_rebuilt": False}
-    assert count(stack, prefix) == 120
+    assert count_items(stack, prefix) == 120
 
 
 def test_load_a_npy_with_its_ids_rebuilding_the_hnsw_index(stack: Stack, prefix: str, tmp_path: Path) -> None:
@@ -72,7 +63,7 @@ def test_load_a_npy_with_its_ids_rebuilding_the_hnsw_index(stack: Stack, prefix:
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == {"rows": 300, "chunks": 1, "index_rebuilt": True}
-    assert count(stack, prefix) == 300
+    assert count_items(stack, prefix) == 300
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
         (after,) = conn.execute("SELECT pg_get_indexdef('items_embedding_cosine'::regclass)").fetchone() or ("",)
         row = conn.execute("SELECT category FROM items WHERE id = %s", [catalogue.ids[7]]).fetchone()
@@ -99,7 +90,7 @@ def test_enqueue_sends_a_batch_that_the_host_loads(stack: Stack, local_host: str
     assert json.loads(result.stdout.splitlines()[-1]) == {
         "batch_id": f"{prefix}cli", "items": 30, "messages": 1, "status": "loaded", "rows": 30,
     }
-    assert count(stack, prefix) == 30
+    assert count_items(stack, prefix) == 30
 
 
 def test_demo_loads_a_clustered_catalogue_through_the_queue(stack: Stack, local_host: str, prefix: str) -> None:
@@ -107,7 +98,7 @@ def test_demo_loads_a_clustered_catalogue_through_the_queue(stack: Stack, local_
     assert result.returncode == 0, result.stderr
     statuses = json.loads(result.stdout.splitlines()[-1])
     assert [(s["status"], s["rows"]) for s in statuses] == [("loaded", 300), ("loaded", 300)]
-    assert count(stack, prefix) == 600
+    assert count_items(stack, prefix) == 600
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
         categories = conn.execute("SELECT count(DISTINCT category) FROM items WHERE starts_with(id, %s)",
                                   [prefix]).fetchone()

@@ -10,7 +10,6 @@ import base64
 import json
 import logging
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +17,7 @@ import httpx
 import psycopg
 import pytest
 from azure.storage.queue import QueueClient
-from ingest_support import raw_items
+from ingest_support import count_items, id_prefix, raw_items
 
 from recsys.local.stack import Stack
 
@@ -29,17 +28,9 @@ QUEUE = "embedding-batches"
 
 @pytest.fixture
 def prefix(stack: Stack, stack_env: dict[str, str]) -> Iterator[str]:
-    token = f"h{uuid.uuid4().hex[:10]}-"
-    yield token
-    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
-        conn.execute("DELETE FROM items WHERE starts_with(id, %s)", [token])
-        conn.execute("DELETE FROM ingest_batches WHERE starts_with(batch_id, %s)", [token])
+    with id_prefix(stack, "h") as token:
+        yield token
 
-
-def rows_with(stack: Stack, prefix: str) -> int:
-    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
-        row = conn.execute("SELECT count(*) FROM items WHERE starts_with(id, %s)", [prefix]).fetchone()
-        return int(row[0]) if row else 0
 
 
 def settled(url: str, batch_id: str, bound: float = 120) -> dict[str, Any]:
@@ -68,7 +59,7 @@ def test_a_posted_batch_is_accepted_then_loaded(stack: Stack, local_host: str, p
 
     assert settled(local_host, f"{prefix}small") == {"batch_id": f"{prefix}small", "status": "loaded", "rows": 5,
                                                     "error": None}
-    assert rows_with(stack, prefix) == 5
+    assert count_items(stack, prefix) == 5
 
 
 def test_a_large_batch_without_id_gets_one_and_loads_through_blob_storage(
@@ -84,7 +75,7 @@ def test_a_large_batch_without_id_gets_one_and_loads_through_blob_storage(
     assert accepted["items"] == 400 and accepted["messages"] == 1 and accepted["batch_id"]
     try:
         assert settled(local_host, accepted["batch_id"])["status"] == "loaded"
-        assert rows_with(stack, prefix) == 400
+        assert count_items(stack, prefix) == 400
     finally:
         with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
             conn.execute("DELETE FROM ingest_batches WHERE batch_id = %s", [accepted["batch_id"]])
@@ -134,7 +125,7 @@ def test_a_message_from_another_producer_loads_and_a_broken_one_is_poisoned_with
     failed = settled(local_host, f"{prefix}ext-broken")
     assert failed["status"] == "failed" and failed["rows"] == 0
     assert "items[1].embedding must have 384 dimensions, got 2" in failed["error"]
-    assert rows_with(stack, prefix) == 3  # the broken batch's valid item was not written
+    assert count_items(stack, prefix) == 3  # the broken batch's valid item was not written
 
     with QueueClient.from_connection_string(connection, f"{QUEUE}-poison") as poison:
         contents = [base64.b64decode(m.content) for m in poison.peek_messages(max_messages=32)]
