@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -90,33 +91,39 @@ def ground_truth(catalogue: Catalogue, query_ids: list[str], category: str | Non
     return truth
 
 
-async def _series(conn: psycopg.AsyncConnection[Any], statement: str, params: dict[str, Any], query_ids: list[str],
-                  deadline: Deadline) -> tuple[list[list[str]], list[float]]:
+async def _timed(
+    query_ids: list[str], deadline: Deadline, search: Callable[[str], Awaitable[list[str]]]
+) -> tuple[list[list[str]], list[float]]:
+    """The ids ``search`` finds for each query item, and how long each search took."""
     found: list[list[str]] = []
     latencies: list[float] = []
     for item in query_ids:
         if not deadline:
             raise TimeoutError("the recall benchmark ran out of time; use fewer queries")
         started = time.perf_counter()
-        rows = await (await conn.execute(statement, {**params, "id": item})).fetchall()
+        ids = await search(item)
         latencies.append(time.perf_counter() - started)
-        found.append([r[0] for r in rows])
+        found.append(ids)
     return found, latencies
+
+
+async def _series(conn: psycopg.AsyncConnection[Any], statement: str, params: dict[str, Any], query_ids: list[str],
+                  deadline: Deadline) -> tuple[list[list[str]], list[float]]:
+    async def search(item: str) -> list[str]:
+        rows = await (await conn.execute(statement, {**params, "id": item})).fetchall()
+        return [r[0] for r in rows]
+
+    return await _timed(query_ids, deadline, search)
 
 
 async def _service_series(conn: psycopg.AsyncConnection[Any], query: SimilarQuery, query_ids: list[str],
                           deadline: Deadline) -> tuple[list[list[str]], list[float]]:
     """The project's query path (``similar_items``) for each query item."""
-    found: list[list[str]] = []
-    latencies: list[float] = []
-    for item in query_ids:
-        if not deadline:
-            raise TimeoutError("the recall benchmark ran out of time; use fewer queries")
-        started = time.perf_counter()
+    async def search(item: str) -> list[str]:
         answer = await similar_items(conn, item, query, timeout_ms=30_000)
-        latencies.append(time.perf_counter() - started)
-        found.append([r["id"] for r in answer["results"]])
-    return found, latencies
+        return [r["id"] for r in answer["results"]]
+
+    return await _timed(query_ids, deadline, search)
 
 
 def _figures(found: list[list[str]], latencies: list[float], truth: list[list[str]]) -> dict[str, Any]:
