@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from query_catalogue import RARE_CATEGORY, ensure_catalogue
+from query_catalogue import RARE_CATEGORY
 from query_http import call
 
 from recsys.datasets import Catalogue
-from recsys.local.stack import Stack
 
 pytestmark = pytest.mark.integration
 
 ITEM = "/api/items/{id}"
 LOOKUP = "/api/items/lookup"
 SIMILAR = "/api/items/{id}/similar"
-
-
-@pytest.fixture(scope="module")
-def catalogue(stack: Stack) -> Catalogue:
-    return ensure_catalogue(stack)
 
 
 @pytest.fixture(autouse=True)

@@ -5,21 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from query_catalogue import ensure_catalogue
 from query_http import call
 
 from recsys.datasets import Catalogue
-from recsys.local.stack import Stack
 
 pytestmark = pytest.mark.integration
 
 ONE = "/api/recommendations"
 BATCH = "/api/recommendations/batch"
-
-
-@pytest.fixture(scope="module")
-def catalogue(stack: Stack) -> Catalogue:
-    return ensure_catalogue(stack)
 
 
 @pytest.fixture(autouse=True)

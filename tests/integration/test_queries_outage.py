@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import psycopg
 import pytest
-from query_catalogue import ensure_catalogue
 from query_http import call
 
 from recsys.config import get_settings
@@ -23,11 +22,6 @@ pytestmark = pytest.mark.integration
 
 SIMILAR = "/api/items/{id}/similar"
 BUSY = {"error": "Service temporarily busy, please retry", "code": "busy"}
-
-
-@pytest.fixture(scope="module")
-def catalogue(stack: Stack) -> Catalogue:
-    return ensure_catalogue(stack)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from query_catalogue import ensure_catalogue
 from query_http import call
 
 from recsys.datasets import Catalogue
@@ -25,11 +24,6 @@ pytestmark = pytest.mark.integration
 SIMILAR = "/api/items/{id}/similar"
 RECOMMEND = "/api/recommendations"
 CURVE = [(10, 0.80), (20, 0.90), (40, 0.96), (80, 0.99)]
-
-
-@pytest.fixture(scope="module")
-def catalogue(stack: Stack) -> Catalogue:
-    return ensure_catalogue(stack)
 
 
 def _clear(stack: Stack) -> None:

@@ -7,7 +7,6 @@ import logging
 
 import psycopg
 import pytest
-from query_catalogue import ensure_catalogue
 
 from recsys.datasets import Catalogue
 from recsys.db.pool import get_pool
@@ -16,11 +15,6 @@ from recsys.search import service
 from recsys.search.params import SimilarQuery
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def catalogue(stack: Stack) -> Catalogue:
-    return ensure_catalogue(stack)
 
 
 async def test_a_terminated_server_connection_is_retried(

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg.pq import Trace
 from psycopg_pool import AsyncConnectionPool
-from query_catalogue import RARE_CATEGORY, ensure_catalogue
+from query_catalogue import RARE_CATEGORY
 
 from recsys.datasets import Catalogue
 from recsys.db.pool import configure_connection, get_pool
@@ -23,11 +23,6 @@ from recsys.search.service import UnknownItems
 pytestmark = pytest.mark.integration
 
 TIMEOUT_MS = 5000
-
-
-@pytest.fixture(scope="module")
-def catalogue(stack: Stack) -> Catalogue:
-    return ensure_catalogue(stack)
 
 
 @pytest.fixture
