@@ -1,7 +1,8 @@
 """Recall calibration: what ``ef_search`` a request needs for the recall it asks for.
 
 ``python -m recsys calibrate`` samples items of the live catalogue, finds their exact ``k``
-nearest neighbours (index scans disabled, transaction-locally) and, for each ``ef_search`` of
+nearest neighbours (one pass over the table for the whole sample, see :mod:`recsys.search.exact`)
+and, for each ``ef_search`` of
 a fixed ladder, the neighbours the HNSW index returns with the query path's settings
 (iterative scan, ``ef_search`` at least ``k``, the query item excluded). The recall@k per
 ``ef_search`` is stored (``sql/040_recall_calibration.sql``); :func:`choose_ef_search` turns a
@@ -28,6 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from recsys.config import Settings, get_settings
 from recsys.errors import NotCalibrated
+from recsys.search.exact import exact_neighbours
 
 __all__ = [
     "CACHE_SECONDS",
@@ -74,17 +76,6 @@ SELECT q.id, ARRAY(
     LIMIT %(k)s)
 FROM items q WHERE q.id = ANY(%(ids)s::text[])
 """
-# The exact reference: every row scored (index scans off; the second sort key alone would keep
-# the planner off the HNSW index), ties broken by id.
-EXACT_SQL = """
-SELECT q.id, ARRAY(
-    SELECT i.id FROM items i
-    WHERE i.id <> q.id
-    ORDER BY i.embedding <=> q.embedding, i.id
-    LIMIT %(k)s)
-FROM items q WHERE q.id = ANY(%(ids)s::text[])
-"""
-EXACT_SETTINGS = {"enable_indexscan": "off", "enable_bitmapscan": "off"}
 
 LATEST_SQL = """
 SELECT c.id, c.measured_at, c.k, c.sample_size, c.catalogue_size, c.exact_ms,
@@ -174,17 +165,6 @@ async def _neighbours(
             elapsed += time.perf_counter() - started
         found.update({str(row[0]): list(row[1]) for row in rows})
     return found, elapsed
-
-
-async def exact_neighbours(
-    conn: psycopg.AsyncConnection[Any], ids: Sequence[str], k: int, *, statement_timeout_ms: int = 600_000
-) -> tuple[dict[str, list[str]], float]:
-    """The exact ``k`` nearest neighbours (cosine) of each item of ``ids``, itself excluded.
-
-    Returns them by item id, and the seconds spent.
-    """
-    settings = {**EXACT_SETTINGS, "statement_timeout": str(statement_timeout_ms)}
-    return await _neighbours(conn, EXACT_SQL, ids, k, settings)
 
 
 async def hnsw_neighbours(
@@ -350,7 +330,7 @@ async def calibrate_catalogue(settings: Settings | None = None, **options: Any) 
 
 def _print(calibration: Calibration) -> None:
     print(f"recall@{calibration.k} on {calibration.sample_size} sampled items of {calibration.catalogue_size} "
-          f"(calibration {calibration.id}); exact scan {calibration.exact_ms} ms per query")
+          f"(calibration {calibration.id}); exact reference {calibration.exact_ms} ms per sampled item, one pass")
     print(f"{'ef_search':>9}  {'recall':>6}  {'ms/query':>8}")
     for p in calibration.points:
         print(f"{p.ef_search:>9}  {p.recall:>6.3f}  {p.mean_ms if p.mean_ms is not None else '':>8}")

@@ -16,9 +16,8 @@ from recsys.datasets import clustered_catalogue
 from recsys.db.migrations import apply_migrations
 from recsys.errors import NotCalibrated
 from recsys.local.stack import Stack
+from recsys.search import exact
 from recsys.search.calibration import (
-    EXACT_SETTINGS,
-    EXACT_SQL,
     HNSW_SQL,
     LADDER,
     Calibration,
@@ -99,18 +98,52 @@ async def test_exact_reference_is_the_numpy_ground_truth(conn: psycopg.AsyncConn
         assert found[item_id] == _numpy_neighbours(item_id, 10)
 
 
-async def test_hnsw_measurement_uses_the_index_and_the_exact_one_does_not(
-    conn: psycopg.AsyncConnection[Any],
-) -> None:
-    async def plan(statement: str, settings: dict[str, str]) -> str:
-        async with conn.transaction():
-            for name, value in settings.items():
-                await conn.execute("SELECT set_config(%s, %s, true)", [name, value])
-            rows = await (await conn.execute("EXPLAIN " + statement, {"ids": CATALOGUE.ids[:5], "k": 10})).fetchall()
-        return "\n".join(str(r[0]) for r in rows)
+async def test_hnsw_measurement_uses_the_index(conn: psycopg.AsyncConnection[Any]) -> None:
+    async with conn.transaction():
+        await conn.execute("SELECT set_config('hnsw.ef_search', '40', true)")
+        rows = await (await conn.execute("EXPLAIN " + HNSW_SQL, {"ids": CATALOGUE.ids[:5], "k": 10})).fetchall()
+    assert "items_embedding_cosine" in "\n".join(str(r[0]) for r in rows)
 
-    assert "items_embedding_cosine" in await plan(HNSW_SQL, {"hnsw.ef_search": "40"})
-    assert "items_embedding_cosine" not in await plan(EXACT_SQL, EXACT_SETTINGS)
+
+async def _rows_scanned(admin: psycopg.AsyncConnection[Any]) -> int:
+    # Statistics reach shared memory when a backend goes idle, at most once a second unless
+    # forced: force this backend's, then read them afresh.
+    await admin.execute("SELECT pg_stat_force_next_flush()")
+    await admin.execute("SELECT pg_stat_clear_snapshot()")
+    row = await (await admin.execute("SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'items'")).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_exact_reference_reads_the_table_once_for_the_whole_sample(
+    stack: Stack, calibration_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small blocks: the rows of one block straddle COPY messages and the top-k is merged 30 times.
+    monkeypatch.setattr(exact, "BLOCK_ROWS", 100)
+    ids = CATALOGUE.ids[7::60]
+    async with await psycopg.AsyncConnection.connect(stack.admin_conninfo(DATABASE), autocommit=True) as admin:
+        before = await _rows_scanned(admin)
+        found, _ = await exact_neighbours(admin, ids, 10)
+        after = await _rows_scanned(admin)
+    # 50 items, and the table read once by the COPY (plus once more if the planner fetches the
+    # 50 sampled vectors of this small table by a sequential scan), not once per item.
+    assert len(ids) == 50
+    assert len(CATALOGUE.ids) <= after - before <= 2 * len(CATALOGUE.ids)
+    for item_id in ids:
+        assert found[item_id] == _numpy_neighbours(item_id, 10)
+
+
+async def test_exact_reference_leaves_out_unknown_ids_and_zero_vectors(
+    conn: psycopg.AsyncConnection[Any], stack: Stack
+) -> None:
+    with psycopg.connect(stack.admin_conninfo(DATABASE), autocommit=True) as admin:
+        # A zero vector has no cosine similarity: never anybody's neighbour.
+        admin.execute("INSERT INTO items (id, embedding) VALUES ('zero', %s::vector)", [str([0.0] * DIM)])
+        try:
+            found, _ = await exact_neighbours(conn, [CATALOGUE.ids[0], "no-such-item"], 5)
+        finally:
+            admin.execute("DELETE FROM items WHERE id = 'zero'")
+    assert found == {CATALOGUE.ids[0]: _numpy_neighbours(CATALOGUE.ids[0], 5)}
 
 
 async def test_calibrate_measures_recall_per_ef_search_and_stores_the_curve(
