@@ -33,6 +33,8 @@ LOCAL_DATABASE_URL = "postgresql://recsys_query:recsys-local@127.0.0.1:6432/recs
 LOCAL_LOADER_DATABASE_URL = "postgresql://recsys_loader:recsys-local@127.0.0.1:6432/recsys"
 
 DB_AUTH_MODES = ("password", "entra")
+#: Pools that connect as the loader role: the loader's own, and the producers' ``ingest`` pool.
+WRITE_PURPOSES = ("loader", "ingest")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 T = TypeVar("T")
@@ -85,18 +87,20 @@ class Settings:
     storage_connection: str = "UseDevelopmentStorage=true"
     blob_container: str = "embedding-batches"
     function_key: str | None = field(default=None, repr=False)
+    #: Days a deletion's version is remembered at least (longer than a queue message lives: 7 days).
+    tombstone_retention_days: int = 8
 
     @property
     def poison_queue_name(self) -> str:
         return f"{self.queue_name}-poison"
 
     def url_for(self, purpose: str) -> str:
-        """The libpq URL of the pool for ``purpose`` (``query`` or ``loader``)."""
-        return self.loader_database_url if purpose == "loader" else self.database_url
+        """The libpq URL of the pool for ``purpose``: ``query``, or ``loader`` / ``ingest`` (the loader role)."""
+        return self.loader_database_url if purpose in WRITE_PURPOSES else self.database_url
 
     def entra_client_id_for(self, purpose: str) -> str | None:
         """The managed identity whose tokens authenticate the pool for ``purpose``."""
-        return self.loader_entra_client_id if purpose == "loader" else self.entra_client_id
+        return self.loader_entra_client_id if purpose in WRITE_PURPOSES else self.entra_client_id
 
     def __repr__(self) -> str:
         shown = []
@@ -193,6 +197,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         storage_connection=_text(env, "AzureWebJobsStorage", "UseDevelopmentStorage=true") or "",
         blob_container=_text(env, "RECSYS_BLOB_CONTAINER", "embedding-batches") or "",
         function_key=_text(env, "RECSYS_FUNCTION_KEY", None),
+        tombstone_retention_days=_number(env, "RECSYS_TOMBSTONE_RETENTION_DAYS", 8, int, 1, 3650),
     )
     if settings.pool_min_size > settings.pool_max_size:
         raise SettingsError("RECSYS_POOL_MIN_SIZE", "must not exceed RECSYS_POOL_MAX_SIZE")

@@ -10,8 +10,11 @@ PgBouncer in transaction mode cannot keep protocol-level prepared statements, he
 ``prepare_threshold=None``.
 
 Each purpose connects as its own role: ``query`` with ``RECSYS_DATABASE_URL`` (``recsys_query``,
-read-only), ``loader`` with ``RECSYS_LOADER_DATABASE_URL`` (``recsys_loader``). In Entra mode
-the password is a token of the purpose's managed identity (``recsys.db.credentials``).
+read-only), ``loader`` with ``RECSYS_LOADER_DATABASE_URL`` (``recsys_loader``). ``ingest`` is a
+second, small pool of the loader role for the HTTP ingest endpoints' ledger writes and reads:
+the loader holds its own connections for whole COPY transactions, and an enqueue must never
+wait behind them. In Entra mode the password is a token of the purpose's managed identity
+(``recsys.db.credentials``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from recsys.config import Settings, get_settings
 
-__all__ = ["close_pools", "configure_connection", "connection_kwargs", "get_pool", "pool_stats"]
+__all__ = ["INGEST_POOL_MAX_SIZE", "close_pools", "configure_connection", "connection_kwargs", "get_pool", "pool_stats"]
 
 log = logging.getLogger("recsys")
 
@@ -38,6 +41,10 @@ log = logging.getLogger("recsys")
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncConnectionPool]] = (
     weakref.WeakKeyDictionary()
 )
+
+#: Connections of the ``ingest`` pool: its statements are single-row ledger writes of a few
+#: milliseconds, so two serve many concurrent enqueues.
+INGEST_POOL_MAX_SIZE = 2
 
 #: Seconds a connection returned to the pool may be handed out again without a check.
 CHECK_AFTER_IDLE = 1.0
@@ -133,8 +140,8 @@ def _new_pool(settings: Settings, purpose: str) -> AsyncConnectionPool:
     pool = AsyncConnectionPool(
         settings.url_for(purpose),
         kwargs=kwargs,  # type: ignore[arg-type]
-        min_size=settings.pool_min_size,
-        max_size=settings.pool_max_size,
+        min_size=min(settings.pool_min_size, INGEST_POOL_MAX_SIZE) if purpose == "ingest" else settings.pool_min_size,
+        max_size=INGEST_POOL_MAX_SIZE if purpose == "ingest" else settings.pool_max_size,
         timeout=settings.pool_timeout,
         max_lifetime=settings.pool_max_lifetime,
         max_idle=300.0,

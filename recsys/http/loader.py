@@ -23,12 +23,12 @@ async def loader_queue(msg: func.QueueMessage) -> None:
     loader, and this function returns normally (the host deletes it: no retries wasted). A
     transient fault raises, so the host makes the message visible again and retries it.
     """
-    outcome = await process_message(msg.get_body())
+    outcome = await process_message(msg.get_body(), message_id=msg.id, inserted_at=msg.insertion_time)
     if outcome.status == "failed":
         log.warning(
             "message %s (batch %s part %d) moved to the poison queue: %s",
             msg.id, outcome.batch_id, outcome.part, outcome.error,
         )
     else:
-        log.info("message %s: batch %s part %d %s, %d rows", msg.id, outcome.batch_id, outcome.part,
-                 outcome.status, outcome.rows)
+        log.info("message %s: batch %s part %d %s, %d rows, %d deleted, %d stale", msg.id, outcome.batch_id,
+                 outcome.part, outcome.status, outcome.rows, outcome.deleted, outcome.stale)

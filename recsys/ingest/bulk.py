@@ -25,7 +25,7 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 
 from recsys.errors import InvalidArgument
-from recsys.ingest.loader import copy_items, item_rows
+from recsys.ingest.loader import copy_items
 from recsys.ingest.messages import Item, decode_json, parse_item
 
 __all__ = ["INDEX_NAME", "BulkResult", "bulk_load", "count_items", "read_items"]
@@ -167,7 +167,7 @@ async def bulk_load(
             for chunk in _chunks(items, chunk_size):
                 async with conn.transaction():
                     await conn.execute("SELECT set_config('statement_timeout', %s, true)", [str(statement_timeout_ms)])
-                    rows += await copy_items(conn, item_rows(chunk), dim=dim)
+                    rows += await copy_items(conn, chunk, dim=dim)
                 chunks += 1
                 if progress is not None:
                     progress(len(chunk))

@@ -5,9 +5,11 @@ items here, so a batch the producer accepted is one the loader can load. Every e
 :class:`~recsys.errors.InvalidArgument` naming the offending field (``items[3].embedding``);
 for the loader it is a permanent fault of the message.
 
-Wire format (``API.md``): a UTF-8 JSON document
-``{"batch_id", "part"?, "items": [...]}`` or ``{"batch_id", "part"?, "blob": "<container>/<name>"}``,
-base64-encoded on the queue (the Functions host's default ``messageEncoding``).
+Wire format (README, "Queue message"): a UTF-8 JSON document
+``{"batch_id", "part"?, "source"?, "items"?: [...], "delete"?: [...]}`` or
+``{"batch_id", "part"?, "source"?, "blob": "<container>/<name>"}`` (the blob holding the same
+document), base64-encoded on the queue (the Functions host's default ``messageEncoding``).
+Each item and each deletion may carry a ``version`` (1 .. 2^53 - 1).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import binascii
 import json
 import math
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +30,19 @@ from recsys.errors import InvalidArgument
 
 __all__ = [
     "INLINE_MAX_BYTES",
+    "MAX_BATCH_ENTRIES",
     "MAX_ID_LENGTH",
+    "MAX_PART_BYTES",
+    "MAX_PART_ENTRIES",
+    "MAX_VERSION",
     "QUEUE_MESSAGE_MAX_BYTES",
     "BlobRef",
+    "Delete",
     "Item",
     "Message",
+    "Part",
     "decode_json",
+    "encode_delete",
     "encode_document",
     "encode_item",
     "message_from_document",
@@ -41,9 +50,12 @@ __all__ = [
     "new_batch_id",
     "parse_batch_document",
     "parse_batch_id",
+    "parse_deletes",
     "parse_item",
     "parse_items",
     "parse_message",
+    "parse_part",
+    "parse_version",
 ]
 
 #: Largest queue message Azure Storage accepts (and Azurite enforces), as sent on the wire.
@@ -55,6 +67,16 @@ MAX_CATEGORY_LENGTH = 256
 MAX_TAGS = 256
 MAX_TAG_LENGTH = 256
 MAX_METADATA_BYTES = 64 * 1024
+#: Largest version: 2^53 - 1, the largest integer every JSON parser holds exactly.
+MAX_VERSION = 2**53 - 1
+#: Most entries (items and deletions) in one batch of the HTTP endpoint.
+MAX_BATCH_ENTRIES = 50_000
+#: Most entries (items and deletions) in one part, i.e. one queue message and one load
+#: transaction, whoever produced it. The project's producers cut parts well below it.
+MAX_PART_ENTRIES = 10_000
+#: Largest part document in bytes (a blob's size): the loader refuses larger ones before
+#: reading them, so one load holds at most this much JSON (and its parsed form) in memory.
+MAX_PART_BYTES = 32 * 1024 * 1024
 
 Vector = npt.NDArray[np.float32]
 
@@ -68,6 +90,27 @@ class Item:
     category: str | None = None
     tags: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: ``None`` until a producer stamps it (or the loader, from the message's insertion time).
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class Delete:
+    """One deletion of an id, with its version (``None`` until stamped, as for items)."""
+
+    id: str
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class Part:
+    """The validated content of one part: what one load transaction writes."""
+
+    items: list[Item]
+    deletes: list[Delete]
+
+    def __len__(self) -> int:
+        return len(self.items) + len(self.deletes)
 
 
 @dataclass(frozen=True)
@@ -89,6 +132,10 @@ class Message:
     part: int
     items: list[Any] | None = None
     blob: BlobRef | None = None
+    #: The raw ``delete`` list of an inline message.
+    deletes: list[Any] | None = None
+    #: ``enqueue:<token>`` from the project's producers; ``None`` from others.
+    source: str | None = None
 
 
 def new_batch_id() -> str:
@@ -142,6 +189,17 @@ def parse_id(value: Any, name: str) -> str:
 def parse_batch_id(value: Any, name: str = "batch_id") -> str:
     """A batch id: same rules as an item id."""
     return parse_id(value, name)
+
+
+def parse_version(value: Any, name: str) -> int | None:
+    """A version: an integer 1 .. 2^53 - 1 (``None`` when absent)."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1e12 in JSON is an integer written as a float
+    if type(value) is not int or not 1 <= value <= MAX_VERSION:
+        raise InvalidArgument(f"{name} must be an integer between 1 and {MAX_VERSION}", field=name)
+    return value
 
 
 def _parse_category(value: Any, name: str) -> str | None:
@@ -285,6 +343,7 @@ def parse_item(raw: Any, dim: int, name: str, *, vector: Vector | None = None) -
         category=_parse_category(raw.get("category"), f"{name}.category"),
         tags=_parse_tags(raw.get("tags"), f"{name}.tags"),
         metadata=_parse_metadata(raw.get("metadata"), f"{name}.metadata"),
+        version=parse_version(raw.get("version"), f"{name}.version"),
     )
 
 
@@ -313,14 +372,74 @@ def parse_items(raw: Any, dim: int, *, name: str = "items", max_items: int | Non
     return items
 
 
-def parse_batch_document(doc: Any, dim: int, *, max_items: int | None = None) -> tuple[str | None, list[Item]]:
-    """``{"batch_id"?, "items": [...]}``: the batch id if given, and the validated items."""
+def parse_deletes(raw: Any, *, name: str = "delete", max_entries: int | None = None) -> list[Delete]:
+    """A list of deletions: ids, or ``{"id", "version"?}`` objects, with distinct ids."""
+    if not isinstance(raw, list):
+        raise InvalidArgument(f"{name} must be a list of ids or {{id, version}} objects", field=name)
+    if max_entries is not None and len(raw) > max_entries:
+        raise InvalidArgument(f"{name} must have at most {max_entries} entries, got {len(raw)}", field=name)
+    deletes: list[Delete] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(raw):
+        where = f"{name}[{i}]"
+        if isinstance(entry, dict):
+            if "id" not in entry:
+                raise InvalidArgument(f"{where}.id is required", field=f"{where}.id")
+            unknown = sorted(set(entry) - {"id", "version"})
+            if unknown:
+                raise InvalidArgument(f"{where} has unknown fields: {', '.join(unknown)}", field=where)
+            version = parse_version(entry.get("version"), f"{where}.version")
+            delete = Delete(parse_id(entry["id"], f"{where}.id"), version)
+        else:
+            delete = Delete(parse_id(entry, where))
+        first = seen.setdefault(delete.id, i)
+        if first != i:
+            raise InvalidArgument(f"{where} {delete.id!r} repeats {name}[{first}] in the same batch", field=where)
+        deletes.append(delete)
+    return deletes
+
+
+def parse_part(doc: Any, dim: int, *, max_entries: int | None = MAX_PART_ENTRIES) -> Part:
+    """The ``items`` and ``delete`` lists of a batch document, message or blob, validated.
+
+    At least one of the two must be non-empty, together they hold at most ``max_entries``
+    entries, and an id may not be both upserted and deleted (400 naming ``delete``).
+    """
     if not isinstance(doc, dict):
-        raise InvalidArgument("the batch must be a JSON object with items", field="body")
+        raise InvalidArgument("the batch must be a JSON object with items or delete", field="body")
+    raw_items, raw_deletes = doc.get("items"), doc.get("delete")
+    if raw_items is None and raw_deletes is None:
+        raise InvalidArgument("items or delete is required", field="items")
+    for key, raw in (("items", raw_items), ("delete", raw_deletes)):
+        if raw is not None and not isinstance(raw, list):
+            raise InvalidArgument(f"{key} must be a list", field=key)
+    count = len(raw_items or ()) + len(raw_deletes or ())
+    if count == 0:
+        raise InvalidArgument("items and delete must not both be empty", field="items")
+    if max_entries is not None and count > max_entries:
+        field = "items" if len(raw_items or ()) > len(raw_deletes or ()) else "delete"
+        raise InvalidArgument(
+            f"items and delete must hold at most {max_entries} entries in all, got {count}", field=field
+        )
+    items = parse_items(raw_items, dim) if raw_items else []
+    deletes = parse_deletes(raw_deletes) if raw_deletes else []
+    if items and deletes:
+        upserted = {item.id for item in items}
+        for i, delete in enumerate(deletes):
+            if delete.id in upserted:
+                raise InvalidArgument(
+                    f"delete[{i}] {delete.id!r} is also in items: a batch may not upsert and delete the same id",
+                    field="delete",
+                )
+    return Part(items, deletes)
+
+
+def parse_batch_document(doc: Any, dim: int, *, max_entries: int | None = MAX_BATCH_ENTRIES) -> tuple[str | None, Part]:
+    """``{"batch_id"?, "items"?: [...], "delete"?: [...]}``: the batch id if given, and the content."""
+    if not isinstance(doc, dict):
+        raise InvalidArgument("the batch must be a JSON object with items or delete", field="body")
     batch_id = None if doc.get("batch_id") is None else parse_batch_id(doc["batch_id"])
-    if "items" not in doc:
-        raise InvalidArgument("items is required", field="items")
-    return batch_id, parse_items(doc["items"], dim, max_items=max_items)
+    return batch_id, parse_part(doc, dim, max_entries=max_entries)
 
 
 # ----------------------------------------------------------------------------- messages
@@ -350,7 +469,7 @@ def message_key(doc: Any) -> tuple[str, int] | None:
 
 
 def message_from_document(doc: Any) -> Message:
-    """The envelope of a parsed queue message (the items stay raw until :func:`parse_items`).
+    """The envelope of a parsed queue message (the entries stay raw until :func:`parse_part`).
 
     Raises :class:`InvalidArgument` (a permanent fault of the message) naming the field.
     """
@@ -362,16 +481,19 @@ def message_from_document(doc: Any) -> Message:
     part = doc.get("part", 0)
     if type(part) is not int or part < 0:
         raise InvalidArgument("part must be a non-negative integer", field="part")
-    has_items = doc.get("items") is not None
+    source = doc.get("source")
+    if source is not None and (not isinstance(source, str) or not 1 <= len(source) <= 200):
+        raise InvalidArgument("source must be a string of 1 to 200 characters", field="source")
+    has_entries = doc.get("items") is not None or doc.get("delete") is not None
     has_blob = doc.get("blob") is not None
-    if has_items == has_blob:
-        raise InvalidArgument("message must have either items or blob", field="items")
+    if has_entries == has_blob:
+        raise InvalidArgument("message must have either items (or delete) or blob", field="items")
     if has_blob:
-        return Message(batch_id, part, blob=_parse_blob(doc["blob"]))
-    items = doc["items"]
-    if not isinstance(items, list):
-        raise InvalidArgument("items must be a list of items", field="items")
-    return Message(batch_id, part, items=items)
+        return Message(batch_id, part, blob=_parse_blob(doc["blob"]), source=source)
+    for key in ("items", "delete"):
+        if doc.get(key) is not None and not isinstance(doc[key], list):
+            raise InvalidArgument(f"{key} must be a list", field=key)
+    return Message(batch_id, part, items=doc.get("items"), deletes=doc.get("delete"), source=source)
 
 
 def parse_message(body: bytes | str) -> Message:
@@ -388,7 +510,13 @@ def encode_item(item: Item) -> dict[str, Any]:
         out["tags"] = item.tags
     if item.metadata:
         out["metadata"] = item.metadata
+    if item.version is not None:
+        out["version"] = item.version
     return out
+
+
+def encode_delete(delete: Delete) -> dict[str, Any] | str:
+    return delete.id if delete.version is None else {"id": delete.id, "version": delete.version}
 
 
 def encode_document(
@@ -396,13 +524,17 @@ def encode_document(
     part: int,
     *,
     items: Iterable[Item] | None = None,
-    encoded_items: Sequence[dict[str, Any]] | None = None,
+    deletes: Iterable[Delete] | None = None,
     blob: BlobRef | None = None,
+    source: str | None = None,
 ) -> bytes:
     """A message (or blob) document as UTF-8 JSON."""
     doc: dict[str, Any] = {"batch_id": batch_id, "part": part}
+    if source is not None:
+        doc["source"] = source
     if blob is not None:
         doc["blob"] = str(blob)
     else:
-        doc["items"] = list(encoded_items) if encoded_items is not None else [encode_item(i) for i in items or ()]
+        doc["items"] = [encode_item(i) for i in items or ()]
+        doc["delete"] = [encode_delete(d) for d in deletes or ()]
     return _dumps(doc).encode("utf-8")

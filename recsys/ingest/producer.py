@@ -14,6 +14,10 @@ fast loader can never be overtaken by the producer's own bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,17 +27,58 @@ from recsys.config import Settings, get_settings
 from recsys.ingest import ledger, storage
 from recsys.ingest.messages import (
     INLINE_MAX_BYTES,
+    MAX_BATCH_ENTRIES,
+    MAX_PART_BYTES,
+    MAX_PART_ENTRIES,
     BlobRef,
+    Delete,
     Item,
+    encode_delete,
     encode_document,
+    encode_item,
     new_batch_id,
     parse_batch_document,
 )
 
-__all__ = ["PART_ITEMS", "Enqueued", "enqueue_document", "enqueue_items", "plan_messages"]
+__all__ = [
+    "PART_BYTES",
+    "PART_ITEMS",
+    "Enqueued",
+    "enqueue_document",
+    "enqueue_items",
+    "next_version",
+    "plan_messages",
+    "stamp_versions",
+]
 
-#: Items per part: ~10 MB of base64 JSON at 384 dimensions, a few seconds of upsert.
+#: Entries per part: ~10 MB of base64 JSON at 384 dimensions, a few seconds of upsert.
 PART_ITEMS = 5000
+#: Bytes per part document: half the loader's limit, so that a part of wide vectors (halfvec
+#: at 4,000 dimensions is ~22 KB an item) is cut smaller rather than refused.
+PART_BYTES = MAX_PART_BYTES // 2
+
+_clock = threading.Lock()
+_last_version = 0
+
+
+def next_version() -> int:
+    """The time now in microseconds since the epoch, strictly increasing within the process.
+
+    The version the project's producers give writes that do not state one: two enqueues of
+    the same id from one process never share a version, so the later one always wins.
+    """
+    global _last_version
+    with _clock:
+        _last_version = max(time.time_ns() // 1000, _last_version + 1)
+        return _last_version
+
+
+def stamp_versions(items: Sequence[Item], deletes: Sequence[Delete], version: int) -> tuple[list[Item], list[Delete]]:
+    """``items`` and ``deletes`` with ``version`` wherever they carry none."""
+    return (
+        [i if i.version is not None else dataclasses.replace(i, version=version) for i in items],
+        [d if d.version is not None else Delete(d.id, version) for d in deletes],
+    )
 
 
 @dataclass(frozen=True)
@@ -42,22 +87,66 @@ class Enqueued:
     items: int
     messages: int
     blobs: int
+    deletes: int = 0
 
     def to_body(self) -> dict[str, Any]:
-        return {"batch_id": self.batch_id, "items": self.items, "messages": self.messages}
+        return {"batch_id": self.batch_id, "items": self.items, "deletes": self.deletes, "messages": self.messages}
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _cut(entries: list[tuple[str, str]], part_items: int, part_bytes: int) -> list[list[tuple[str, str]]]:
+    """Entries (kind, JSON) in runs of at most ``part_items`` entries and about ``part_bytes`` bytes."""
+    parts: list[list[tuple[str, str]]] = []
+    current: list[tuple[str, str]] = []
+    size = 0
+    for entry in entries:
+        length = len(entry[1]) + 1
+        if current and (len(current) >= part_items or size + length > part_bytes):
+            parts.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += length
+    if current:
+        parts.append(current)
+    return parts
+
+
+def _document(batch_id: str, part: int, source: str, entries: list[tuple[str, str]]) -> bytes:
+    """The part document from entries already encoded (each item serialised once)."""
+    head = _dumps({"batch_id": batch_id, "part": part, "source": source})[:-1]
+    items = ",".join(text for kind, text in entries if kind == "items")
+    deletes = ",".join(text for kind, text in entries if kind == "delete")
+    return f'{head},"items":[{items}],"delete":[{deletes}]}}'.encode()
 
 
 def plan_messages(
-    batch_id: str, items: Sequence[Item], *, container: str, part_items: int = PART_ITEMS
+    batch_id: str,
+    items: Sequence[Item],
+    *,
+    container: str,
+    deletes: Sequence[Delete] = (),
+    source: str | None = None,
+    part_items: int = PART_ITEMS,
+    part_bytes: int = PART_BYTES,
 ) -> tuple[list[bytes], list[tuple[BlobRef, bytes]]]:
-    """The queue payloads of a batch, and the blobs they point at (CPU only, no I/O)."""
-    if part_items < 1:
-        raise ValueError("part_items must be at least 1")
+    """The queue payloads of a batch, and the blobs they point at (CPU only, no I/O).
+
+    Parts hold at most ``part_items`` entries and about ``part_bytes`` bytes (never more than
+    the loader's limits); each travels inline when it fits a queue message, else as a blob.
+    """
+    if not 1 <= part_items <= MAX_PART_ENTRIES:
+        raise ValueError(f"part_items must be between 1 and {MAX_PART_ENTRIES}")
     token = uuid.uuid4().hex
+    source = source or f"enqueue:{token}"
+    entries = [("items", _dumps(encode_item(i))) for i in items]
+    entries += [("delete", _dumps(encode_delete(d))) for d in deletes]
     payloads: list[bytes] = []
     blobs: list[tuple[BlobRef, bytes]] = []
-    for part, start in enumerate(range(0, len(items), part_items)):
-        document = encode_document(batch_id, part, items=items[start:start + part_items])
+    for part, chunk in enumerate(_cut(entries, part_items, min(part_bytes, MAX_PART_BYTES - 4096))):
+        document = _document(batch_id, part, source, chunk)
         if len(document) <= INLINE_MAX_BYTES:
             payloads.append(document)
             continue
@@ -65,52 +154,58 @@ def plan_messages(
         # message still in the queue points at.
         ref = BlobRef(container, f"batches/{token}/{part:05d}.json")
         blobs.append((ref, document))
-        payloads.append(encode_document(batch_id, part, blob=ref))
+        payloads.append(encode_document(batch_id, part, blob=ref, source=source))
     return payloads, blobs
 
 
 async def enqueue_items(
     items: Sequence[Item],
     *,
+    deletes: Sequence[Delete] = (),
     batch_id: str | None = None,
     settings: Settings | None = None,
     part_items: int = PART_ITEMS,
 ) -> Enqueued:
-    """Send validated ``items`` to the loader's queue as batch ``batch_id`` (generated if absent).
+    """Send validated ``items`` and ``deletes`` to the loader's queue as batch ``batch_id``.
+
+    The batch id is generated when absent; writes without a version get the time of enqueue
+    (:func:`next_version`). The ledger is written through the small ``ingest`` pool of its own,
+    within the pool timeout, so enqueueing never waits for the loader's connections.
 
     Raises what storage or the database raise when they cannot be reached (nothing is sent
     then, or the parts already recorded are marked failed).
     """
-    from recsys.db.pool import get_pool
-
     settings = settings or get_settings()
     batch_id = batch_id or new_batch_id()
-    if not items:
-        raise ValueError("a batch needs at least one item")
+    if not items and not deletes:
+        raise ValueError("a batch needs at least one item or deletion")
+    items, deletes = stamp_versions(items, deletes, next_version())
+    source = f"enqueue:{uuid.uuid4().hex}"
     payloads, blobs = await asyncio.to_thread(
-        plan_messages, batch_id, items, container=settings.blob_container, part_items=part_items
+        plan_messages, batch_id, items, deletes=deletes, container=settings.blob_container,
+        source=source, part_items=part_items,
     )
     await asyncio.gather(*(storage.upload_blob(settings, ref, data) for ref, data in blobs))
-    pool = await get_pool("loader")
-    async with pool.connection() as conn:
-        await ledger.record_queued(conn, batch_id, len(payloads))
+    await ledger.record_queued_bounded(batch_id, len(payloads), source, settings=settings)
     try:
         await storage.send_messages(settings, settings.queue_name, payloads)
     except Exception as exc:
-        async with pool.connection() as conn:
-            for part in range(len(payloads)):
-                await ledger.mark_failed(conn, batch_id, part, f"could not enqueue: {type(exc).__name__}")
+        await ledger.mark_enqueue_failed(batch_id, len(payloads), f"could not enqueue: {type(exc).__name__}",
+                                         settings=settings)
         raise
-    return Enqueued(batch_id=batch_id, items=len(items), messages=len(payloads), blobs=len(blobs))
+    return Enqueued(batch_id=batch_id, items=len(items), messages=len(payloads), blobs=len(blobs),
+                    deletes=len(deletes))
 
 
 async def enqueue_document(
-    doc: Any, *, settings: Settings | None = None, max_items: int | None = None, part_items: int = PART_ITEMS
+    doc: Any, *, settings: Settings | None = None, max_entries: int | None = MAX_BATCH_ENTRIES,
+    part_items: int = PART_ITEMS,
 ) -> Enqueued:
-    """Validate a batch document ``{"batch_id"?, "items": [...]}`` and enqueue it.
+    """Validate a batch document ``{"batch_id"?, "items"?: [...], "delete"?: [...]}`` and enqueue it.
 
     Raises :class:`~recsys.errors.InvalidArgument` naming the first bad field; nothing is sent then.
     """
     settings = settings or get_settings()
-    batch_id, items = await asyncio.to_thread(parse_batch_document, doc, settings.embedding_dim, max_items=max_items)
-    return await enqueue_items(items, batch_id=batch_id, settings=settings, part_items=part_items)
+    batch_id, part = await asyncio.to_thread(parse_batch_document, doc, settings.embedding_dim, max_entries=max_entries)
+    return await enqueue_items(part.items, deletes=part.deletes, batch_id=batch_id, settings=settings,
+                               part_items=part_items)

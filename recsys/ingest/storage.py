@@ -19,6 +19,7 @@ from azure.storage.blob.aio import BlobServiceClient
 from azure.storage.queue.aio import QueueClient
 
 from recsys.config import Settings
+from recsys.errors import InvalidArgument
 from recsys.ingest.messages import BlobRef
 
 __all__ = ["delete_blob", "download_blob", "send_messages", "upload_blob"]
@@ -54,15 +55,39 @@ async def upload_blob(settings: Settings, ref: BlobRef, data: bytes) -> None:
             await blob.upload_blob(data, overwrite=True, content_type="application/json")
 
 
-async def download_blob(settings: Settings, ref: BlobRef) -> bytes | None:
-    """The content of ``ref``, or ``None`` when the blob (or its container) does not exist."""
+async def download_blob(settings: Settings, ref: BlobRef, *, max_bytes: int | None = None) -> bytes | None:
+    """The content of ``ref``, or ``None`` when the blob (or its container) does not exist.
+
+    With ``max_bytes``, a larger blob raises :class:`InvalidArgument` (field ``blob``) before
+    its content is read, and the read stops there should the blob grow meanwhile: a producer's
+    blob can never make the loader hold more than that in memory.
+    """
     async with BlobServiceClient.from_connection_string(settings.storage_connection) as service:
         blob = service.get_blob_client(ref.container, ref.name)
         try:
             stream = await blob.download_blob()
-            return await stream.readall()
+            if max_bytes is None:
+                return await stream.readall()
+            if stream.size > max_bytes:
+                raise _too_large(ref, stream.size, max_bytes)
+            chunks: list[bytes] = []
+            received = 0
+            async for chunk in stream.chunks():
+                received += len(chunk)
+                if received > max_bytes:
+                    raise _too_large(ref, received, max_bytes)
+                chunks.append(chunk)
+            return b"".join(chunks)
         except ResourceNotFoundError:
             return None
+
+
+def _too_large(ref: BlobRef, size: int, limit: int) -> InvalidArgument:
+    return InvalidArgument(
+        f"blob {ref} is {size} bytes, more than the limit of {limit} bytes for one part; "
+        "split the batch into smaller parts",
+        field="blob",
+    )
 
 
 async def delete_blob(settings: Settings, ref: BlobRef) -> None:

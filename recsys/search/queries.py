@@ -31,7 +31,7 @@ __all__ = [
 #: First statement of every message; its parameter is the timeout in milliseconds, as text.
 TIMEOUT_PREFIX = "SELECT set_config('statement_timeout', %(statement_timeout)s, true); "
 
-_ITEM_COLUMNS = "id, category, tags, metadata, updated_at"
+_ITEM_COLUMNS = "id, category, tags, metadata, updated_at, version"
 # real[] rather than the pgvector type: the values arrive as the shortest decimal that reads
 # back as the same float32 (PostgreSQL's float4 output), for vector and halfvec alike.
 _ITEM_COLUMNS_WITH_VECTOR = _ITEM_COLUMNS + ", embedding::real[] AS embedding"

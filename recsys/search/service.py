@@ -135,6 +135,7 @@ def _item(row: Row) -> Row:
         "tags": list(row["tags"] or []),
         "metadata": row["metadata"],
         "updated_at": row["updated_at"].isoformat(),
+        "version": row["version"],
     }
     if "embedding" in row:
         item["embedding"] = row["embedding"]

@@ -135,6 +135,25 @@ class IngestEnv:
             )
             return {r[0]: (tuple(r[1].to_numpy().tolist()), *r[2:]) for r in cur}
 
+    def versions(self) -> dict[str, int]:
+        """The test's items by id: their stored version."""
+        with self.connect() as conn:
+            cur = conn.execute("SELECT id, version FROM items WHERE starts_with(id, %s)", [self.prefix])
+            return {r[0]: r[1] for r in cur}
+
+    def tombstones(self) -> dict[str, int]:
+        with self.connect() as conn:
+            cur = conn.execute("SELECT id, version FROM item_tombstones WHERE starts_with(id, %s)", [self.prefix])
+            return {r[0]: r[1] for r in cur}
+
+    def counts(self, batch_id: str) -> list[tuple[Any, ...]]:
+        """Per part: (part, status, rows, deleted, stale)."""
+        with self.connect() as conn:
+            return conn.execute(
+                "SELECT part, status, rows, deleted, stale FROM ingest_batches WHERE batch_id = %s ORDER BY part",
+                [batch_id],
+            ).fetchall()
+
     def ledger(self, batch_id: str) -> list[tuple[Any, ...]]:
         with self.connect() as conn:
             return conn.execute(
@@ -146,7 +165,7 @@ def to_function_message(message: StorageMessage) -> QueueMessage:
     """What the Functions host hands to the trigger: the base64-decoded body."""
     return QueueMessage(
         id=message.id, body=base64.b64decode(message.content), dequeue_count=message.dequeue_count,
-        pop_receipt=message.pop_receipt,
+        pop_receipt=message.pop_receipt, insertion_time=message.inserted_on,
     )
 
 
@@ -206,8 +225,7 @@ def _clean_up(env: IngestEnv) -> None:
     with env.blobs as blobs, contextlib.suppress(ResourceNotFoundError):
         blobs.delete_container(env.settings.blob_container)
     with env.connect() as conn:
-        conn.execute("DELETE FROM items WHERE starts_with(id, %s)", [env.prefix])
-        conn.execute("DELETE FROM ingest_batches WHERE starts_with(batch_id, %s)", [env.prefix])
+        forget(conn, env.prefix)
 
 
 @contextlib.contextmanager
@@ -216,8 +234,14 @@ def id_prefix(stack: Stack, letter: str) -> Iterator[str]:
     token = f"{letter}{uuid.uuid4().hex[:10]}-"
     yield token
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
-        conn.execute("DELETE FROM items WHERE starts_with(id, %s)", [token])
-        conn.execute("DELETE FROM ingest_batches WHERE starts_with(batch_id, %s)", [token])
+        forget(conn, token)
+
+
+def forget(conn: psycopg.Connection[Any], prefix: str) -> None:
+    """Delete the items, tombstones and ledger rows whose ids start with ``prefix``."""
+    conn.execute("DELETE FROM items WHERE starts_with(id, %s)", [prefix])
+    conn.execute("DELETE FROM item_tombstones WHERE starts_with(id, %s)", [prefix])
+    conn.execute("DELETE FROM ingest_batches WHERE starts_with(batch_id, %s)", [prefix])
 
 
 def count_items(stack: Stack, prefix: str) -> int:

@@ -88,7 +88,7 @@ def test_enqueue_sends_a_batch_that_the_host_loads(stack: Stack, local_host: str
     result = recsys_command("enqueue", str(path), "--wait", "120")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == {
-        "batch_id": f"{prefix}cli", "items": 30, "messages": 1, "status": "loaded", "rows": 30,
+        "batch_id": f"{prefix}cli", "items": 30, "deletes": 0, "messages": 1, "status": "loaded", "rows": 30,
     }
     assert count_items(stack, prefix) == 30
 

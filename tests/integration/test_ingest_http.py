@@ -52,13 +52,13 @@ def test_a_posted_batch_is_accepted_then_loaded(stack: Stack, local_host: str, p
     response = httpx.post(f"{local_host}/api/embeddings/batches",
                           json={"batch_id": f"{prefix}small", "items": items}, timeout=30)
     assert response.status_code == 202
-    assert response.json() == {"batch_id": f"{prefix}small", "items": 5, "messages": 1}
+    assert response.json() == {"batch_id": f"{prefix}small", "items": 5, "deletes": 0, "messages": 1}
     status = httpx.get(f"{local_host}/api/embeddings/batches/{prefix}small", timeout=30)
     assert status.status_code == 200  # known at once, before the loader has run
     assert status.json()["status"] in ("queued", "loaded")
 
     assert settled(local_host, f"{prefix}small") == {"batch_id": f"{prefix}small", "status": "loaded", "rows": 5,
-                                                    "error": None}
+                                                    "deleted": 0, "stale": 0, "error": None}
     assert count_items(stack, prefix) == 5
 
 
@@ -121,7 +121,7 @@ def test_a_message_from_another_producer_loads_and_a_broken_one_is_poisoned_with
             queue.send_message(base64.b64encode(document.encode()).decode())  # as API.md shows
 
     assert settled(local_host, f"{prefix}ext") == {"batch_id": f"{prefix}ext", "status": "loaded", "rows": 3,
-                                                  "error": None}
+                                                  "deleted": 0, "stale": 0, "error": None}
     failed = settled(local_host, f"{prefix}ext-broken")
     assert failed["status"] == "failed" and failed["rows"] == 0
     assert "items[1].embedding must have 384 dimensions, got 2" in failed["error"]

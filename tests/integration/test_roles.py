@@ -126,11 +126,23 @@ def test_the_loader_stages_with_copy_and_upserts(loader_conn: psycopg.Connection
     assert loader_conn.execute("SELECT count(*) FROM items WHERE id = %s", [item]).fetchone() == (0,)
 
 
+def test_the_loader_deletes_items_and_records_tombstones(loader_conn: psycopg.Connection, roles_stack: Stack) -> None:
+    dim = roles_stack.config.embedding_dim
+    item = f"role-test-{uuid.uuid4().hex}"
+    with loader_conn.transaction(force_rollback=True):
+        loader_conn.execute("INSERT INTO items (id, version, embedding) VALUES (%s, 5, %s::vector)",
+                            [item, vector_literal(dim)])
+        loader_conn.execute("INSERT INTO item_tombstones (id, version) VALUES (%s, 6)"
+                            " ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version", [item])
+        assert loader_conn.execute("DELETE FROM items WHERE id = %s", [item]).rowcount == 1
+
+
 @pytest.mark.parametrize(
     "statement",
     [
-        "DELETE FROM items WHERE id = 'nothing'",
         "TRUNCATE items",
+        "TRUNCATE item_tombstones",
+        "DELETE FROM item_tombstones WHERE id = 'nothing'",
         "DROP TABLE items",
         "ALTER TABLE items ADD COLUMN extra int",
         "ALTER TABLE items OWNER TO recsys_loader",
@@ -165,8 +177,14 @@ def test_rights_on_every_table_of_the_service(roles_stack: Stack, query_conn: ps
     assert "items" in tables
     for (role, table, privilege), granted in rights.items():
         expected = privilege == "SELECT" or (role == "recsys_loader" and privilege in ("INSERT", "UPDATE"))
+        # The loader removes deleted items (sql/050); nothing else of any table.
+        expected = expected or (role, table, privilege) == ("recsys_loader", "items", "DELETE")
         assert granted == expected, (role, table, privilege)
+    assert {"item_tombstones", "ingest_batches"} <= set(tables)
     for table in tables:
+        if table == "items":
+            refused(query_conn, "DELETE FROM items")
+            continue
         statement = sql.SQL("DELETE FROM {}").format(sql.Identifier(table))
         refused(query_conn, statement.as_string(query_conn))
         refused(loader_conn, statement.as_string(loader_conn))
