@@ -16,7 +16,8 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import PoolTimeout
 
-from recsys.errors import Busy, InvalidArgument, RecsysError, StatementTimeout, TooLarge, UnsupportedMediaType
+from recsys.errors import Busy, RecsysError, StatementTimeout, TooLarge, UnsupportedMediaType
+from recsys.http.bodies import parse_json_body
 
 __all__ = ["MAX_BODY_BYTES", "error_response", "handle_errors", "json_response", "read_json"]
 
@@ -51,16 +52,11 @@ def error_response(error: RecsysError) -> func.HttpResponse:
     return json_response(error.to_body(), status=error.status, headers=headers)
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number")
-
-
 def read_json(req: func.HttpRequest, *, max_bytes: int = MAX_BODY_BYTES) -> Any:
-    """The request body parsed as JSON.
+    """The request body parsed as JSON (``recsys.http.bodies`` says what is accepted).
 
     Raises :class:`UnsupportedMediaType` for a non-JSON content type, :class:`TooLarge`
-    above ``max_bytes`` and :class:`InvalidArgument` for a body that is not valid JSON
-    (``NaN`` and ``Infinity`` included).
+    above ``max_bytes`` and :class:`InvalidArgument` for a body that is not acceptable JSON.
     """
     content_type = (req.headers.get("content-type") or "application/json").split(";")[0].strip().lower()
     if content_type != "application/json" and not content_type.endswith("+json"):
@@ -68,12 +64,7 @@ def read_json(req: func.HttpRequest, *, max_bytes: int = MAX_BODY_BYTES) -> Any:
     body = req.get_body()
     if len(body) > max_bytes:
         raise TooLarge(f"request body is {len(body)} bytes, the limit is {max_bytes}")
-    if not body.strip():
-        raise InvalidArgument("request body is empty; a JSON object is required", field="body")
-    try:
-        return json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"request body is not valid JSON: {exc}", field="body") from None
+    return parse_json_body(body)
 
 
 def _as_domain_error(exc: BaseException, retry_after: int) -> RecsysError | None:

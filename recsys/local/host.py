@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import quote, unquote_to_bytes
 
 import azure.functions as func
 from azure.functions.queue import QueueMessage
@@ -337,22 +337,26 @@ class FunctionHost:
         if self._on_shutdown:
             await self._on_shutdown()
 
-    def match(self, method: str, path: str) -> tuple[HttpFunction | None, dict[str, str], bool]:
-        """The function for ``method`` and ``path``, its route parameters, and whether the path exists."""
+    def match(self, method: str, path: str) -> tuple[HttpFunction | None, dict[str, str], frozenset[str] | None]:
+        """The function for ``method`` and ``path``, its route parameters, and the methods of the path.
+
+        The methods are ``None`` when no function serves the path at all (404), and the methods
+        some function accepts there otherwise (405 when ``method`` is not one of them).
+        """
         prefix = f"/{self.config.route_prefix}" if self.config.route_prefix else ""
         if prefix and not (path == prefix or path.startswith(prefix + "/")):
-            return None, {}, False
+            return None, {}, None
         relative = path[len(prefix):].lstrip("/")
-        path_found = False
+        allowed: set[str] | None = None
         for function in self.http_functions:
             found = function.pattern.match(relative)
             if not found:
                 continue
-            path_found = True
             if function.methods is None or method in function.methods:
                 params = {k: v for k, v in found.groupdict().items() if v is not None}
-                return function, params, True
-        return None, {}, path_found
+                return function, params, function.methods or frozenset(_ALL_METHODS)
+            allowed = (allowed or set()) | function.methods
+        return None, {}, None if allowed is None else frozenset(allowed)
 
     def _authorised(self, function: HttpFunction, headers: Mapping[str, str], params: Mapping[str, str]) -> bool:
         if function.auth_level == "anonymous" or not self.function_key:
@@ -362,12 +366,20 @@ class FunctionHost:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"].upper()
-        path = scope["path"]
-        function, route_params, path_found = self.match(method, path)
+        try:
+            path, params = _decode_target(scope)
+        except _BadTarget as exc:
+            await _send_json(send, 400, {"error": exc.message, "code": "invalid_argument", "field": exc.field})
+            return
+        function, route_params, methods = self.match(method, path)
         if function is None:
-            status, text = (405, "method not allowed") if path_found else (404, "no function at this route")
-            code = "method_not_allowed" if path_found else "not_found"
-            await _send_json(send, status, {"error": text, "code": code})
+            if methods is None:
+                await _send_json(send, 404, {"error": "no function at this route", "code": "not_found"})
+            else:
+                # Azure's own host answers an empty 404 here; RFC 9110 asks for 405 and Allow.
+                allow = ", ".join(sorted(methods))
+                error = {"error": f"method {method} not allowed; allowed: {allow}", "code": "method_not_allowed"}
+                await _send_json(send, 405, error, headers={"Allow": allow})
             return
         body = bytearray()
         while True:
@@ -380,13 +392,12 @@ class FunctionHost:
             key = raw_key.decode("latin-1").lower()
             value = raw_value.decode("latin-1")
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        query = scope.get("query_string", b"").decode("latin-1")
-        params = dict(parse_qsl(query, keep_blank_values=True))
         if not self._authorised(function, headers, params):
             await _send_json(send, 401, {"error": "a valid function key is required", "code": "unauthorized"})
             return
+        query = scope.get("query_string", b"").decode("latin-1")
         host = headers.get("host", "localhost")
-        url = f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}{path}"
+        url = f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}{quote(path)}"
         if query:
             url += f"?{query}"
         request = func.HttpRequest(
@@ -402,8 +413,51 @@ class FunctionHost:
         await _send_response(send, response)
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    await _send_response(send, func.HttpResponse(json.dumps(body), status_code=status, mimetype="application/json"))
+#: What a function that names no methods accepts (the Functions host's default).
+_ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE")
+
+
+class _BadTarget(Exception):
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+def _decode_target(scope: Scope) -> tuple[str, dict[str, str]]:
+    """The request's path and query parameters, percent-decoded as strict UTF-8.
+
+    uvicorn decodes the path leniently (an invalid sequence becomes U+FFFD), which would
+    silently turn one id into another; a client that sends bytes that are not UTF-8 gets a
+    400 naming the path or the parameter instead.
+    """
+    raw_path = scope.get("raw_path")
+    if raw_path is None:
+        path = str(scope["path"])
+    else:
+        try:
+            path = unquote_to_bytes(bytes(raw_path).split(b"?", 1)[0]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _BadTarget("the path is not valid UTF-8 once percent-decoded", "path") from None
+    params: dict[str, str] = {}
+    for pair in bytes(scope.get("query_string", b"")).split(b"&"):
+        if not pair:
+            continue
+        raw_key, _, raw_value = pair.replace(b"+", b" ").partition(b"=")
+        try:
+            key = unquote_to_bytes(raw_key).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _BadTarget("a query parameter name is not valid UTF-8", "query") from None
+        try:
+            params[key] = unquote_to_bytes(raw_value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _BadTarget(f"query parameter {key} is not valid UTF-8", key) from None
+    return path, params
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    response = func.HttpResponse(json.dumps(body), status_code=status, headers=headers, mimetype="application/json")
+    await _send_response(send, response)
 
 
 async def _send_response(send: Send, response: func.HttpResponse | str | None) -> None:

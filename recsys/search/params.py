@@ -24,6 +24,7 @@ __all__ = [
     "MAX_K",
     "RecommendationQuery",
     "SimilarQuery",
+    "check_text",
     "parse_bool",
     "parse_id",
     "parse_ids",
@@ -117,6 +118,22 @@ def parse_bool(value: Any, name: str, *, text: bool = False) -> bool:
     raise InvalidArgument(f"{name} must be true or false", field=name)
 
 
+def check_text(value: str, name: str) -> str:
+    """``value`` unless it holds what PostgreSQL cannot store: NUL, or a lone surrogate.
+
+    A lone surrogate (``"\\ud800"`` in JSON; or from a host that decodes URLs leniently) has
+    no UTF-8 encoding, so the driver would fail on it with ``UnicodeEncodeError``.
+    """
+    if "\x00" in value:
+        raise InvalidArgument(f"{name} must not contain NUL characters", field=name)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgument(f"{name} is not valid Unicode (it holds a lone surrogate)", field=name) from None
+    return value
+
+
 def parse_id(value: Any, name: str = "id") -> str:
     """An item id: a string of 1-128 characters, or a JSON integer taken as its decimal string."""
     if _is_int(value):
@@ -125,9 +142,7 @@ def parse_id(value: Any, name: str = "id") -> str:
         raise InvalidArgument(f"{name} must be a string or an integer", field=name)
     if not 1 <= len(value) <= MAX_ID_LENGTH:
         raise InvalidArgument(f"{name} must be 1 to {MAX_ID_LENGTH} characters long", field=name)
-    if "\x00" in value:
-        raise InvalidArgument(f"{name} must not contain NUL characters", field=name)
-    return value
+    return check_text(value, name)
 
 
 def parse_ids(value: Any, name: str, *, limit: int = MAX_IDS) -> tuple[str, ...]:
@@ -148,9 +163,9 @@ def parse_ids(value: Any, name: str, *, limit: int = MAX_IDS) -> tuple[str, ...]
 def parse_category(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CATEGORY_LENGTH or "\x00" in value:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CATEGORY_LENGTH:
         raise InvalidArgument(f"category must be a string of 1 to {MAX_CATEGORY_LENGTH} characters", field="category")
-    return value
+    return check_text(value, "category")
 
 
 def parse_vector(value: Any, dim: int, name: str = "vector") -> npt.NDArray[np.float32]:

@@ -78,6 +78,33 @@ async def test_constraints_unknown_routes_and_methods(host: FunctionHost) -> Non
     assert (await request(host, "GET", "/things/abc")).status_code == 404  # outside the route prefix
     response = await request(host, "DELETE", "/api/things/abc")
     assert response.status_code == 405
+    assert response.headers["allow"] == "GET"
+    assert response.json() == {"error": "method DELETE not allowed; allowed: GET", "code": "method_not_allowed"}
+    # A path two functions serve (a literal and a parameterised route) allows both methods.
+    response = await request(host, "PUT", "/api/things/lookup")
+    assert (response.status_code, response.headers["allow"]) == (405, "GET, POST")
+    assert (await request(host, "HEAD", "/api/numbers/21")).headers["allow"] == "GET"
+
+
+@pytest.mark.parametrize(
+    ("target", "field"),
+    [
+        ("/api/things/%ED%A0%80", "path"),  # a UTF-8-encoded surrogate
+        ("/api/things/%FF", "path"),
+        ("/api/things/abc?q=%C3", "q"),  # a truncated sequence
+        ("/api/things/abc?%FF=1", "query"),
+    ],
+)
+async def test_paths_and_query_strings_that_are_not_utf8_are_a_400(host: FunctionHost, target: str, field: str) -> None:
+    response = await request(host, "GET", target)
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_argument" and response.json()["field"] == field
+
+
+async def test_percent_encoded_utf8_reaches_the_handler_decoded(host: FunctionHost) -> None:
+    response = await request(host, "GET", "/api/things/%C3%A9t%C3%A9%20%F0%9F%93%9A?q=a%2Bb+c%00")
+    assert response.json()["id"] == "été 📚"
+    assert response.json()["q"] == "a+b c\x00"
 
 
 async def test_unhandled_exception_is_a_500_without_details(host: FunctionHost) -> None:

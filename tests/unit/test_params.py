@@ -9,6 +9,7 @@ import pytest
 
 from recsys.errors import InvalidArgument
 from recsys.search.params import (
+    check_text,
     parse_batch,
     parse_bool,
     parse_id,
@@ -101,3 +102,65 @@ def test_lookup_and_batch_envelopes() -> None:
     assert len(parse_batch({"queries": [{}] * 32})) == 32
     assert field_of(parse_batch, {"queries": [{}] * 33}) == "queries"
     assert field_of(parse_batch, {"queries": []}) == "queries"
+
+
+@pytest.mark.parametrize("text", ["\ud800", "a\udfffb", "nul\x00", "\x00"])
+def test_text_postgresql_cannot_store_is_a_400_naming_the_field(text: str) -> None:
+    # Strings reach here from JSON bodies and from the host's own decoding of paths and
+    # query strings (which may be lenient): both kinds are refused before the driver sees them.
+    with pytest.raises(InvalidArgument) as caught:
+        parse_id(text, "id")
+    assert caught.value.field == "id"
+    with pytest.raises(InvalidArgument) as caught:
+        parse_similar({"category": text})
+    assert caught.value.field == "category"
+    with pytest.raises(InvalidArgument) as caught:
+        parse_similar({"exclude": f"ok,{text}"})
+    assert caught.value.field == "exclude"
+    with pytest.raises(InvalidArgument) as caught:
+        parse_recommendation({"positive": ["a"], "category": text}, 4)
+    assert caught.value.field == "category"
+    with pytest.raises(InvalidArgument) as caught:
+        parse_lookup({"ids": ["a", text]})
+    assert caught.value.field == "ids"
+
+
+def test_non_ascii_text_that_is_unicode_is_kept() -> None:
+    assert check_text("été 📚", "category") == "été 📚"
+    assert parse_id("\ufffd") == "\ufffd"
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"k": "1e999"}, "k"),
+        ({"k": "9" * 40}, "k"),
+        ({"k": "١٢"}, "k"),  # Unicode digits are not an integer of the API
+        ({"ef_search": "-0"}, "ef_search"),
+        ({"recall_target": "1e999"}, "recall_target"),
+        ({"recall_target": "nan"}, "recall_target"),
+        ({"recall_target": "0.9", "ef_search": "10"}, "recall_target"),
+    ],
+)
+def test_hostile_query_string_numbers(params: dict[str, str], field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_similar(params)
+    assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"positive": ["a"], "k": float("inf")}, "k"),
+        ({"positive": ["a"], "k": 10**400}, "k"),
+        ({"positive": ["a"], "ef_search": 1e300}, "ef_search"),
+        ({"positive": ["a"], "recall_target": float("inf")}, "recall_target"),
+        ({"vector": [1e39, 1.0, 1.0, 1.0]}, "vector"),
+        ({"vector": [float("inf"), 1.0, 1.0, 1.0]}, "vector"),
+        ({"positive": [10**200]}, "positive"),
+    ],
+)
+def test_hostile_json_numbers(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_recommendation(body, 4)
+    assert caught.value.field == field
