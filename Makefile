@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test check lint typecheck stack-up stack-down stack-status bench clean
+.PHONY: setup run test check lint typecheck doctor stack-up stack-down stack-status bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -m venv $(VENV) || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -22,13 +22,17 @@ run: setup
 test: setup check
 	$(PY) -m pytest
 
-check: lint typecheck
+check: lint typecheck doctor
 
 lint: $(STAMP)
 	$(PY) -m ruff check recsys tests function_app.py
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
+
+# azure-functions-doctor on the files a publish uploads (.funcignore applied to the tracked files).
+doctor: $(STAMP)
+	$(PY) -m recsys package --doctor
 
 stack-up: setup
 	$(PY) -m recsys stack up

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("recsys.ingest.cli", "demo_main", "load the demo catalogue through the queue (host running)"),
     "calibrate": ("recsys.search.calibration", "calibrate_main", "measure recall per ef_search, store it"),
     "bench": ("recsys.bench.cli", "bench_main", "run benchmarks on ephemeral stacks, write bench/results"),
+    "package": ("recsys.local.package", "package_main", "the files a publish uploads; --zip, --doctor"),
 }
 
 
