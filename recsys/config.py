@@ -35,6 +35,11 @@ LOCAL_LOADER_DATABASE_URL = "postgresql://recsys_loader:recsys-local@127.0.0.1:6
 DB_AUTH_MODES = ("password", "entra")
 #: Pools that connect as the loader role: the loader's own, and the producers' ``ingest`` pool.
 WRITE_PURPOSES = ("loader", "ingest")
+#: libpq's ``target_session_attrs`` and ``load_balance_hosts`` values (libpq 16 and later).
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+LOAD_BALANCE_HOSTS = ("disable", "random")
+#: ``target_session_attrs`` that may choose a standby: never for the loader, which writes.
+STANDBY_ATTRS = ("read-only", "standby", "prefer-standby")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 T = TypeVar("T")
@@ -150,7 +155,63 @@ def _database_url(env: Mapping[str, str], name: str, default: str) -> str:
     value = _text(env, name, default) or default
     if not value.startswith(("postgresql://", "postgres://")) and "=" not in value:
         raise SettingsError(name, "must be a postgresql:// URL or a libpq key=value string")
+    _servers(name, value)
     return value
+
+
+def _servers(name: str, url: str) -> tuple[int, str]:
+    """The number of hosts a libpq URL lists and its ``target_session_attrs``, checked.
+
+    libpq's multi-host syntax (``host1:port1,host2:port2``) is how the query path reaches
+    several servers (read replicas); a list libpq would refuse only at the first connection
+    is refused here, naming the variable.
+    """
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except ProgrammingError:
+        raise SettingsError(name, "is not a valid libpq connection string") from None
+    hosts = str(params.get("host") or params.get("hostaddr") or "").split(",")
+    ports = str(params.get("port") or "").split(",")
+    if len(ports) > 1 and len(ports) != len(hosts):
+        raise SettingsError(name, f"lists {len(hosts)} hosts but {len(ports)} ports")
+    if any(port.strip() and not port.strip().isdigit() for port in ports):
+        raise SettingsError(name, "has a port that is not a number")
+    attrs = str(params.get("target_session_attrs") or "any")
+    if attrs not in TARGET_SESSION_ATTRS:
+        choices = ", ".join(TARGET_SESSION_ATTRS)
+        raise SettingsError(name, f"target_session_attrs must be one of {choices}, got {attrs!r}")
+    balance = str(params.get("load_balance_hosts") or "disable")
+    if balance not in LOAD_BALANCE_HOSTS:
+        choices = ", ".join(LOAD_BALANCE_HOSTS)
+        raise SettingsError(name, f"load_balance_hosts must be one of {choices}, got {balance!r}")
+    return len(hosts), attrs
+
+
+def _loader_url(env: Mapping[str, str], query_url: str, explicit_query_url: str | None) -> str:
+    """The loader's URL: it writes (items, the ledger, calibrations), so it must reach the primary.
+
+    It defaults to the query path's URL, which is wrong once that URL lists read replicas:
+    then ``RECSYS_LOADER_DATABASE_URL`` must name the primary itself.
+    """
+    name = "RECSYS_LOADER_DATABASE_URL"
+    if _text(env, name, None) is None and explicit_query_url is not None:
+        hosts, attrs = _servers("RECSYS_DATABASE_URL", query_url)
+        if hosts > 1 or attrs in STANDBY_ATTRS:
+            raise SettingsError(
+                name, "must be set (to the primary) when RECSYS_DATABASE_URL lists several hosts or standbys"
+            )
+    url = _database_url(env, name, explicit_query_url or LOCAL_LOADER_DATABASE_URL)
+    hosts, attrs = _servers(name, url)
+    if attrs in STANDBY_ATTRS:
+        raise SettingsError(name, f"must reach the primary, not target_session_attrs={attrs}")
+    if hosts > 1 and attrs not in ("primary", "read-write"):
+        raise SettingsError(
+            name, "lists several hosts: add target_session_attrs=primary so that writes reach the primary"
+        )
+    return url
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -164,9 +225,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     # One URL for both paths unless the loader has its own (its own role, or in Entra mode its
     # own managed identity); with neither set, the local stack's loader role.
     explicit_query_url = _text(env, "RECSYS_DATABASE_URL", None)
-    loader_database_url = _database_url(
-        env, "RECSYS_LOADER_DATABASE_URL", explicit_query_url or LOCAL_LOADER_DATABASE_URL
-    )
+    loader_database_url = _loader_url(env, database_url, explicit_query_url)
     entra_client_id = _text(env, "RECSYS_ENTRA_CLIENT_ID", None)
     queue_name = _text(env, "RECSYS_QUEUE_NAME", "embedding-batches")
     assert queue_name is not None

@@ -8,23 +8,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
+from stack_support import stack_folder
 
 from recsys.config import Settings, load_settings, settings_environment
 from recsys.local.stack import Stack, StackConfig
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = Path(tmp_path_factory.mktemp("stack"))
-    stack = Stack(StackConfig.ephemeral(root))
-    try:
-        stack.up()
-        yield stack
-    finally:
-        stack.down()
+def stack() -> Iterator[Stack]:
+    with stack_folder("stack") as root:
+        stack = Stack(StackConfig.ephemeral(root))
+        try:
+            stack.up()
+            yield stack
+        finally:
+            stack.down()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from recsys.config import SettingsError, load_settings
 from recsys.local import tools
-from recsys.local.stack import Stack, StackConfig
+from recsys.local.stack import MAX_REPLICAS, Stack, StackConfig
 
 __all__ = ["build_host", "migrate_main", "run_main", "serve", "serve_main", "setup_main", "stack_main"]
 
@@ -34,13 +34,31 @@ def _logging(verbose: bool = False) -> None:
 
 def _stack_from(args: argparse.Namespace) -> Stack:
     root = Path(args.root) if getattr(args, "root", None) else None
-    return Stack(StackConfig.local(root))
+    return Stack(StackConfig.local(root, replicas=getattr(args, "replicas", 0)))
+
+
+def _replicas(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 <= count <= MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_REPLICAS}")
+    return count
+
+
+REPLICAS_HELP = (
+    "streaming standbys of PostgreSQL, each behind its own PgBouncer (ports after the primary's:"
+    " 5433/6433, 5434/6434, ...); the query path lists them before the primary"
+)
 
 
 def stack_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m recsys stack", description="the local stack")
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--root", help="folder of the stack's data (default: .stack/ in the checkout)")
+    parser.add_argument("--replicas", type=_replicas, default=0, metavar="N",
+                        help=f"with up: {REPLICAS_HELP} (default 0; down and status see every standby on disk)")
     args = parser.parse_args(argv)
     _logging()
     stack = _stack_from(args)
@@ -49,7 +67,13 @@ def stack_main(argv: list[str]) -> int:
     elif args.action == "down":
         stack.down()
     print(json.dumps(stack.describe(), indent=2))
-    return 0 if args.action == "down" or all(stack.status().values()) else 1
+    if args.action == "down":
+        return 0
+    # Standbys left on disk by an earlier --replicas are reported, not required.
+    running = {name: up for name, up in stack.status().items() if "." not in name}
+    for replica in stack.replicas():
+        running.update(replica.status())
+    return 0 if all(running.values()) else 1
 
 
 def migrate_main(argv: list[str]) -> int:
@@ -171,6 +195,7 @@ def run_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m recsys run", description="the whole local service")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--no-demo", action="store_true", help="do not load the demo catalogue")
+    parser.add_argument("--replicas", type=_replicas, default=0, metavar="N", help=REPLICAS_HELP)
     args = parser.parse_args(argv)
     _logging()
     from recsys.local.host import load_local_settings
@@ -179,7 +204,7 @@ def run_main(argv: list[str]) -> int:
     if not _check_settings():
         return 2
     settings = load_settings()
-    stack = Stack(StackConfig.local(embedding_dim=settings.embedding_dim))
+    stack = Stack(StackConfig.local(embedding_dim=settings.embedding_dim, replicas=args.replicas))
     try:
         stack.up()
         for key, value in stack.app_environment().items():

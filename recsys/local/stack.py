@@ -30,11 +30,13 @@ from psycopg import sql
 
 from recsys.local import tools
 from recsys.local.certs import TlsFiles, write_tls_files
+from recsys.local.replicas import Replica, configured_replicas, replicas_on_disk
 
 __all__ = [
     "AZURITE_ACCOUNT",
     "AZURITE_KEY",
     "LOCAL_PASSWORD",
+    "MAX_REPLICAS",
     "Stack",
     "StackConfig",
     "free_port",
@@ -52,6 +54,9 @@ AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 #: Login roles of the local stack: the app role, plus the least-privilege roles when the
 #: migrations define them. Each gets ``LOCAL_PASSWORD`` and a line in PgBouncer's auth file.
 LOCAL_LOGIN_ROLES = ("recsys", "recsys_query", "recsys_loader")
+
+#: Upper bound of ``StackConfig.replicas``: each standby is a full copy of the database.
+MAX_REPLICAS = 8
 
 
 def free_port() -> int:
@@ -106,6 +111,22 @@ class StackConfig:
     tls: bool = False
     pg_settings: Mapping[str, str] = field(default_factory=dict)
     bouncer_settings: Mapping[str, str] = field(default_factory=dict)
+    #: Streaming standbys of PostgreSQL, made with ``pg_basebackup``, each behind a PgBouncer of
+    #: its own (``recsys.local.replicas``). The query path then lists them before the primary.
+    replicas: int = 0
+    #: (PostgreSQL, PgBouncer) ports of each standby; missing ones follow the primary's ports
+    #: (standby 1 on ``pg_port + 1`` and ``bouncer_port + 1``, and so on).
+    replica_ports: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.replicas <= MAX_REPLICAS:
+            raise ValueError(f"replicas must be between 0 and {MAX_REPLICAS}, got {self.replicas}")
+
+    def ports_of_replica(self, number: int) -> tuple[int, int]:
+        """(PostgreSQL, PgBouncer) ports of standby ``number`` (1, 2, ...)."""
+        if number <= len(self.replica_ports):
+            return self.replica_ports[number - 1]
+        return self.pg_port + number, self.bouncer_port + number
 
     @classmethod
     def local(cls, root: Path | None = None, **overrides: Any) -> StackConfig:
@@ -115,7 +136,7 @@ class StackConfig:
     @classmethod
     def ephemeral(cls, root: Path, **overrides: Any) -> StackConfig:
         """A stack on free ports, so that several can run on one machine (tests, benchmarks)."""
-        ports = {
+        ports: dict[str, Any] = {
             "pg_port": free_port(),
             "bouncer_port": free_port(),
             "blob_port": free_port(),
@@ -123,7 +144,10 @@ class StackConfig:
             "table_port": free_port(),
         }
         ports.update(overrides)
-        return cls(root=root, durable=False, **ports)  # type: ignore[arg-type]
+        if "replica_ports" not in overrides:
+            count = int(overrides.get("replicas", 0))
+            ports["replica_ports"] = tuple((free_port(), free_port()) for _ in range(count))
+        return cls(root=root, durable=False, **ports)
 
 
 class Stack:
@@ -156,14 +180,34 @@ class Stack:
         c = self.config
         return f"postgresql://{user}:{password}@{c.host}:{c.bouncer_port}/{database or c.database}"
 
+    def query_url(self, user: str = "recsys_query", password: str = LOCAL_PASSWORD) -> str:
+        """libpq URL of the query path: the standbys' PgBouncers, then the primary's.
+
+        Without standbys, the primary's PgBouncer. With them, libpq's multi-host syntax:
+        ``target_session_attrs=prefer-standby`` takes a standby whenever one answers and the
+        primary otherwise; ``load_balance_hosts=random`` spreads connections over the standbys.
+        """
+        c = self.config
+        replicas = self.replicas()
+        if not replicas:
+            return self.bouncer_url(user=user, password=password)
+        hosts = ",".join(f"{c.host}:{port}" for port in [*(r.bouncer_port for r in replicas), c.bouncer_port])
+        return (
+            f"postgresql://{user}:{password}@{hosts}/{c.database}"
+            "?target_session_attrs=prefer-standby&load_balance_hosts=random"
+        )
+
     def bouncer_admin_url(self, user: str = "recsys") -> str:
         """PgBouncer's admin console (``SHOW POOLS`` and friends); ``recsys`` may read it."""
         return self.bouncer_url(user=user, database="pgbouncer")
 
-    def admin_conninfo(self, database: str | None = None) -> str:
-        """Superuser over the Unix socket: for migrations and the stack's own bootstrap."""
+    def admin_conninfo(self, database: str | None = None, port: int | None = None) -> str:
+        """Superuser over the Unix socket: for migrations and the stack's own bootstrap.
+
+        ``port`` selects another server of the stack (a standby; they share the socket folder).
+        """
         c = self.config
-        return f"host={self.run_dir} port={c.pg_port} user=postgres dbname={database or c.database}"
+        return f"host={self.run_dir} port={port or c.pg_port} user=postgres dbname={database or c.database}"
 
     def storage_connection_string(self) -> str:
         c = self.config
@@ -180,9 +224,11 @@ class Stack:
 
         The query path connects as ``recsys_query`` and the ingest path as ``recsys_loader``
         (``sql/030_roles.sql``), both through PgBouncer; with ``tls`` in ``verify-full`` mode.
+        With standbys, the query path lists them before the primary (``query_url``); the ingest
+        path (loader, ledger, batch status, calibration) stays on the primary.
         """
         env = {
-            "RECSYS_DATABASE_URL": self.bouncer_url(user="recsys_query"),
+            "RECSYS_DATABASE_URL": self.query_url(),
             "RECSYS_LOADER_DATABASE_URL": self.bouncer_url(user="recsys_loader"),
             "RECSYS_DB_AUTH": "password",
             "RECSYS_EMBEDDING_DIM": str(self.config.embedding_dim),
@@ -210,21 +256,43 @@ class Stack:
             self.migrate()
         self._set_local_passwords()
         self.start_pgbouncer()
+        wanted = self.replicas()
+        for replica in wanted:
+            replica.up()
+        numbers = {replica.number for replica in wanted}
+        for replica in self.replicas_on_disk():
+            if replica.number not in numbers and (replica.postgres_running() or replica.pgbouncer_running()):
+                # Kept on disk: it catches up through its slot when asked for again.
+                log.info("stopping %s (the stack runs %d standbys)", replica.name, len(wanted))
+                replica.down()
         self.start_azurite()
         (self.root / "stack.json").write_text(json.dumps(self.describe(), indent=2))
 
     def down(self) -> None:
-        """Stop every process of the stack and wait until its ports are free."""
+        """Stop every process of the stack (standbys included) and wait until its ports are free."""
         self.stop_azurite()
+        for replica in self.replicas_on_disk():
+            replica.down()
         self.stop_pgbouncer()
         self.stop_postgres()
 
+    def replicas(self) -> list[Replica]:
+        """The standbys the configuration asks for (``StackConfig.replicas``)."""
+        return configured_replicas(self)
+
+    def replicas_on_disk(self) -> list[Replica]:
+        """Every standby made in the stack's folder, running or not."""
+        return replicas_on_disk(self)
+
     def status(self) -> dict[str, bool]:
-        return {
+        status = {
             "postgres": self.postgres_running(),
             "pgbouncer": self.pgbouncer_running(),
             "azurite": self.azurite_running(),
         }
+        for replica in self.replicas_on_disk():
+            status.update(replica.status())
+        return status
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -232,6 +300,8 @@ class Stack:
             "postgres": self.direct_url(),
             "pgbouncer": self.bouncer_url(),
             "pgbouncer_admin": self.bouncer_admin_url(),
+            "query": self.query_url(),
+            "replicas": {replica.name: replica.describe() for replica in self.replicas_on_disk()},
             "storage": self.storage_connection_string(),
             "tls_ca": str(self.tls_files.ca_cert) if self.config.tls else None,
             "status": self.status(),
@@ -280,16 +350,25 @@ class Stack:
                     os.chmod(folder, mode | stat.S_IXOTH)
 
     def postgres_running(self) -> bool:
-        if not (self.pg_data / "PG_VERSION").exists():
+        return self._postgres_running_in(self.pg_data)
+
+    def _postgres_running_in(self, data_dir: Path) -> bool:
+        if not (data_dir / "PG_VERSION").exists():
             return False
-        result = self._as_service([str(tools.pg_bin("pg_ctl")), "status", "-D", str(self.pg_data)])
+        result = self._as_service([str(tools.pg_bin("pg_ctl")), "status", "-D", str(data_dir)])
         return result.returncode == 0
 
-    def _write_postgres_conf(self) -> None:
+    def _write_postgres_conf(self, data_dir: Path | None = None, port: int | None = None) -> None:
+        """The stack's ``recsys.conf`` in ``data_dir`` (the primary's by default), for ``port``.
+
+        Standbys get the same settings: a hot standby needs ``max_connections`` and friends at
+        least as large as its primary's.
+        """
         c = self.config
+        data_dir = data_dir or self.pg_data
         settings: dict[str, str] = {
             "listen_addresses": f"'{c.host}'",
-            "port": str(c.pg_port),
+            "port": str(port or c.pg_port),
             "unix_socket_directories": f"'{self.run_dir}'",
             "max_connections": "100",
             "shared_buffers": "'256MB'",
@@ -298,12 +377,20 @@ class Stack:
             "password_encryption": "'scram-sha-256'",
             "log_min_messages": "warning",
             "log_connections": "off",
+            # Streaming standbys (recsys.local.replicas): each holds a replication slot, bounded so
+            # that a standby left stopped cannot fill the primary's disk with WAL.
+            "max_slot_wal_keep_size": "'2GB'",
+            # Ignored by a primary. On a standby: the primary keeps the rows a running query still
+            # reads, instead of the standby cancelling the query when it replays their removal.
+            "hot_standby_feedback": "on",
+            # A standby whose primary restarted reconnects within a second (default 5 s).
+            "wal_retrieve_retry_interval": "'1s'",
         }
         if not c.durable:
             settings.update({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
         settings.update(c.pg_settings)
         text = "".join(f"{key} = {value}\n" for key, value in settings.items())
-        conf = self.pg_data / "recsys.conf"
+        conf = data_dir / "recsys.conf"
         conf.write_text("# Written by recsys.local.stack at every start.\n" + text)
         self._chown(conf)
 
@@ -321,22 +408,27 @@ class Stack:
                 raise RuntimeError(f"initdb failed: {result.stderr or result.stdout}")
             with (self.pg_data / "postgresql.conf").open("a") as conf:
                 conf.write("\ninclude_if_exists = 'recsys.conf'\n")
-        if self.postgres_running():
+        self._start_postgres_in(self.pg_data, self.config.pg_port, self.pg_dir / "postgres.log")
+
+    def _start_postgres_in(self, data_dir: Path, port: int, log_file: Path) -> None:
+        if self._postgres_running_in(data_dir):
             return
-        self._write_postgres_conf()
-        log_file = self.pg_dir / "postgres.log"
+        self._write_postgres_conf(data_dir, port)
         result = self._as_service([
-            str(tools.pg_bin("pg_ctl")), "start", "-D", str(self.pg_data), "-l", str(log_file), "-w", "-t", "60",
+            str(tools.pg_bin("pg_ctl")), "start", "-D", str(data_dir), "-l", str(log_file), "-w", "-t", "60",
         ])
         if result.returncode != 0:
             tail = log_file.read_text()[-2000:] if log_file.exists() else ""
             raise RuntimeError(f"PostgreSQL did not start: {result.stderr or result.stdout}\n{tail}")
 
     def stop_postgres(self) -> None:
-        if not self.postgres_running():
+        self._stop_postgres_in(self.pg_data, self.config.pg_port)
+
+    def _stop_postgres_in(self, data_dir: Path, port: int) -> None:
+        if not self._postgres_running_in(data_dir):
             return
-        self._as_service([str(tools.pg_bin("pg_ctl")), "stop", "-D", str(self.pg_data), "-m", "fast", "-w", "-t", "60"])
-        self._wait_port_closed(self.config.pg_port)
+        self._as_service([str(tools.pg_bin("pg_ctl")), "stop", "-D", str(data_dir), "-m", "fast", "-w", "-t", "60"])
+        self._wait_port_closed(port)
 
     def _bootstrap(self) -> None:
         """Create the database and the app role on a new cluster (the migrations do the rest)."""
@@ -347,8 +439,9 @@ class Stack:
             if not exists:
                 conn.execute(sql.SQL("CREATE DATABASE {} OWNER recsys").format(sql.Identifier(self.config.database)))
 
-    def _existing_login_roles(self) -> list[str]:
-        with psycopg.connect(self.admin_conninfo(), autocommit=True) as conn:
+    def _existing_login_roles(self, port: int | None = None) -> list[str]:
+        """Login roles of the server on ``port`` (the primary by default; a standby has the same)."""
+        with psycopg.connect(self.admin_conninfo(port=port), autocommit=True) as conn:
             rows = conn.execute(
                 "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s) ORDER BY rolname", [list(LOCAL_LOGIN_ROLES)]
             ).fetchall()
@@ -368,18 +461,29 @@ class Stack:
         return self.bouncer_dir / "pgbouncer.pid"
 
     def pgbouncer_running(self) -> bool:
-        pid = _read_pid(self.bouncer_pidfile)
+        return self._pgbouncer_running_in(self.bouncer_dir)
+
+    def _pgbouncer_running_in(self, bouncer_dir: Path) -> bool:
+        pid = _read_pid(bouncer_dir / "pgbouncer.pid")
         return pid is not None and _pid_alive(pid)
 
-    def _write_pgbouncer_conf(self) -> Path:
+    def _write_pgbouncer_conf(
+        self, bouncer_dir: Path | None = None, listen_port: int | None = None, server_port: int | None = None
+    ) -> Path:
+        """PgBouncer's configuration in ``bouncer_dir``, listening on ``listen_port`` in front of
+        the server on ``server_port``: the primary's by default, a standby's for its own PgBouncer
+        (same authentication, same pool settings)."""
         c = self.config
-        roles = ["postgres", *self._existing_login_roles()]
-        userlist = self.bouncer_dir / "userlist.txt"
+        bouncer_dir = bouncer_dir or self.bouncer_dir
+        listen_port = listen_port or c.bouncer_port
+        server_port = server_port or c.pg_port
+        roles = ["postgres", *self._existing_login_roles(server_port)]
+        userlist = bouncer_dir / "userlist.txt"
         userlist.write_text("".join(f'"{role}" "{LOCAL_PASSWORD}"\n' for role in roles))
         os.chmod(userlist, 0o600)
         settings: dict[str, str] = {
             "listen_addr": c.host,
-            "listen_port": str(c.bouncer_port),
+            "listen_port": str(listen_port),
             "unix_socket_dir": "",
             "auth_type": "scram-sha-256",
             "auth_file": str(userlist),
@@ -399,8 +503,8 @@ class Stack:
             "admin_users": "postgres",
             "stats_users": "recsys",
             "ignore_startup_parameters": "extra_float_digits",
-            "logfile": str(self.bouncer_dir / "pgbouncer.log"),
-            "pidfile": str(self.bouncer_pidfile),
+            "logfile": str(bouncer_dir / "pgbouncer.log"),
+            "pidfile": str(bouncer_dir / "pgbouncer.pid"),
         }
         if c.tls:
             files = self.tls_files
@@ -414,22 +518,26 @@ class Stack:
                 "server_tls_sslmode": "disable",
             })
         settings.update(c.bouncer_settings)
-        ini = self.bouncer_dir / "pgbouncer.ini"
+        ini = bouncer_dir / "pgbouncer.ini"
         ini.write_text(
             "[databases]\n"
-            f"{c.database} = host={c.host} port={c.pg_port} dbname={c.database}\n"
-            f"* = host={c.host} port={c.pg_port}\n\n"
+            f"{c.database} = host={c.host} port={server_port} dbname={c.database}\n"
+            f"* = host={c.host} port={server_port}\n\n"
             "[pgbouncer]\n" + "".join(f"{key} = {value}\n" for key, value in settings.items())
         )
         self._chown(userlist, ini)
         return ini
 
     def start_pgbouncer(self) -> None:
-        self.bouncer_dir.mkdir(parents=True, exist_ok=True)
-        self._chown(self.bouncer_dir)
-        if self.pgbouncer_running():
+        self._start_pgbouncer_in(self.bouncer_dir, self.config.bouncer_port, self.config.pg_port)
+
+    def _start_pgbouncer_in(self, bouncer_dir: Path, listen_port: int, server_port: int) -> None:
+        bouncer_dir.mkdir(parents=True, exist_ok=True)
+        self._chown(bouncer_dir)
+        pid = _read_pid(bouncer_dir / "pgbouncer.pid")
+        if pid is not None and _pid_alive(pid):
             return
-        ini = self._write_pgbouncer_conf()
+        ini = self._write_pgbouncer_conf(bouncer_dir, listen_port, server_port)
         binary = tools.ensure_pgbouncer()
         cmd = [str(binary), "-d", str(ini)]
         user = self._service_user()
@@ -438,18 +546,27 @@ class Stack:
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"PgBouncer did not start: {result.stderr or result.stdout}")
-        self._wait_port_open(self.config.bouncer_port, "PgBouncer")
+        self._wait_port_open(listen_port, "PgBouncer")
 
     def reload_pgbouncer(self) -> None:
-        """Rewrite PgBouncer's configuration and make the running process read it (SIGHUP)."""
-        self._write_pgbouncer_conf()
-        pid = _read_pid(self.bouncer_pidfile)
-        if pid is not None:
-            os.kill(pid, signal.SIGHUP)
+        """Rewrite the configuration of every PgBouncer of the stack (the primary's and each
+        standby's) and make the running processes read it (SIGHUP)."""
+        targets = [(self.bouncer_dir, self.config.bouncer_port, self.config.pg_port)]
+        targets += [(r.bouncer_dir, r.bouncer_port, r.pg_port) for r in self.replicas_on_disk()]
+        for bouncer_dir, listen_port, server_port in targets:
+            if not bouncer_dir.exists():
+                continue
+            self._write_pgbouncer_conf(bouncer_dir, listen_port, server_port)
+            pid = _read_pid(bouncer_dir / "pgbouncer.pid")
+            if pid is not None and _pid_alive(pid):
+                os.kill(pid, signal.SIGHUP)
 
     def stop_pgbouncer(self) -> None:
-        self._stop_pidfile(self.bouncer_pidfile, signal.SIGTERM)
-        self._wait_port_closed(self.config.bouncer_port)
+        self._stop_pgbouncer_in(self.bouncer_dir, self.config.bouncer_port)
+
+    def _stop_pgbouncer_in(self, bouncer_dir: Path, listen_port: int) -> None:
+        self._stop_pidfile(bouncer_dir / "pgbouncer.pid", signal.SIGTERM)
+        self._wait_port_closed(listen_port)
 
     # ----------------------------------------------------------------- Azurite
 
