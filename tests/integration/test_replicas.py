@@ -156,7 +156,11 @@ def test_the_standby_streams_and_refuses_writes(replicated: Stack) -> None:
         assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             conn.execute("DELETE FROM items")
-        assert conn.execute("SELECT count(*) FROM items").fetchone() == (SIZE,)
+        seen = conn.execute("SELECT count(*), pg_last_wal_replay_lsn()::text FROM items").fetchone()
+    with psycopg.connect(replicated.admin_conninfo(), autocommit=True) as conn:
+        written = conn.execute("SELECT count(*), pg_current_wal_lsn()::text FROM items").fetchone()
+    assert seen is not None and written is not None
+    assert seen[0] == written[0] == SIZE, f"standby {seen}, primary {written}"
 
 
 def test_queries_are_answered_by_the_standby(replicated: Stack, host: str) -> None:
