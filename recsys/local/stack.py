@@ -395,6 +395,7 @@ class Stack:
         self._chown(conf)
 
     def start_postgres(self) -> None:
+        self._make_reachable()  # again: a restart may come after something tightened a parent folder
         self.pg_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._chown(self.pg_dir, self.run_dir)
@@ -421,13 +422,17 @@ class Stack:
             tail = log_file.read_text()[-2000:] if log_file.exists() else ""
             raise RuntimeError(f"PostgreSQL did not start: {result.stderr or result.stdout}\n{tail}")
 
-    def stop_postgres(self) -> None:
-        self._stop_postgres_in(self.pg_data, self.config.pg_port)
+    def stop_postgres(self, mode: str = "fast") -> None:
+        """Stop PostgreSQL: ``fast`` (roll back and disconnect clients) or ``immediate`` (a crash:
+        no shutdown checkpoint, recovery at the next start), as ``pg_ctl stop -m``."""
+        self._stop_postgres_in(self.pg_data, self.config.pg_port, mode)
 
-    def _stop_postgres_in(self, data_dir: Path, port: int) -> None:
+    def _stop_postgres_in(self, data_dir: Path, port: int, mode: str = "fast") -> None:
+        if mode not in ("smart", "fast", "immediate"):
+            raise ValueError(f"unknown shutdown mode {mode!r}")
         if not self._postgres_running_in(data_dir):
             return
-        self._as_service([str(tools.pg_bin("pg_ctl")), "stop", "-D", str(data_dir), "-m", "fast", "-w", "-t", "60"])
+        self._as_service([str(tools.pg_bin("pg_ctl")), "stop", "-D", str(data_dir), "-m", mode, "-w", "-t", "60"])
         self._wait_port_closed(port)
 
     def _bootstrap(self) -> None:
@@ -529,6 +534,7 @@ class Stack:
         return ini
 
     def start_pgbouncer(self) -> None:
+        self._make_reachable()  # again: a restart may come after something tightened a parent folder
         self._start_pgbouncer_in(self.bouncer_dir, self.config.bouncer_port, self.config.pg_port)
 
     def _start_pgbouncer_in(self, bouncer_dir: Path, listen_port: int, server_port: int) -> None:

@@ -295,7 +295,13 @@ async def recommend_batch(
             return {"status": 504, "error": "the query exceeded the statement timeout", "code": "timeout"}
 
     started = time.perf_counter()
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(one(entry)) for entry in batch]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(entry)) for entry in batch]
+    except ExceptionGroup as failed:
+        # Queries waiting on the same pool or database fail together (several PoolTimeouts at
+        # once): the batch fails as the first of them did, which the HTTP layer maps to 503,
+        # not as a group it cannot map (500).
+        raise failed.exceptions[0] from None
     return {"results": [task.result() for task in tasks], "took_ms": round((time.perf_counter() - started) * 1000, 3)}
 

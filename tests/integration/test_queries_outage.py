@@ -56,9 +56,13 @@ async def test_exhausted_pool_answers_503_with_retry_after_within_the_pool_timeo
         started = time.monotonic()
         answer = (await call("similar_get", route_params={"id": catalogue.ids[0]})).check(SIMILAR, "GET")
         elapsed = time.monotonic() - started
+        # Three queries of a batch time out together: one 503 for the batch, not a 500.
+        queries = [{"positive": [catalogue.ids[i]]} for i in range(3)]
+        batch = await call("recommendations_batch", method="POST", json_body={"queries": queries})
     assert answer.status == 503 and answer.body == BUSY
     assert answer.headers["retry-after"].isdigit()
     assert 0.9 <= elapsed <= 1.0 + 1.5, elapsed
+    assert batch.check("/api/recommendations/batch", "POST").status == 503 and batch.body == BUSY
     after = await call("similar_get", route_params={"id": catalogue.ids[0]})
     assert after.status == 200
 
