@@ -10,7 +10,10 @@ both refuse to run as root.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -86,6 +89,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _scram_secret_of(secret: str | None, password: str) -> bool:
+    """Whether ``secret`` (``SCRAM-SHA-256$iterations:salt$StoredKey:ServerKey``) is ``password``'s."""
+    try:
+        method, params, keys = (secret or "").split("$")
+        iterations, salt = params.split(":")
+        stored_key, server_key = keys.split(":")
+        if method != "SCRAM-SHA-256":
+            return False
+        salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    except ValueError:
+        return False
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    return (base64.b64encode(hashlib.sha256(client_key).digest()).decode() == stored_key
+            and base64.b64encode(hmac.digest(salted, b"Server Key", "sha256")).decode() == server_key)
+
+
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
@@ -109,6 +128,11 @@ class StackConfig:
     #: PgBouncer terminates client TLS (and requires it) with a certificate for ``localhost`` and
     #: ``127.0.0.1`` signed by a CA generated in the stack's folder (``Stack.tls_files``).
     tls: bool = False
+    #: PgBouncer's auth file holds the login roles' SCRAM secrets, copied from PostgreSQL, so
+    #: it verifies a login without PBKDF2 and passes the client's SCRAM keys on to the server.
+    #: ``True`` writes the plain-text password instead (PgBouncer's other way, which derives the
+    #: keys with PBKDF2 at every login): only to measure the difference.
+    bouncer_plain_passwords: bool = False
     pg_settings: Mapping[str, str] = field(default_factory=dict)
     bouncer_settings: Mapping[str, str] = field(default_factory=dict)
     #: Streaming standbys of PostgreSQL, made with ``pg_basebackup``, each behind a PgBouncer of
@@ -255,6 +279,9 @@ class Stack:
         if migrate:
             self.migrate()
         self._set_local_passwords()
+        if self.pgbouncer_running():
+            # Setting a password again gives it a new salt: PgBouncer needs the new secrets.
+            self.reload_pgbouncer()
         self.start_pgbouncer()
         wanted = self.replicas()
         for replica in wanted:
@@ -453,8 +480,16 @@ class Stack:
         return [row[0] for row in rows]
 
     def _set_local_passwords(self) -> None:
+        """Give the login roles the local password, unless their SCRAM secret already is of it.
+
+        Setting it again would draw a new salt, hence a new secret, and PgBouncers (the
+        primary's and the standbys') hold the secrets they read at start.
+        """
         with psycopg.connect(self.admin_conninfo(), autocommit=True) as conn:
+            stored = dict(conn.execute("SELECT rolname, rolpassword FROM pg_authid").fetchall())
             for role in ["postgres", *self._existing_login_roles()]:
+                if _scram_secret_of(stored.get(role), LOCAL_PASSWORD):
+                    continue
                 conn.execute(
                     sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(LOCAL_PASSWORD))
                 )
@@ -472,6 +507,28 @@ class Stack:
         pid = _read_pid(bouncer_dir / "pgbouncer.pid")
         return pid is not None and _pid_alive(pid)
 
+    def _bouncer_secrets(self, server_port: int | None = None) -> dict[str, str]:
+        """The lines of PgBouncer's auth file: role -> SCRAM secret (or password).
+
+        A SCRAM secret (``SCRAM-SHA-256$4096:salt$StoredKey:ServerKey``, as in ``pg_authid``) lets
+        PgBouncer check a client's proof with two HMACs instead of deriving the keys from a
+        password with 4096 rounds of PBKDF2 at every login, which is what saturates it when
+        hundreds of instances log in at once. It also hands the client's keys on to PostgreSQL
+        for the server login, which works because the secret is PostgreSQL's own (a standby has
+        the primary's). ``postgres`` keeps its password: it is PgBouncer's ``auth_user`` where
+        ``auth_query`` is used, and PgBouncer must log in as it without a client's keys.
+        """
+        roles = self._existing_login_roles(server_port)
+        with psycopg.connect(self.admin_conninfo(port=server_port), autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s) AND rolpassword IS NOT NULL",
+                [roles],
+            ).fetchall()
+        secrets = {"postgres": LOCAL_PASSWORD}
+        for role, secret in sorted(rows):
+            secrets[role] = LOCAL_PASSWORD if self.config.bouncer_plain_passwords else str(secret)
+        return secrets
+
     def _write_pgbouncer_conf(
         self, bouncer_dir: Path | None = None, listen_port: int | None = None, server_port: int | None = None
     ) -> Path:
@@ -482,9 +539,9 @@ class Stack:
         bouncer_dir = bouncer_dir or self.bouncer_dir
         listen_port = listen_port or c.bouncer_port
         server_port = server_port or c.pg_port
-        roles = ["postgres", *self._existing_login_roles(server_port)]
         userlist = bouncer_dir / "userlist.txt"
-        userlist.write_text("".join(f'"{role}" "{LOCAL_PASSWORD}"\n' for role in roles))
+        secrets = self._bouncer_secrets(server_port)
+        userlist.write_text("".join(f'"{role}" "{secret}"\n' for role, secret in secrets.items()))
         os.chmod(userlist, 0o600)
         settings: dict[str, str] = {
             "listen_addr": c.host,

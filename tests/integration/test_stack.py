@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from azure.storage.queue import QueueClient
 
-from recsys.local.stack import Stack, StackConfig, _port_open
+from recsys.local.stack import LOCAL_PASSWORD, Stack, StackConfig, _port_open
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +41,25 @@ def assert_healthy(stack: Stack) -> None:
     queue.delete_queue()
 
 
+def assert_new_server_login_works(stack: Stack) -> None:
+    """PgBouncer logs in to PostgreSQL anew with the SCRAM keys of a client that just logged in."""
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE usename = ANY('{recsys,recsys_query,recsys_loader}') AND pid <> pg_backend_pid()"
+        )
+    for user in ("recsys", "recsys_query"):
+        # The first attempt may meet a server connection PgBouncer has not yet seen die.
+        for attempt in range(2):
+            try:
+                with psycopg.connect(stack.bouncer_url(user=user), prepare_threshold=None, connect_timeout=5) as conn:
+                    assert conn.execute("SELECT current_user").fetchone() == (user,)
+                break
+            except psycopg.OperationalError:
+                if attempt:
+                    raise
+
+
 def assert_stopped(stack: Stack) -> None:
     c = stack.config
     assert stack.status() == {"postgres": False, "pgbouncer": False, "azurite": False}
@@ -55,8 +74,9 @@ def test_up_down_up_is_healthy_and_leaves_nothing_behind(tmp_path: Path) -> None
         stack.up()
         assert all(stack.status().values())
         assert_healthy(stack)
-        stack.up()  # idempotent: already running
+        stack.up()  # idempotent: already running (the passwords are set again, with new salts)
         assert_healthy(stack)
+        assert_new_server_login_works(stack)
         stack.down()
         assert_stopped(stack)
         stack.up()  # same data folder, started again
@@ -86,7 +106,7 @@ def test_pgbouncer_runs_in_transaction_mode_with_a_readable_admin_console(stack:
 
 
 def test_postgres_verifies_passwords(stack: Stack) -> None:
-    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
         psycopg.connect(stack.direct_url(password="wrong"), connect_timeout=5)
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(stack.bouncer_url(password="wrong"), connect_timeout=5)
@@ -97,3 +117,20 @@ def test_postgres_runs_as_an_unprivileged_user(stack: Stack) -> None:
         data_directory = conn.execute("SHOW data_directory").fetchone()[0]  # type: ignore[index]
     owner = Path(data_directory).stat().st_uid
     assert owner != 0 or os.geteuid() != 0
+
+
+def test_pgbouncer_verifies_logins_from_scram_secrets(stack: Stack) -> None:
+    """The auth file holds PostgreSQL's own SCRAM secrets: no password, no PBKDF2 per login."""
+    lines = (stack.bouncer_dir / "userlist.txt").read_text().splitlines()
+    secrets = dict(tuple(part.strip('"') for part in line.split(" ", 1)) for line in lines)
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        stored = dict(admin.execute(
+            "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY('{recsys,recsys_query,recsys_loader}')"
+        ).fetchall())
+    assert set(stored) == {"recsys", "recsys_query", "recsys_loader"}
+    for role, secret in stored.items():
+        assert secrets[role] == secret and secret.startswith("SCRAM-SHA-256$")
+        assert LOCAL_PASSWORD not in secrets[role]
+    with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+        psycopg.connect(stack.bouncer_url(user="recsys_query", password="not-the-password"), connect_timeout=5)
+    assert_new_server_login_works(stack)
