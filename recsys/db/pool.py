@@ -9,6 +9,12 @@ that is its own transaction, and writers open an explicit ``conn.transaction()``
 PgBouncer in transaction mode cannot keep protocol-level prepared statements, hence
 ``prepare_threshold=None``.
 
+A new connection is cheap on purpose, since a scale-out storm opens hundreds at once: its only
+round trips are the login (PgBouncer verifies it from SCRAM secrets, without PBKDF2), pgvector's
+types come from a per-process cache (``recsys.db.vector_types``), and it is not checked before
+its first use. Connection attempts that fail are retried with exponential backoff and full
+jitter, so instances that failed together do not come back together.
+
 Each purpose connects as its own role: ``query`` with ``RECSYS_DATABASE_URL`` (``recsys_query``,
 read-only), ``loader`` with ``RECSYS_LOADER_DATABASE_URL`` (``recsys_loader``). ``ingest`` is a
 second, small pool of the loader role for the HTTP ingest endpoints' ledger writes and reads:
@@ -21,18 +27,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
-from pgvector.psycopg import register_vector_async
 from psycopg_pool import AsyncConnectionPool
+from psycopg_pool.base import AttemptWithBackoff
 
 from recsys.config import Settings, get_settings
+from recsys.db.vector_types import cached_vector_types, register_vector_types
 
-__all__ = ["INGEST_POOL_MAX_SIZE", "close_pools", "configure_connection", "connection_kwargs", "get_pool", "pool_stats"]
+__all__ = [
+    "INGEST_POOL_MAX_SIZE",
+    "ReconnectBackoff",
+    "RecsysPool",
+    "close_pools",
+    "configure_connection",
+    "connection_kwargs",
+    "get_pool",
+    "is_unproven",
+    "pool_stats",
+]
 
 log = logging.getLogger("recsys")
 
@@ -46,9 +64,18 @@ _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncConn
 #: milliseconds, so two serve many concurrent enqueues.
 INGEST_POOL_MAX_SIZE = 2
 
-#: Seconds a connection returned to the pool may be handed out again without a check.
+#: Seconds a connection opened or returned to the pool may be handed out without a check.
 CHECK_AFTER_IDLE = 1.0
-_returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = weakref.WeakKeyDictionary()
+#: When each pooled connection was opened or last returned (time.monotonic()).
+_idle_since: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = weakref.WeakKeyDictionary()
+
+#: Connections that have not yet completed a statement: opened, but never returned to the pool.
+_unproven: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
+
+#: Reconnection backoff: the first retry within RECONNECT_BASE_DELAY seconds, the bound doubling
+#: after each failure up to RECONNECT_MAX_DELAY; each delay is drawn uniformly below the bound.
+RECONNECT_BASE_DELAY = 1.0
+RECONNECT_MAX_DELAY = 8.0
 
 #: Builds the connection arguments of each new connection (with a fresh token in Entra mode).
 KwargsFactory = Callable[[], Awaitable[dict[str, Any]]]
@@ -72,8 +99,47 @@ def connection_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 async def configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Register pgvector's types (``vector``, ``halfvec``, ``sparsevec``) on a new connection."""
-    await register_vector_async(conn)
+    """Register pgvector's types (``vector``, ``halfvec``, ``sparsevec``, ``bit``) on a new connection.
+
+    The types are looked up in the catalogue with the process's first connection to a database;
+    later connections get them from memory, without a round trip.
+    """
+    register_vector_types(conn, await cached_vector_types(conn))
+
+
+class ReconnectBackoff(AttemptWithBackoff):
+    """psycopg_pool's reconnection schedule with full jitter instead of ±10 %.
+
+    psycopg_pool retries a failed connection attempt after 1 s (±10 %), then 2 s, 4 s, ...: pools
+    that failed together (every instance of a scale-out when PgBouncer or PostgreSQL refuses
+    them) retry nearly together and fail together again. Each delay here is drawn uniformly
+    between zero and a bound that doubles after each failure (``RECONNECT_BASE_DELAY`` up to
+    ``RECONNECT_MAX_DELAY``), which spreads the retries over the whole interval. The attempt
+    still gives up after the pool's ``reconnect_timeout``.
+    """
+
+    def __init__(self, *, timeout: float, rng: random.Random | None = None) -> None:
+        super().__init__(timeout=timeout)
+        self._bound = 0.0
+        self._rng = rng or random
+
+    def update_delay(self, now: float) -> None:
+        if self._bound == 0.0:
+            self.give_up_at = now + self.timeout
+            self._bound = RECONNECT_BASE_DELAY
+        else:
+            self._bound = min(RECONNECT_MAX_DELAY, self._bound * self.DELAY_BACKOFF)
+        self.delay = min(self._rng.uniform(0.0, self._bound), max(0.0, self.give_up_at - now))
+
+
+class RecsysPool(AsyncConnectionPool):
+    """``AsyncConnectionPool`` whose failed connection attempts back off with full jitter."""
+
+    async def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        # psycopg_pool creates its own schedule for a first attempt; give it ours instead.
+        if attempt is None:
+            attempt = ReconnectBackoff(timeout=self.reconnect_timeout)
+        await super()._add_connection(attempt, growing=growing)
 
 
 def _entra_hooks(settings: Settings, purpose: str) -> tuple[KwargsFactory, LifetimeHook]:
@@ -117,16 +183,19 @@ def _new_pool(settings: Settings, purpose: str) -> AsyncConnectionPool:
 
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
         await configure_connection(conn)
+        _idle_since[conn] = time.monotonic()
+        _unproven.add(conn)
         if bound_lifetime is not None:
             bound_lifetime(pool, conn)  # last, with no await after it: see _entra_hooks
 
     check_timeout = min(settings.connect_timeout, settings.pool_timeout)
 
     async def check(conn: psycopg.AsyncConnection[Any]) -> None:
-        returned = _returned_at.get(conn)
-        if returned is not None and time.monotonic() - returned < CHECK_AFTER_IDLE:
-            # Just used successfully: checking it again would double the round trips of a busy
-            # worker; a connection lost since is caught by the read retry (recsys.db.retry).
+        idle_since = _idle_since.get(conn)
+        if idle_since is not None and time.monotonic() - idle_since < CHECK_AFTER_IDLE:
+            # Just opened, or just used successfully: checking it would add a round trip to every
+            # new connection of a scale-out and double those of a busy worker; a connection lost
+            # since is caught by the read retry (recsys.db.retry).
             return
         # While PostgreSQL is unreachable, PgBouncer keeps a client's query waiting (up to its
         # query_wait_timeout) instead of failing it; bounded, a failed check discards the
@@ -135,9 +204,10 @@ def _new_pool(settings: Settings, purpose: str) -> AsyncConnectionPool:
             await AsyncConnectionPool.check_connection(conn)
 
     async def reset(conn: psycopg.AsyncConnection[Any]) -> None:
-        _returned_at[conn] = time.monotonic()
+        _idle_since[conn] = time.monotonic()
+        _unproven.discard(conn)
 
-    pool = AsyncConnectionPool(
+    pool = RecsysPool(
         settings.url_for(purpose),
         kwargs=kwargs,  # type: ignore[arg-type]
         min_size=min(settings.pool_min_size, INGEST_POOL_MAX_SIZE) if purpose == "ingest" else settings.pool_min_size,
@@ -153,6 +223,16 @@ def _new_pool(settings: Settings, purpose: str) -> AsyncConnectionPool:
         open=False,
     )
     return pool
+
+
+def is_unproven(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether ``conn`` is new from the pool and has not been used yet.
+
+    Such a connection was not checked (see ``check`` in ``_new_pool``): PgBouncer accepts a login
+    while PostgreSQL behind it is down, so its first statement is the first proof that the
+    database answers, and the read retry bounds it as it would bound the check.
+    """
+    return conn in _unproven
 
 
 async def get_pool(purpose: str = "query", settings: Settings | None = None) -> AsyncConnectionPool:

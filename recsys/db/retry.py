@@ -25,6 +25,8 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
+from recsys.db.pool import is_unproven
+
 __all__ = ["Database", "NoAnswer", "backoff_delay", "is_transient", "run_read", "within"]
 
 log = logging.getLogger("recsys")
@@ -90,6 +92,12 @@ async def _attempt(
         conn = await within(pool.getconn(timeout=remaining), remaining)
     except TimeoutError:
         raise PoolTimeout(f"no working connection within {remaining:.2f} sec") from None
+    if is_unproven(conn):
+        # A new connection is not checked before its first use, so its first statement is the
+        # check: bounded like a connection wait, by what is left of the budget (PgBouncer would
+        # hold it for its query_wait_timeout while PostgreSQL is down).
+        left = max(deadline - time.monotonic(), 0.001)
+        limit = left if limit is None else min(limit, left)
     try:
         return await within(operation(conn), limit)
     except TimeoutError:

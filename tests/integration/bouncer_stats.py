@@ -1,0 +1,48 @@
+"""PgBouncer's own counters, read from its admin console, for tests that count round trips."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import psycopg
+
+from recsys.local.stack import Stack
+
+__all__ = ["pool_rows", "settled_query_count"]
+
+
+def _show(stack: Stack, command: str) -> list[dict[str, object]]:
+    with psycopg.connect(stack.bouncer_admin_url(), autocommit=True, prepare_threshold=None,
+                         cursor_factory=psycopg.ClientCursor) as admin:
+        cur = admin.execute(command)
+        names = [d.name for d in cur.description or []]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def _query_count(stack: Stack) -> int:
+    rows = _show(stack, "SHOW STATS")
+    return sum(int(str(r["total_query_count"])) for r in rows if r["database"] == stack.config.database)
+
+
+async def settled_query_count(stack: Stack, timeout: float = 20.0) -> int:
+    """Queries PgBouncer has passed to the app database so far, once its totals stop moving.
+
+    PgBouncer refreshes SHOW STATS every ``stats_period`` (1 s on the local stack), so a figure
+    counts only when two readings 1.2 s apart agree.
+    """
+    deadline = time.monotonic() + timeout
+    last = await asyncio.to_thread(_query_count, stack)
+    while True:
+        await asyncio.sleep(1.2)
+        now = await asyncio.to_thread(_query_count, stack)
+        if now == last:
+            return now
+        if time.monotonic() > deadline:
+            raise AssertionError(f"PgBouncer's query count kept moving for {timeout:g} s")
+        last = now
+
+
+def pool_rows(stack: Stack, user: str) -> list[dict[str, object]]:
+    """``SHOW POOLS`` rows of ``user`` on the app database."""
+    return [r for r in _show(stack, "SHOW POOLS") if r["database"] == stack.config.database and r["user"] == user]
