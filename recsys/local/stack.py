@@ -486,7 +486,7 @@ class Stack:
         primary's and the standbys') hold the secrets they read at start.
         """
         with psycopg.connect(self.admin_conninfo(), autocommit=True) as conn:
-            stored = dict(conn.execute("SELECT rolname, rolpassword FROM pg_authid").fetchall())
+            stored: dict[str, str | None] = dict(conn.execute("SELECT rolname, rolpassword FROM pg_authid").fetchall())
             for role in ["postgres", *self._existing_login_roles()]:
                 if _scram_secret_of(stored.get(role), LOCAL_PASSWORD):
                     continue

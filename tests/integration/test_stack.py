@@ -74,7 +74,7 @@ def test_up_down_up_is_healthy_and_leaves_nothing_behind(tmp_path: Path) -> None
         stack.up()
         assert all(stack.status().values())
         assert_healthy(stack)
-        stack.up()  # idempotent: already running (the passwords are set again, with new salts)
+        stack.up()  # idempotent: already running (the secrets PgBouncer holds stay valid)
         assert_healthy(stack)
         assert_new_server_login_works(stack)
         stack.down()
