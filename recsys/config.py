@@ -18,6 +18,7 @@ from typing import TypeVar
 __all__ = [
     "LOCAL_DATABASE_URL",
     "LOCAL_LOADER_DATABASE_URL",
+    "LOCAL_MAINTENANCE_DATABASE_URL",
     "Settings",
     "SettingsError",
     "get_settings",
@@ -31,6 +32,10 @@ __all__ = [
 LOCAL_DATABASE_URL = "postgresql://recsys_query:recsys-local@127.0.0.1:6432/recsys"
 #: The same PgBouncer as the loader role.
 LOCAL_LOADER_DATABASE_URL = "postgresql://recsys_loader:recsys-local@127.0.0.1:6432/recsys"
+#: The same PgBouncer as the housekeeping role (``sql/058_maintenance.sql``).
+LOCAL_MAINTENANCE_DATABASE_URL = "postgresql://recsys_maintainer:recsys-local@127.0.0.1:6432/recsys"
+#: Daily at 03:30 UTC (NCRONTAB: second minute hour day month day-of-week).
+DEFAULT_MAINTENANCE_SCHEDULE = "0 30 3 * * *"
 
 DB_AUTH_MODES = ("password", "entra")
 #: Pools that connect as the loader role: the loader's own, and the producers' ``ingest`` pool.
@@ -94,17 +99,32 @@ class Settings:
     function_key: str | None = field(default=None, repr=False)
     #: Days a deletion's version is remembered at least (longer than a queue message lives: 7 days).
     tombstone_retention_days: int = 8
+    #: The housekeeping path's URL (the maintainer role) and managed identity (Entra mode).
+    maintenance_database_url: str = LOCAL_MAINTENANCE_DATABASE_URL
+    maintenance_entra_client_id: str | None = None
+    maintenance_schedule: str = DEFAULT_MAINTENANCE_SCHEDULE
+    #: Ledger rows (and claim-check blobs, calibration runs) older than this are pruned.
+    ledger_retention_days: int = 30
+    #: The loader's own retries of a transiently failing message: the longest delay between two
+    #: attempts, and how long after the first failure it keeps trying before giving up.
+    loader_retry_max_delay: float = 300.0
+    loader_retry_window_hours: float = 24.0
 
     @property
     def poison_queue_name(self) -> str:
         return f"{self.queue_name}-poison"
 
     def url_for(self, purpose: str) -> str:
-        """The libpq URL of the pool for ``purpose``: ``query``, or ``loader`` / ``ingest`` (the loader role)."""
+        """The libpq URL of the pool for ``purpose``: ``query``, ``loader`` / ``ingest`` (the loader
+        role) or ``maintenance`` (the housekeeping role)."""
+        if purpose == "maintenance":
+            return self.maintenance_database_url
         return self.loader_database_url if purpose in WRITE_PURPOSES else self.database_url
 
     def entra_client_id_for(self, purpose: str) -> str | None:
         """The managed identity whose tokens authenticate the pool for ``purpose``."""
+        if purpose == "maintenance":
+            return self.maintenance_entra_client_id
         return self.loader_entra_client_id if purpose in WRITE_PURPOSES else self.entra_client_id
 
     def __repr__(self) -> str:
@@ -214,6 +234,17 @@ def _loader_url(env: Mapping[str, str], query_url: str, explicit_query_url: str 
     return url
 
 
+def _schedule(env: Mapping[str, str], name: str, default: str) -> str:
+    from recsys.ncrontab import ScheduleError, parse_schedule
+
+    value = _text(env, name, default) or default
+    try:
+        parse_schedule(value)
+    except ScheduleError as exc:
+        raise SettingsError(name, f"{value!r} is not an NCRONTAB schedule: {exc}") from None
+    return value
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (default ``os.environ``).
 
@@ -226,7 +257,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     # own managed identity); with neither set, the local stack's loader role.
     explicit_query_url = _text(env, "RECSYS_DATABASE_URL", None)
     loader_database_url = _loader_url(env, database_url, explicit_query_url)
+    # Housekeeping connects as its own role (it may delete bookkeeping rows, which the loader
+    # may not); with only a loader URL given, that one (grant it recsys_maintainer, README).
+    maintenance_database_url = _database_url(
+        env, "RECSYS_MAINTENANCE_DATABASE_URL",
+        loader_database_url
+        if _text(env, "RECSYS_LOADER_DATABASE_URL", None) or explicit_query_url
+        else LOCAL_MAINTENANCE_DATABASE_URL,
+    )
     entra_client_id = _text(env, "RECSYS_ENTRA_CLIENT_ID", None)
+    loader_entra_client_id = _text(env, "RECSYS_LOADER_ENTRA_CLIENT_ID", entra_client_id)
     queue_name = _text(env, "RECSYS_QUEUE_NAME", "embedding-batches")
     assert queue_name is not None
     if not (3 <= len(queue_name) <= 57 and queue_name.replace("-", "").isalnum() and queue_name.islower()):
@@ -239,7 +279,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         loader_database_url=loader_database_url,
         db_auth=_choice(env, "RECSYS_DB_AUTH", "password", DB_AUTH_MODES) or "password",
         entra_client_id=entra_client_id,
-        loader_entra_client_id=_text(env, "RECSYS_LOADER_ENTRA_CLIENT_ID", entra_client_id),
+        loader_entra_client_id=loader_entra_client_id,
         embedding_dim=_number(env, "RECSYS_EMBEDDING_DIM", 384, int, 1, 16000),
         pool_min_size=_number(env, "RECSYS_POOL_MIN_SIZE", 1, int, 0, 1000),
         pool_max_size=_number(env, "RECSYS_POOL_MAX_SIZE", 4, int, 1, 1000),
@@ -256,7 +296,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         storage_connection=_text(env, "AzureWebJobsStorage", "UseDevelopmentStorage=true") or "",
         blob_container=_text(env, "RECSYS_BLOB_CONTAINER", "embedding-batches") or "",
         function_key=_text(env, "RECSYS_FUNCTION_KEY", None),
+        maintenance_database_url=maintenance_database_url,
+        maintenance_entra_client_id=_text(env, "RECSYS_MAINTENANCE_ENTRA_CLIENT_ID", loader_entra_client_id),
+        maintenance_schedule=_schedule(env, "RECSYS_MAINTENANCE_SCHEDULE", DEFAULT_MAINTENANCE_SCHEDULE),
+        ledger_retention_days=_number(env, "RECSYS_LEDGER_RETENTION_DAYS", 30, int, 8, 3650),
         tombstone_retention_days=_number(env, "RECSYS_TOMBSTONE_RETENTION_DAYS", 8, int, 1, 3650),
+        loader_retry_max_delay=_number(env, "RECSYS_LOADER_RETRY_MAX_DELAY", 300.0, float, 1, 3600),
+        loader_retry_window_hours=_number(env, "RECSYS_LOADER_RETRY_WINDOW_HOURS", 24.0, float, 0, 144),
     )
     if settings.pool_min_size > settings.pool_max_size:
         raise SettingsError("RECSYS_POOL_MIN_SIZE", "must not exceed RECSYS_POOL_MAX_SIZE")

@@ -11,6 +11,11 @@ keeps no list of its own:
   honouring ``host.json`` ``extensions.queues``: ``batchSize`` and ``newBatchThreshold``
   (concurrency), ``maxPollingInterval``, ``visibilityTimeout`` (delay before a failed message
   is retried), ``maxDequeueCount`` (then ``<queue>-poison``) and ``messageEncoding``.
+- Timer triggers fire on their NCRONTAB schedule (``recsys.ncrontab``, UTC) as the Functions host
+  fires them: ``runOnStartup`` runs the function once when the host starts; with ``useMonitor``
+  (by default when occurrences are at least a minute apart) the schedule's status (last and next
+  occurrence) is kept in the storage account, as the host keeps it, so that an occurrence missed
+  while the host was down runs at start with ``past_due`` set. Runs of one function never overlap.
 
 Handlers may be ``async def`` (run on the event loop) or plain functions (run in threads).
 """
@@ -29,17 +34,20 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
 import azure.functions as func
 from azure.functions.queue import QueueMessage
+from azure.functions.timer import TimerRequest
 
 __all__ = [
     "FunctionHost",
     "HostConfig",
     "QueueOptions",
+    "TimerDriver",
     "discover",
     "load_host_config",
     "load_local_settings",
@@ -203,27 +211,44 @@ class QueueFunction:
     connection: str
 
 
+@dataclass(frozen=True)
+class TimerFunction:
+    name: str
+    handler: Callable[..., Any]
+    arg_name: str
+    schedule: str
+    run_on_startup: bool
+    use_monitor: bool | None
+
+
 def _value(x: Any) -> str:
     return str(getattr(x, "value", x))
 
 
 #: ``get_functions()`` may be called only once per app object (a second call raises a
 #: duplicate-name error), so what it found is kept per app.
-_discovered: weakref.WeakKeyDictionary[func.FunctionApp, tuple[list[HttpFunction], list[QueueFunction]]] = (
-    weakref.WeakKeyDictionary()
-)
+_discovered: weakref.WeakKeyDictionary[
+    func.FunctionApp, tuple[list[HttpFunction], list[QueueFunction], list[TimerFunction]]
+] = weakref.WeakKeyDictionary()
 
 
 def discover(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunction]]:
     """HTTP and queue functions of ``app`` with their bindings."""
+    http, queues, _ = discover_all(app)
+    return http, queues
+
+
+def discover_all(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunction], list[TimerFunction]]:
+    """HTTP, queue and timer functions of ``app`` with their bindings."""
     if app not in _discovered:
         _discovered[app] = _discover(app)
     return _discovered[app]
 
 
-def _discover(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunction]]:
+def _discover(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunction], list[TimerFunction]]:
     http: list[HttpFunction] = []
     queues: list[QueueFunction] = []
+    timers: list[TimerFunction] = []
     for function in app.get_functions():
         trigger = function.get_trigger()
         if trigger is None:
@@ -254,10 +279,19 @@ def _discover(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunc
                 queue_name=data["queueName"],
                 connection=data.get("connection") or "AzureWebJobsStorage",
             ))
+        elif kind == "timerTrigger":
+            timers.append(TimerFunction(
+                name=name,
+                handler=handler,
+                arg_name=data["name"],
+                schedule=str(data["schedule"]),
+                run_on_startup=bool(data.get("runOnStartup")),
+                use_monitor=data.get("useMonitor"),
+            ))
         else:
             log.warning("function %s has a %s trigger, which the local host does not run", name, kind)
     http.sort(key=lambda f: f.order)
-    return http, queues
+    return http, queues, timers
 
 
 async def _call(handler: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
@@ -279,16 +313,18 @@ class FunctionHost:
         *,
         function_key: str | None = None,
         run_queues: bool = True,
+        run_timers: bool | None = None,
         on_startup: Callable[[], Awaitable[None]] | None = None,
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config or HostConfig()
-        self.http_functions, self.queue_functions = discover(app)
+        self.http_functions, self.queue_functions, self.timer_functions = discover_all(app)
         self.function_key = function_key
         self.run_queues = run_queues
+        self.run_timers = run_queues if run_timers is None else run_timers
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
-        self._drivers: list[QueueDriver] = []
+        self._drivers: list[QueueDriver | TimerDriver] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- ASGI
@@ -324,6 +360,11 @@ class FunctionHost:
                 await driver.prepare()
                 self._drivers.append(driver)
                 self._tasks.append(asyncio.create_task(driver.run(), name=f"queue:{function.name}"))
+        if self.run_timers:
+            for timer in self.timer_functions:
+                timer_driver = TimerDriver(timer)
+                self._drivers.append(timer_driver)
+                self._tasks.append(asyncio.create_task(timer_driver.run(), name=f"timer:{timer.name}"))
 
     async def stop(self) -> None:
         for driver in self._drivers:
@@ -585,6 +626,150 @@ class QueueDriver:
         log.error("message %s moved to %s-poison after %d attempts", message.id, self.queue_name, message.dequeue_count)
         await self.poison.send_message(message.content)
         await self.queue.delete_message(message.id, message.pop_receipt)
+
+
+# ----------------------------------------------------------------------------- timer driver
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _parse_iso(text: Any) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    with contextlib.suppress(ValueError):
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
+
+
+class TimerDriver:
+    """Fires one timer-triggered function on its schedule, as the Functions host's timer listener does.
+
+    With ``useMonitor`` the schedule status is a blob of the ``AzureWebJobsStorage`` account
+    (``azure-webjobs-hosts/timers/<host id>/<function>/status``, JSON with ``Last``, ``Next``
+    and ``LastUpdated``, the host's own layout), so a restart knows what it missed.
+    """
+
+    HOST_ID = "recsys-local"
+    STORAGE_SETTING = "AzureWebJobsStorage"
+    CONTAINER = "azure-webjobs-hosts"
+    #: Late by more than this counts as past due (the host's own timer wakes up a little late).
+    PAST_DUE_AFTER = timedelta(seconds=1)
+
+    def __init__(self, function: TimerFunction, *, clock: Callable[[], datetime] | None = None) -> None:
+        from recsys.ncrontab import parse_schedule
+
+        self.function = function
+        self.expression = _resolve_setting(function.schedule)
+        self.schedule = parse_schedule(self.expression)
+        self._now = clock or (lambda: datetime.now(UTC))
+        self._stopping = asyncio.Event()
+        self.runs = 0
+        self.use_monitor = self._default_use_monitor() if function.use_monitor is None else bool(function.use_monitor)
+
+    def _default_use_monitor(self) -> bool:
+        # The host monitors schedules whose occurrences are at least a minute apart.
+        first = self.schedule.next_after(datetime(2001, 1, 1, tzinfo=UTC))
+        return (self.schedule.next_after(first) - first) >= timedelta(minutes=1)
+
+    @property
+    def status_blob(self) -> str:
+        return f"timers/{self.HOST_ID}/{self.function.name}/status"
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def close(self) -> None:
+        return None
+
+    async def _read_status(self) -> dict[str, Any] | None:
+        from azure.core.exceptions import ResourceNotFoundError
+        from azure.storage.blob.aio import BlobClient
+
+        connection = os.environ.get(self.STORAGE_SETTING)
+        if not connection:
+            return None
+        try:
+            async with BlobClient.from_connection_string(connection, self.CONTAINER, self.status_blob) as blob:
+                data = await (await blob.download_blob()).readall()
+            status = json.loads(data)
+            return status if isinstance(status, dict) else None
+        except ResourceNotFoundError:
+            return None
+        except Exception as exc:  # storage unreachable: run on schedule without the monitor's memory
+            log.warning("timer %s: cannot read its schedule status: %s", self.function.name, exc)
+            return None
+
+    async def _write_status(self, status: dict[str, Any]) -> None:
+        from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+        from azure.storage.blob.aio import BlobServiceClient
+
+        connection = os.environ.get(self.STORAGE_SETTING)
+        if not connection:
+            return
+        data = json.dumps(status).encode()
+        try:
+            async with BlobServiceClient.from_connection_string(connection) as service:
+                blob = service.get_blob_client(self.CONTAINER, self.status_blob)
+                try:
+                    await blob.upload_blob(data, overwrite=True)
+                except ResourceNotFoundError:
+                    with contextlib.suppress(ResourceExistsError):
+                        await service.create_container(self.CONTAINER)
+                    await blob.upload_blob(data, overwrite=True)
+        except Exception as exc:
+            log.warning("timer %s: cannot record its schedule status: %s", self.function.name, exc)
+
+    async def _wait_until(self, when: datetime) -> bool:
+        """Sleep until ``when``; False when the host stops first."""
+        while not self._stopping.is_set():
+            remaining = (when - self._now()).total_seconds()
+            if remaining <= 0:
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=min(remaining, 60.0))
+        return False
+
+    async def _fire(self, *, past_due: bool, status: dict[str, Any]) -> None:
+        request = TimerRequest(past_due=past_due, schedule_status=status, schedule={"AdjustForDST": True})
+        self.runs += 1
+        try:
+            await _call(self.function.handler, {self.function.arg_name: request})
+        except Exception:
+            # As the host does: the failure is logged and the schedule goes on.
+            log.exception("timer function %s failed", self.function.name)
+
+    async def run(self) -> None:
+        now = self._now()
+        status = await self._read_status() if self.use_monitor else None
+        last = _parse_iso(status.get("Last")) if status else None
+        missed = _parse_iso(status.get("Next")) if status else None
+        if missed is not None and missed <= now:
+            log.info("timer %s: the occurrence of %s was missed; running now", self.function.name, _iso(missed))
+            await self._fire(past_due=True, status=status or {})
+            last = now
+        elif self.function.run_on_startup:
+            await self._fire(past_due=False, status=status or {})
+        next_run = self.schedule.next_after(now)
+        if self.use_monitor:
+            await self._record(last, next_run)
+        while not self._stopping.is_set():
+            if not await self._wait_until(next_run):
+                return
+            fired_at = self._now()
+            current = {"Last": _iso(last) if last else None, "Next": _iso(next_run), "LastUpdated": _iso(fired_at)}
+            await self._fire(past_due=fired_at - next_run > self.PAST_DUE_AFTER, status=current)
+            last = next_run
+            next_run = self.schedule.next_after(max(next_run, self._now() - self.PAST_DUE_AFTER))
+            if self.use_monitor:
+                await self._record(last, next_run)
+
+    async def _record(self, last: datetime | None, next_run: datetime) -> None:
+        await self._write_status(
+            {"Last": _iso(last) if last else None, "Next": _iso(next_run), "LastUpdated": _iso(self._now())}
+        )
 
 
 # ----------------------------------------------------------------------------- in a thread
