@@ -21,10 +21,12 @@ __all__ = [
     "LOCAL_MAINTENANCE_DATABASE_URL",
     "Settings",
     "SettingsError",
+    "StorageAccount",
     "get_settings",
     "load_settings",
     "redact",
     "settings_environment",
+    "storage_account",
 ]
 
 #: The local stack's PgBouncer as the query role (see ``recsys.local.stack``, ``sql/030_roles.sql``);
@@ -72,6 +74,72 @@ class SettingsError(ValueError):
         self.name = name
 
 
+#: The only value of ``<connection>__credential`` (as the Functions host reads it).
+STORAGE_CREDENTIALS = ("managedidentity",)
+_STORAGE_ACCOUNT_NAME = re.compile(r"^[a-z0-9]{3,24}$")
+
+
+@dataclass(frozen=True)
+class StorageAccount:
+    """How to reach a storage account: a connection string, or service URIs and an identity.
+
+    Identity-based (``connection_string`` is ``None``): requests carry Entra tokens of the
+    managed identity (``client_id`` for a user-assigned one), never an account key.
+    """
+
+    connection_string: str | None = field(default="UseDevelopmentStorage=true", repr=False)
+    queue_service_uri: str | None = None
+    blob_service_uri: str | None = None
+    #: ``managedidentity``, or ``None``: the environment's identity (managed identity in Azure,
+    #: the developer's Azure CLI or IDE sign-in elsewhere), as the Functions host does.
+    credential: str | None = None
+    client_id: str | None = None
+
+    @property
+    def keyless(self) -> bool:
+        return self.connection_string is None
+
+
+def storage_account(
+    env: Mapping[str, str], name: str = "AzureWebJobsStorage", *, default: str | None = "UseDevelopmentStorage=true"
+) -> StorageAccount:
+    """The storage connection ``name`` as the Functions host reads it from app settings.
+
+    ``name`` holds a connection string; or ``name__accountName`` (or ``name__queueServiceUri`` and
+    ``name__blobServiceUri``) with optional ``name__credential=managedidentity`` and
+    ``name__clientId`` describe an identity-based connection. A connection string wins over the
+    identity settings. With neither, ``default`` (a connection string) or :class:`SettingsError`.
+    """
+    prefix = f"{name}__"
+    connection_string = _text(env, name, None)
+    account = _text(env, f"{prefix}accountName", None)
+    queue_uri = _text(env, f"{prefix}queueServiceUri", None)
+    blob_uri = _text(env, f"{prefix}blobServiceUri", None)
+    credential = _choice(env, f"{prefix}credential", None, STORAGE_CREDENTIALS)
+    client_id = _text(env, f"{prefix}clientId", None)
+    if connection_string is not None:
+        return StorageAccount(connection_string=connection_string)
+    if account is None and queue_uri is None and blob_uri is None:
+        if default is None:
+            raise SettingsError(name, f"is not set (nor {prefix}accountName / {prefix}queueServiceUri)")
+        return StorageAccount(connection_string=default)
+    if account is not None:
+        if not _STORAGE_ACCOUNT_NAME.match(account):
+            raise SettingsError(f"{prefix}accountName", "must be 3-24 lowercase letters or digits")
+        queue_uri = queue_uri or f"https://{account}.queue.core.windows.net"
+        blob_uri = blob_uri or f"https://{account}.blob.core.windows.net"
+    for key, uri in (("queueServiceUri", queue_uri), ("blobServiceUri", blob_uri)):
+        if uri is None:
+            raise SettingsError(f"{prefix}{key}", f"must be set with the other service URI, or use {prefix}accountName")
+        if not uri.startswith("https://"):
+            # Storage accepts bearer tokens over HTTPS only (so do the SDK and Azurite).
+            raise SettingsError(f"{prefix}{key}", f"must be an https:// URL, got {uri!r}")
+    return StorageAccount(
+        connection_string=None, queue_service_uri=queue_uri, blob_service_uri=blob_uri,
+        credential=credential, client_id=client_id,
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     """The validated settings. Its ``repr`` never shows a password, key or token."""
@@ -94,7 +162,10 @@ class Settings:
     sslmode: str | None = None
     sslrootcert: str | None = None
     queue_name: str = "embedding-batches"
+    #: The connection string of ``AzureWebJobsStorage``; empty when the account is reached keyless.
     storage_connection: str = "UseDevelopmentStorage=true"
+    #: ``AzureWebJobsStorage``: the queue and blobs of the ingest path, by key or by identity.
+    storage: StorageAccount = field(default_factory=StorageAccount)
     blob_container: str = "embedding-batches"
     function_key: str | None = field(default=None, repr=False)
     #: Days a deletion's version is remembered at least (longer than a queue message lives: 7 days).
@@ -274,6 +345,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "RECSYS_QUEUE_NAME",
             "must be 3-57 lowercase letters, digits or dashes (the poison queue adds '-poison')",
         )
+    storage = storage_account(env, "AzureWebJobsStorage")
     settings = Settings(
         database_url=database_url,
         loader_database_url=loader_database_url,
@@ -293,7 +365,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sslmode=_choice(env, "RECSYS_SSLMODE", None, SSL_MODES),
         sslrootcert=_text(env, "RECSYS_SSLROOTCERT", None),
         queue_name=queue_name,
-        storage_connection=_text(env, "AzureWebJobsStorage", "UseDevelopmentStorage=true") or "",
+        storage_connection=storage.connection_string or "",
+        storage=storage,
         blob_container=_text(env, "RECSYS_BLOB_CONTAINER", "embedding-batches") or "",
         function_key=_text(env, "RECSYS_FUNCTION_KEY", None),
         maintenance_database_url=maintenance_database_url,

@@ -1,6 +1,7 @@
 """Azure Storage for the ingest path: the batch queue, its poison queue, and claim-check blobs.
 
-Clients are created per call from ``AzureWebJobsStorage`` (the async SDK clients own an HTTP
+Clients are created per call from ``AzureWebJobsStorage``, by connection string or keyless with
+the app's managed identity (``recsys.ingest.clients``; the async SDK clients own an HTTP
 session each; a call here sends a handful of requests, so the set-up cost is negligible) and
 closed at once, so nothing is bound to an event loop between calls.
 
@@ -15,11 +16,10 @@ import contextlib
 from collections.abc import Sequence
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.storage.blob.aio import BlobServiceClient
-from azure.storage.queue.aio import QueueClient
 
 from recsys.config import Settings
 from recsys.errors import InvalidArgument
+from recsys.ingest.clients import blob_service, queue_client
 from recsys.ingest.messages import BlobRef
 
 __all__ = ["delete_blob", "download_blob", "send_messages", "upload_blob"]
@@ -31,7 +31,7 @@ def _wire(payload: bytes) -> str:
 
 async def send_messages(settings: Settings, queue_name: str, payloads: Sequence[bytes]) -> None:
     """Send each payload (UTF-8 JSON) as one base64 message; creates the queue when missing."""
-    async with QueueClient.from_connection_string(settings.storage_connection, queue_name) as queue:
+    async with queue_client(settings.storage, queue_name) as queue:
         for payload in payloads:
             try:
                 await queue.send_message(_wire(payload))
@@ -45,7 +45,7 @@ async def send_messages(settings: Settings, queue_name: str, payloads: Sequence[
 
 async def upload_blob(settings: Settings, ref: BlobRef, data: bytes) -> None:
     """Store ``data`` at ``ref`` (overwriting); creates the container when missing."""
-    async with BlobServiceClient.from_connection_string(settings.storage_connection) as service:
+    async with blob_service(settings.storage) as service:
         blob = service.get_blob_client(ref.container, ref.name)
         try:
             await blob.upload_blob(data, overwrite=True, content_type="application/json")
@@ -62,7 +62,7 @@ async def download_blob(settings: Settings, ref: BlobRef, *, max_bytes: int | No
     its content is read, and the read stops there should the blob grow meanwhile: a producer's
     blob can never make the loader hold more than that in memory.
     """
-    async with BlobServiceClient.from_connection_string(settings.storage_connection) as service:
+    async with blob_service(settings.storage) as service:
         blob = service.get_blob_client(ref.container, ref.name)
         try:
             stream = await blob.download_blob()
@@ -92,6 +92,6 @@ def _too_large(ref: BlobRef, size: int, limit: int) -> InvalidArgument:
 
 async def delete_blob(settings: Settings, ref: BlobRef) -> None:
     """Delete ``ref``; a blob already gone is not an error."""
-    async with BlobServiceClient.from_connection_string(settings.storage_connection) as service:
+    async with blob_service(settings.storage) as service:
         with contextlib.suppress(ResourceNotFoundError):
             await service.get_blob_client(ref.container, ref.name).delete_blob()

@@ -529,16 +529,17 @@ class QueueDriver:
     MIN_POLL = 0.1
 
     def __init__(self, function: QueueFunction, options: QueueOptions) -> None:
-        from azure.storage.queue.aio import QueueClient
+        from recsys.config import storage_account
+        from recsys.ingest.clients import queue_client
 
         self.function = function
         self.options = options
-        connection = os.environ.get(function.connection)
-        if not connection:
-            raise KeyError(f"queue function {function.name}: app setting {function.connection} is not set")
+        # A connection string, or <connection>__accountName / __queueServiceUri with a managed
+        # identity, as the Functions host reads the trigger's connection.
+        account = storage_account(os.environ, function.connection, default=None)
         self.queue_name = _resolve_setting(function.queue_name)
-        self.queue = QueueClient.from_connection_string(connection, self.queue_name)
-        self.poison = QueueClient.from_connection_string(connection, f"{self.queue_name}-poison")
+        self.queue = queue_client(account, self.queue_name)
+        self.poison = queue_client(account, f"{self.queue_name}-poison")
         self._stopping = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
 

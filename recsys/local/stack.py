@@ -133,6 +133,9 @@ class StackConfig:
     #: ``True`` writes the plain-text password instead (PgBouncer's other way, which derives the
     #: keys with PBKDF2 at every login): only to measure the difference.
     bouncer_plain_passwords: bool = False
+    #: Azurite serves HTTPS (the same certificate) and accepts Entra bearer tokens
+    #: (``--oauth basic``) besides the account key: for keyless storage.
+    storage_oauth: bool = False
     pg_settings: Mapping[str, str] = field(default_factory=dict)
     bouncer_settings: Mapping[str, str] = field(default_factory=dict)
     #: Streaming standbys of PostgreSQL, made with ``pg_basebackup``, each behind a PgBouncer of
@@ -235,13 +238,33 @@ class Stack:
 
     def storage_connection_string(self) -> str:
         c = self.config
-        if (c.blob_port, c.queue_port, c.table_port) == (10000, 10001, 10002) and c.host == "127.0.0.1":
+        default_ports = (c.blob_port, c.queue_port, c.table_port) == (10000, 10001, 10002)
+        if default_ports and c.host == "127.0.0.1" and not c.storage_oauth:
             return "UseDevelopmentStorage=true"
         return (
-            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-            f"BlobEndpoint=http://{c.host}:{c.blob_port}/{AZURITE_ACCOUNT};"
-            f"QueueEndpoint=http://{c.host}:{c.queue_port}/{AZURITE_ACCOUNT};"
+            f"DefaultEndpointsProtocol={self._storage_scheme};AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint={self.storage_service_uri('blob')};QueueEndpoint={self.storage_service_uri('queue')};"
         )
+
+    @property
+    def _storage_scheme(self) -> str:
+        return "https" if self.config.storage_oauth else "http"
+
+    def storage_service_uri(self, service: str) -> str:
+        """Azurite's ``blob`` or ``queue`` service URL for the development account."""
+        c = self.config
+        port = c.blob_port if service == "blob" else c.queue_port
+        return f"{self._storage_scheme}://{c.host}:{port}/{AZURITE_ACCOUNT}"
+
+    def storage_identity_environment(self, connection: str = "AzureWebJobsStorage") -> dict[str, str]:
+        """Keyless settings of ``connection`` for this Azurite (needs ``storage_oauth``)."""
+        if not self.config.storage_oauth:
+            raise RuntimeError("keyless storage needs StackConfig(storage_oauth=True)")
+        return {
+            f"{connection}__queueServiceUri": self.storage_service_uri("queue"),
+            f"{connection}__blobServiceUri": self.storage_service_uri("blob"),
+            f"{connection}__credential": "managedidentity",
+        }
 
     def app_environment(self) -> dict[str, str]:
         """The settings (``API.md``) that point the function app at this stack.
@@ -654,6 +677,10 @@ class Stack:
             "--queueHost", c.host, "--queuePort", str(c.queue_port),
             "--tableHost", c.host, "--tablePort", str(c.table_port),
         ]
+        if c.storage_oauth:
+            # Bearer tokens only over HTTPS; "basic" checks issuer, audience and lifetime.
+            files = self.tls_files
+            cmd += ["--oauth", "basic", "--cert", str(files.server_cert), "--key", str(files.server_key)]
         with (self.azurite_dir / "azurite.log").open("ab") as out:
             # A session of its own, so that stopping it also stops the node process behind the shim.
             process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
