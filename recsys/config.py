@@ -22,6 +22,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "StorageAccount",
+    "default_vector_type",
     "get_settings",
     "load_settings",
     "redact",
@@ -47,6 +48,9 @@ TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", 
 LOAD_BALANCE_HOSTS = ("disable", "random")
 #: ``target_session_attrs`` that may choose a standby: never for the loader, which writes.
 STANDBY_ATTRS = ("read-only", "standby", "prefer-standby")
+VECTOR_TYPES = ("vector", "halfvec")
+#: The most dimensions pgvector's HNSW index takes per column type.
+INDEX_MAX_DIM = {"vector": 2000, "halfvec": 4000}
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 T = TypeVar("T")
@@ -152,6 +156,11 @@ class Settings:
     #: Client id of the loader's user-assigned managed identity (Entra mode).
     loader_entra_client_id: str | None = None
     embedding_dim: int = 384
+    #: Column type of the embeddings: ``vector`` (float32) or ``halfvec`` (float16, half the size).
+    vector_type: str = "vector"
+    #: HNSW graph links per node and build-time candidate list (migrations, bulk index builds).
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
     pool_min_size: int = 1
     pool_max_size: int = 4
     pool_timeout: float = 5.0
@@ -240,6 +249,28 @@ def _choice(env: Mapping[str, str], name: str, default: str | None, choices: tup
     if value is not None and value not in choices:
         raise SettingsError(name, f"must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def default_vector_type(dim: int) -> str:
+    """``vector`` wherever its HNSW index reaches (2000 dimensions), ``halfvec`` above."""
+    return "vector" if dim <= INDEX_MAX_DIM["vector"] else "halfvec"
+
+
+def _vector_settings(env: Mapping[str, str]) -> tuple[int, str, int, int]:
+    dim = _number(env, "RECSYS_EMBEDDING_DIM", 384, int, 1, INDEX_MAX_DIM["halfvec"])
+    vector_type = _choice(env, "RECSYS_VECTOR_TYPE", default_vector_type(dim), VECTOR_TYPES) or "vector"
+    if dim > INDEX_MAX_DIM[vector_type]:
+        raise SettingsError(
+            "RECSYS_VECTOR_TYPE",
+            f"the HNSW index takes {vector_type} up to {INDEX_MAX_DIM[vector_type]} dimensions, "
+            f"RECSYS_EMBEDDING_DIM is {dim}: use halfvec",
+        )
+    # pgvector's bounds: m 2-100, ef_construction 4-1000 and at least 2 * m.
+    m = _number(env, "RECSYS_HNSW_M", 16, int, 2, 100)
+    ef_construction = _number(env, "RECSYS_HNSW_EF_CONSTRUCTION", 64, int, 4, 1000)
+    if ef_construction < 2 * m:
+        raise SettingsError("RECSYS_HNSW_EF_CONSTRUCTION", f"must be at least 2 * RECSYS_HNSW_M ({2 * m})")
+    return dim, vector_type, m, ef_construction
 
 
 def _database_url(env: Mapping[str, str], name: str, default: str) -> str:
@@ -346,13 +377,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "must be 3-57 lowercase letters, digits or dashes (the poison queue adds '-poison')",
         )
     storage = storage_account(env, "AzureWebJobsStorage")
+    embedding_dim, vector_type, hnsw_m, hnsw_ef_construction = _vector_settings(env)
     settings = Settings(
         database_url=database_url,
         loader_database_url=loader_database_url,
         db_auth=_choice(env, "RECSYS_DB_AUTH", "password", DB_AUTH_MODES) or "password",
         entra_client_id=entra_client_id,
         loader_entra_client_id=loader_entra_client_id,
-        embedding_dim=_number(env, "RECSYS_EMBEDDING_DIM", 384, int, 1, 16000),
+        embedding_dim=embedding_dim,
+        vector_type=vector_type,
+        hnsw_m=hnsw_m,
+        hnsw_ef_construction=hnsw_ef_construction,
         pool_min_size=_number(env, "RECSYS_POOL_MIN_SIZE", 1, int, 0, 1000),
         pool_max_size=_number(env, "RECSYS_POOL_MAX_SIZE", 4, int, 1, 1000),
         pool_timeout=_number(env, "RECSYS_POOL_TIMEOUT", 5.0, float, 0.1, 300),

@@ -1,15 +1,25 @@
--- The catalogue. The embedding's type and dimension come from RECSYS_EMBEDDING_DIM (set by the
--- migrations runner as recsys.embedding_dim): vector up to 2000 dimensions, halfvec above, since
--- pgvector's HNSW index accepts vector only up to 2000.
+-- The catalogue. The embedding's dimension and type come from RECSYS_EMBEDDING_DIM and
+-- RECSYS_VECTOR_TYPE (set by the migrations runner as recsys.embedding_dim and
+-- recsys.vector_type): vector (float32) by default up to 2000 dimensions, halfvec (float16) above,
+-- since pgvector's HNSW index accepts vector only up to 2000 dimensions (halfvec up to 4000).
 --
--- HNSW parameters: m = 16 links per node and ef_construction = 64 candidates while building;
--- pgvector's defaults, a good recall/size balance up to a few million rows. Raise
--- ef_construction (e.g. 128) for better recall at low ef_search, at the cost of build time.
+-- HNSW parameters from RECSYS_HNSW_M and RECSYS_HNSW_EF_CONSTRUCTION (recsys.hnsw_m,
+-- recsys.hnsw_ef_construction): by default m = 16 links per node and ef_construction = 64
+-- candidates while building; pgvector's defaults, a good recall/size balance up to a few million
+-- rows. Raise ef_construction (e.g. 128) for better recall at low ef_search, at the cost of build
+-- time. A runner that sets none of them gets those defaults.
 DO $migration$
 DECLARE
     dim int := current_setting('recsys.embedding_dim')::int;
-    vector_type text := CASE WHEN dim > 2000 THEN 'halfvec' ELSE 'vector' END;
+    vector_type text := coalesce(
+        nullif(current_setting('recsys.vector_type', true), ''),
+        CASE WHEN dim > 2000 THEN 'halfvec' ELSE 'vector' END);
+    m int := coalesce(nullif(current_setting('recsys.hnsw_m', true), ''), '16')::int;
+    ef_construction int := coalesce(nullif(current_setting('recsys.hnsw_ef_construction', true), ''), '64')::int;
 BEGIN
+    IF vector_type NOT IN ('vector', 'halfvec') THEN
+        RAISE EXCEPTION 'recsys.vector_type must be vector or halfvec, got %', vector_type;
+    END IF;
     EXECUTE format(
         'CREATE TABLE items (
             id text PRIMARY KEY CHECK (length(id) BETWEEN 1 AND 128),
@@ -21,7 +31,7 @@ BEGIN
         )', vector_type, dim);
     EXECUTE format(
         'CREATE INDEX items_embedding_cosine ON items USING hnsw (embedding %s_cosine_ops)
-         WITH (m = 16, ef_construction = 64)', vector_type);
+         WITH (m = %s, ef_construction = %s)', vector_type, m, ef_construction);
 END
 $migration$;
 

@@ -4,8 +4,9 @@ It talks to PostgreSQL directly (not through PgBouncer) as the schema owner. Eac
 in its own transaction together with the row that records it, under an advisory lock, so
 concurrent runners apply every file exactly once.
 
-Migrations may read ``current_setting('recsys.embedding_dim')``: the runner sets it,
-transaction-locally, from the validated settings, so the SQL files never need formatting.
+Migrations may read ``current_setting('recsys.embedding_dim')``, ``recsys.vector_type``,
+``recsys.hnsw_m`` and ``recsys.hnsw_ef_construction``: the runner sets them, transaction-locally,
+from the validated settings, so the SQL files never need formatting.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import re
 from pathlib import Path
 
 import psycopg
+
+from recsys.config import default_vector_type
 
 __all__ = ["MIGRATIONS_DIR", "applied_versions", "apply_migrations", "pending_migrations"]
 
@@ -48,21 +51,51 @@ def applied_versions(conn: psycopg.Connection) -> set[str]:
 
 
 def apply_migrations(
-    conn: psycopg.Connection, *, embedding_dim: int = 384, directory: Path = MIGRATIONS_DIR
+    conn: psycopg.Connection,
+    *,
+    embedding_dim: int = 384,
+    vector_type: str | None = None,
+    hnsw_m: int = 16,
+    hnsw_ef_construction: int = 64,
+    directory: Path = MIGRATIONS_DIR,
 ) -> list[str]:
     """Apply the migrations not yet recorded; return the names of those applied now.
 
     ``conn`` must be a direct, autocommit connection with the rights to create the schema.
+    ``vector_type`` (default: ``vector`` up to 2000 dimensions, ``halfvec`` above) and the HNSW
+    parameters shape the catalogue when its table is created; an existing table keeps them.
     """
+    values = {
+        "recsys.embedding_dim": str(int(embedding_dim)),
+        "recsys.vector_type": vector_type or default_vector_type(embedding_dim),
+        "recsys.hnsw_m": str(int(hnsw_m)),
+        "recsys.hnsw_ef_construction": str(int(hnsw_ef_construction)),
+    }
     applied: list[str] = []
     for version, path in pending_migrations(directory):
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_KEY])
             if version in applied_versions(conn):
                 continue
-            conn.execute("SELECT set_config('recsys.embedding_dim', %s, true)", [str(int(embedding_dim))])
+            for name, value in values.items():
+                conn.execute("SELECT set_config(%s, %s, true)", [name, value])
             conn.execute(path.read_text())  # type: ignore[arg-type]  # a file of ours, not user input
             conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", [version, path.name])
         log.info("applied migration %s", path.name)
         applied.append(path.name)
+    _warn_if_different(conn, values["recsys.vector_type"], embedding_dim)
     return applied
+
+
+def _warn_if_different(conn: psycopg.Connection, vector_type: str, embedding_dim: int) -> None:
+    """Say so when the catalogue was created with another column type than the settings ask for."""
+    row = conn.execute(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+        " WHERE attrelid = to_regclass('items') AND attname = 'embedding'"
+    ).fetchone()
+    wanted = f"{vector_type}({int(embedding_dim)})"
+    if row is not None and row[0] != wanted:
+        log.warning(
+            "items.embedding is %s but the settings ask for %s: the column type is chosen when the "
+            "catalogue is created and is not converted", row[0], wanted,
+        )

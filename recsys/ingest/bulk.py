@@ -8,7 +8,9 @@ interrupted and run again.
 
 With ``build_index`` the HNSW index is dropped first and built once at the end, with parallel
 workers and a ``maintenance_work_mem`` large enough for the graph: building an HNSW graph in one
-go is several times faster than inserting into it row by row. Dropping and creating an index
+go is several times faster than inserting into it row by row. It is built with the ``m`` and
+``ef_construction`` given (``RECSYS_HNSW_M``, ``RECSYS_HNSW_EF_CONSTRUCTION`` from the command),
+for the column's type (``vector`` or ``halfvec``). Dropping and creating an index
 needs the table owner's rights (not the loader role's), and searches fall back to exact scans
 while it is missing, so this is for initial loads and maintenance windows.
 """
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector_async
+from psycopg import sql
 
 from recsys.errors import InvalidArgument
 from recsys.ingest.loader import copy_items
@@ -31,12 +34,11 @@ from recsys.ingest.messages import Item, decode_json, parse_item
 __all__ = ["INDEX_NAME", "BulkResult", "bulk_load", "count_items", "read_items"]
 
 INDEX_NAME = "items_embedding_cosine"
-#: As ``sql/002_items.sql`` creates it, for when the index is already missing.
-_DEFAULT_INDEX = (
-    "CREATE INDEX items_embedding_cosine ON items USING hnsw (embedding {kind}_cosine_ops)"
-    " WITH (m = 16, ef_construction = 64)"
+_INDEX = sql.SQL(
+    "CREATE INDEX items_embedding_cosine ON items USING hnsw (embedding {opclass})"
+    " WITH (m = {m}, ef_construction = {ef_construction})"
 )
-_INDEX_KINDS = {"vector": "vector", "halfvec": "halfvec"}
+_OPERATOR_CLASSES = {"vector": "vector_cosine_ops", "halfvec": "halfvec_cosine_ops"}
 
 
 @dataclass(frozen=True)
@@ -110,34 +112,32 @@ def _chunks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
         yield list(chunk.values())
 
 
-async def _index_definition(conn: psycopg.AsyncConnection[Any]) -> tuple[str, bool]:
-    """The index's ``CREATE INDEX`` statement, and whether it exists now."""
+async def _index_definition(
+    conn: psycopg.AsyncConnection[Any], *, m: int, ef_construction: int
+) -> tuple[sql.Composed, bool]:
+    """The index's ``CREATE INDEX`` statement for the column's type, and whether it exists now."""
     cur = await conn.execute(
-        "SELECT pg_get_indexdef(c.oid) FROM pg_class c"
-        " WHERE c.relname = %s AND c.relkind = 'i' AND c.relnamespace = 'public'::regnamespace",
-        [INDEX_NAME],
+        "SELECT t.typname, to_regclass(%s) IS NOT NULL FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
+        " WHERE a.attrelid = 'public.items'::regclass AND a.attname = 'embedding'",
+        [f"public.{INDEX_NAME}"],
     )
     row = await cur.fetchone()
-    if row is not None:
-        return str(row[0]), True
-    cur = await conn.execute(
-        "SELECT t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
-        " WHERE a.attrelid = 'public.items'::regclass AND a.attname = 'embedding'"
+    opclass = _OPERATOR_CLASSES.get(str(row[0]) if row else "", "vector_cosine_ops")
+    definition = _INDEX.format(
+        opclass=sql.SQL(opclass), m=sql.Literal(int(m)), ef_construction=sql.Literal(int(ef_construction))
     )
-    kind_row = await cur.fetchone()
-    kind = _INDEX_KINDS.get(str(kind_row[0]) if kind_row else "", "vector")
-    return _DEFAULT_INDEX.format(kind=kind), False
+    return definition, bool(row and row[1])
 
 
 async def _build_index(
-    conn: psycopg.AsyncConnection[Any], definition: str, *, workers: int, maintenance_work_mem: str
+    conn: psycopg.AsyncConnection[Any], definition: sql.Composed, *, workers: int, maintenance_work_mem: str
 ) -> None:
     async with conn.transaction():
         # Transaction-local (SET LOCAL), so that nothing leaks through PgBouncer's server connection.
         await conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", [maintenance_work_mem])
         await conn.execute("SELECT set_config('max_parallel_maintenance_workers', %s, true)", [str(workers)])
         await conn.execute("SELECT set_config('statement_timeout', '0', true)")
-        await conn.execute(definition)  # type: ignore[arg-type]  # from the catalog or a constant
+        await conn.execute(definition)
 
 
 async def bulk_load(
@@ -149,6 +149,8 @@ async def bulk_load(
     build_index: bool = False,
     workers: int = 2,
     maintenance_work_mem: str = "1GB",
+    hnsw_m: int = 16,
+    hnsw_ef_construction: int = 64,
     statement_timeout_ms: int = 600_000,
     progress: Callable[[int], None] | None = None,
 ) -> BulkResult:
@@ -156,11 +158,12 @@ async def bulk_load(
 
     ``url`` may point at PgBouncer (transaction mode is fine: nothing outlives a transaction)
     or directly at PostgreSQL. ``progress`` is called with the rows of each committed chunk.
+    With ``build_index``, the index is rebuilt with ``hnsw_m`` and ``hnsw_ef_construction``.
     """
     rows = chunks = 0
     async with await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None) as conn:
         await register_vector_async(conn)
-        definition, exists = await _index_definition(conn) if build_index else ("", False)
+        definition, exists = await _index_definition(conn, m=hnsw_m, ef_construction=hnsw_ef_construction)
         if build_index and exists:
             await conn.execute(f"DROP INDEX IF EXISTS {INDEX_NAME}")  # type: ignore[arg-type]  # a constant
         try:

@@ -62,7 +62,8 @@ def load_main(argv: list[str]) -> int:
     parser.add_argument("--url", help="database URL (default: the loader's; --build-index needs the table owner)")
     parser.add_argument("--chunk-size", type=int, default=10_000, help="rows per transaction (default 10000)")
     parser.add_argument("--build-index", action="store_true",
-                        help="drop the HNSW index before loading and build it once after, in parallel")
+                        help="drop the HNSW index before loading and build it once after, in parallel"
+                             " (with RECSYS_HNSW_M and RECSYS_HNSW_EF_CONSTRUCTION)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="parallel maintenance workers for the index build (default: cores - 1)")
     parser.add_argument("--maintenance-work-mem", default="1GB",
@@ -86,6 +87,7 @@ def load_main(argv: list[str]) -> int:
         result = asyncio.run(bulk_load(
             args.url or _loader_url(settings), items, dim=settings.embedding_dim, chunk_size=args.chunk_size,
             build_index=args.build_index, workers=args.workers, maintenance_work_mem=args.maintenance_work_mem,
+            hnsw_m=settings.hnsw_m, hnsw_ef_construction=settings.hnsw_ef_construction,
             statement_timeout_ms=max(settings.loader_statement_timeout_ms, 600_000), progress=update,
         ))
     except InvalidArgument as exc:

@@ -174,7 +174,9 @@ async def apply_part(conn: Conn, part: Part, *, dim: int, version: int) -> Appli
     flight and those after them wait for the deletion (one lock, whatever the part's size).
     """
     await conn.execute(_LOCK_EXCLUSIVE if part.deletes else _LOCK_SHARED, [WRITE_LOCK_KEY])
-    kind = vector_type(dim)
+    # Staged as float32 whatever the catalogue's column type: pgvector casts vector to halfvec
+    # implicitly in the upsert, so the loader needs no knowledge of RECSYS_VECTOR_TYPE.
+    kind = "vector"
     await conn.execute(_STAGING.format(type=sql.SQL(kind), dim=sql.Literal(dim)))
     async with conn.cursor() as cur:
         try:

@@ -11,8 +11,9 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-from recsys.config import SettingsError, load_settings
+from recsys.config import Settings, SettingsError, load_settings
 from recsys.local import tools
 from recsys.local.stack import MAX_REPLICAS, Stack, StackConfig
 
@@ -30,6 +31,16 @@ def _logging(verbose: bool = False) -> None:
     )
     # The storage SDK logs every HTTP exchange at INFO.
     logging.getLogger("azure").setLevel(logging.WARNING)
+
+
+def _schema_options(settings: Settings) -> dict[str, Any]:
+    """What the migrations take from the settings: dimension, column type, HNSW parameters."""
+    return {
+        "embedding_dim": settings.embedding_dim,
+        "vector_type": settings.vector_type,
+        "hnsw_m": settings.hnsw_m,
+        "hnsw_ef_construction": settings.hnsw_ef_construction,
+    }
 
 
 def _stack_from(args: argparse.Namespace) -> Stack:
@@ -89,10 +100,10 @@ def migrate_main(argv: list[str]) -> int:
         from recsys.db.migrations import apply_migrations
 
         with psycopg.connect(args.url, autocommit=True) as conn:
-            applied = apply_migrations(conn, embedding_dim=settings.embedding_dim)
+            applied = apply_migrations(conn, **_schema_options(settings))
     else:
         root = Path(args.root) if args.root else None
-        applied = Stack(StackConfig.local(root, embedding_dim=settings.embedding_dim)).migrate()
+        applied = Stack(StackConfig.local(root, **_schema_options(settings))).migrate()
     print("\n".join(applied) if applied else "nothing to apply")
     return 0
 
@@ -204,7 +215,7 @@ def run_main(argv: list[str]) -> int:
     if not _check_settings():
         return 2
     settings = load_settings()
-    stack = Stack(StackConfig.local(embedding_dim=settings.embedding_dim, replicas=args.replicas))
+    stack = Stack(StackConfig.local(**_schema_options(settings), replicas=args.replicas))
     try:
         stack.up()
         for key, value in stack.app_environment().items():

@@ -123,6 +123,11 @@ class StackConfig:
     table_port: int = 10002
     database: str = "recsys"
     embedding_dim: int = 384
+    #: The embeddings' column type (``None``: ``vector`` up to 2000 dimensions, ``halfvec`` above)
+    #: and the HNSW parameters, as ``RECSYS_VECTOR_TYPE``, ``RECSYS_HNSW_M``, ``RECSYS_HNSW_EF_CONSTRUCTION``.
+    vector_type: str | None = None
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
     #: ``False`` turns off fsync and friends: for throw-away test stacks.
     durable: bool = True
     #: PgBouncer terminates client TLS (and requires it) with a certificate for ``localhost`` and
@@ -279,11 +284,15 @@ class Stack:
             "RECSYS_LOADER_DATABASE_URL": self.bouncer_url(user="recsys_loader"),
             "RECSYS_DB_AUTH": "password",
             "RECSYS_EMBEDDING_DIM": str(self.config.embedding_dim),
+            "RECSYS_HNSW_M": str(self.config.hnsw_m),
+            "RECSYS_HNSW_EF_CONSTRUCTION": str(self.config.hnsw_ef_construction),
             "AzureWebJobsStorage": self.storage_connection_string(),
             # The loader's queue trigger binds %RECSYS_QUEUE_NAME%: a binding expression needs
             # the app setting itself, a default in Settings is not enough.
             "RECSYS_QUEUE_NAME": "embedding-batches",
         }
+        if self.config.vector_type:
+            env["RECSYS_VECTOR_TYPE"] = self.config.vector_type
         if self.config.tls:
             env["RECSYS_SSLMODE"] = "verify-full"
             env["RECSYS_SSLROOTCERT"] = str(self.tls_files.ca_cert)
@@ -361,7 +370,10 @@ class Stack:
         from recsys.db.migrations import apply_migrations
 
         with psycopg.connect(self.admin_conninfo(), autocommit=True) as conn:
-            return apply_migrations(conn, embedding_dim=self.config.embedding_dim)
+            return apply_migrations(
+                conn, embedding_dim=self.config.embedding_dim, vector_type=self.config.vector_type,
+                hnsw_m=self.config.hnsw_m, hnsw_ef_construction=self.config.hnsw_ef_construction,
+            )
 
     # ----------------------------------------------------------------- PostgreSQL
 

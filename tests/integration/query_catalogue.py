@@ -7,7 +7,11 @@ reuses the rows if nothing has touched the table since.
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import psycopg
+from pgvector import HalfVector
 from pgvector.psycopg import register_vector
 
 from recsys.datasets import Catalogue, clustered_catalogue
@@ -35,10 +39,19 @@ def _fingerprint(conn: psycopg.Connection) -> object:
 
 
 def ensure_catalogue(stack: Stack) -> Catalogue:
-    """The test catalogue, loaded into the stack's ``items`` table unless it is there already."""
+    """The test catalogue, loaded into the stack's ``items`` table unless it is there already.
+
+    In a ``halfvec`` catalogue the vectors are those stored: rounded to float16.
+    """
     catalogue = make_catalogue(stack.config.embedding_dim)
+    key = f"{stack.root}/{stack.config.database}"
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
-        if _loaded.get(str(stack.root)) == _fingerprint(conn):
+        column = conn.execute("SELECT t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
+                              " WHERE a.attrelid = 'items'::regclass AND a.attname = 'embedding'").fetchone()
+        halfvec = column == ("halfvec",)
+        if halfvec:
+            catalogue = dataclasses.replace(catalogue, vectors=catalogue.vectors.astype(np.float16).astype(np.float32))
+        if _loaded.get(key) == _fingerprint(conn):
             return catalogue
         register_vector(conn)
         index = conn.execute("SELECT pg_get_indexdef('items_embedding_cosine'::regclass)").fetchone()
@@ -48,15 +61,16 @@ def ensure_catalogue(stack: Stack) -> Catalogue:
             conn.execute("DROP INDEX items_embedding_cosine")
             statement = "COPY items (id, embedding, category, metadata) FROM STDIN WITH (FORMAT BINARY)"
             with conn.cursor().copy(statement) as copy:
-                copy.set_types(["text", "vector", "text", "jsonb"])
+                copy.set_types(["text", "halfvec" if halfvec else "vector", "text", "jsonb"])
                 for i, (item_id, vector, category) in enumerate(
                     zip(catalogue.ids, catalogue.vectors, catalogue.categories, strict=True)
                 ):
-                    copy.write_row((item_id, vector, category, psycopg.types.json.Jsonb({"n": i})))
+                    value = HalfVector(vector) if halfvec else vector
+                    copy.write_row((item_id, value, category, psycopg.types.json.Jsonb({"n": i})))
             conn.execute(index[0])
         conn.execute("ANALYZE items")
         # The app reads as recsys_query (sql/030_roles.sql); some tests read as the login
         # `recsys` on a connection of their own, which the roles migration grants nothing.
         conn.execute("GRANT SELECT ON items TO recsys")
-        _loaded[str(stack.root)] = _fingerprint(conn)
+        _loaded[key] = _fingerprint(conn)
     return catalogue

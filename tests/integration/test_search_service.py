@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.pq import Trace
 from psycopg_pool import AsyncConnectionPool
 from query_catalogue import RARE_CATEGORY
 
+from recsys.config import settings_environment
 from recsys.datasets import Catalogue
 from recsys.db.pool import configure_connection, get_pool
 from recsys.errors import InvalidArgument, NotCalibrated, NotFound
@@ -23,6 +26,35 @@ from recsys.search.service import UnknownItems
 pytestmark = pytest.mark.integration
 
 TIMEOUT_MS = 5000
+HALFVEC_DATABASE = "recsys_halfvec"
+
+
+@pytest.fixture(scope="module", params=["vector", "halfvec"])
+def stack(request: pytest.FixtureRequest, stack: Stack) -> Iterator[Stack]:
+    """Every test of this module runs on a vector catalogue and on a halfvec one.
+
+    The halfvec catalogue lives in a database of its own on the session's stack, migrated with
+    ``vector_type="halfvec"``; the view of the stack returned points every URL at it.
+    """
+    if request.param == "vector":
+        yield stack
+        return
+    with psycopg.connect(stack.admin_conninfo("postgres"), autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(HALFVEC_DATABASE)))
+        admin.execute(sql.SQL("CREATE DATABASE {} OWNER recsys").format(sql.Identifier(HALFVEC_DATABASE)))
+    view = Stack(dataclasses.replace(stack.config, database=HALFVEC_DATABASE, vector_type="halfvec"))
+    view.migrate()
+    yield view
+    with psycopg.connect(stack.admin_conninfo("postgres"), autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(HALFVEC_DATABASE)))
+
+
+@pytest.fixture(scope="module")
+def stack_env(stack: Stack) -> Iterator[dict[str, str]]:
+    """The app's settings point at the module's catalogue (the halfvec database for its round)."""
+    env = {**stack.app_environment(), "RECSYS_POOL_TIMEOUT": "3", "RECSYS_CONNECT_TIMEOUT": "2"}
+    with settings_environment(env):
+        yield env
 
 
 @pytest.fixture
@@ -36,8 +68,8 @@ async def conn(stack: Stack, catalogue: Catalogue) -> AsyncIterator[psycopg.Asyn
 
 def exact_neighbours(catalogue: Catalogue, query: np.ndarray, k: int, *, skip: set[str] = frozenset(),
                      category: str | None = None) -> list[str]:
-    """Brute-force cosine top-k (the catalogue's vectors are unit length)."""
-    scores = catalogue.vectors @ (query / np.linalg.norm(query))
+    """Brute-force cosine top-k."""
+    scores = catalogue.vectors @ (query / np.linalg.norm(query)) / np.linalg.norm(catalogue.vectors, axis=1)
     order = np.argsort(-scores, kind="stable")
     found = []
     for i in order:
@@ -128,7 +160,9 @@ async def test_similar_results_are_sorted_scored_and_never_the_item_or_excluded(
         assert r["score"] == pytest.approx(1 - r["distance"])
         assert r["metadata"] == {"n": catalogue.ids.index(r["id"])}
     query = catalogue.vectors[123]
-    expected = np.array([float(catalogue.vectors[catalogue.ids.index(i)] @ query) for i in ids])
+    # Cosine of the stored vectors (a halfvec catalogue's, rounded to float16, are not quite unit length).
+    expected = np.array([float(v @ query / np.linalg.norm(v) / np.linalg.norm(query))
+                         for v in (catalogue.vectors[catalogue.ids.index(i)] for i in ids)])
     assert np.allclose(scores, expected, atol=1e-5)
 
 

@@ -35,7 +35,11 @@ def test_values_are_parsed() -> None:
     [
         ("RECSYS_EMBEDDING_DIM", "abc"),
         ("RECSYS_EMBEDDING_DIM", "0"),
-        ("RECSYS_EMBEDDING_DIM", "16001"),
+        ("RECSYS_EMBEDDING_DIM", "4001"),
+        ("RECSYS_VECTOR_TYPE", "float"),
+        ("RECSYS_HNSW_M", "1"),
+        ("RECSYS_HNSW_M", "101"),
+        ("RECSYS_HNSW_EF_CONSTRUCTION", "1001"),
         ("RECSYS_POOL_MAX_SIZE", "-1"),
         ("RECSYS_POOL_TIMEOUT", "soon"),
         ("RECSYS_STATEMENT_TIMEOUT_MS", "0"),
@@ -117,3 +121,23 @@ def test_the_settings_repr_shows_no_secret() -> None:
     for secret in ("query-pass", "loader-pass", "storage-key==", "function-key"):
         assert secret not in shown
     assert "postgresql://app:***@db:6432/recsys" in shown
+
+
+def test_vector_type_defaults_by_dimension_and_is_validated_against_the_index() -> None:
+    assert load_settings({}).vector_type == "vector"
+    assert load_settings({"RECSYS_EMBEDDING_DIM": "2000"}).vector_type == "vector"
+    assert load_settings({"RECSYS_EMBEDDING_DIM": "2001"}).vector_type == "halfvec"
+    assert load_settings({"RECSYS_EMBEDDING_DIM": "384", "RECSYS_VECTOR_TYPE": "halfvec"}).vector_type == "halfvec"
+    assert load_settings({"RECSYS_EMBEDDING_DIM": "4000", "RECSYS_VECTOR_TYPE": "halfvec"}).embedding_dim == 4000
+    with pytest.raises(SettingsError, match="up to 2000 dimensions") as caught:
+        load_settings({"RECSYS_EMBEDDING_DIM": "3072", "RECSYS_VECTOR_TYPE": "vector"})
+    assert caught.value.name == "RECSYS_VECTOR_TYPE"
+
+
+def test_hnsw_parameters_are_parsed_and_ef_construction_covers_twice_m() -> None:
+    settings = load_settings({"RECSYS_HNSW_M": "24", "RECSYS_HNSW_EF_CONSTRUCTION": "128"})
+    assert (settings.hnsw_m, settings.hnsw_ef_construction) == (24, 128)
+    assert (load_settings({}).hnsw_m, load_settings({}).hnsw_ef_construction) == (16, 64)
+    with pytest.raises(SettingsError, match="at least 2") as caught:
+        load_settings({"RECSYS_HNSW_M": "48"})
+    assert caught.value.name == "RECSYS_HNSW_EF_CONSTRUCTION"
