@@ -4,8 +4,13 @@
   loader connects: binary COPY, text COPY and ``executemany`` INSERT (psycopg batches it in a
   pipeline), each in one transaction.
 - Index order: loading then building the HNSW index, vs loading into the indexed table.
-- End to end: batches enqueued with the project's producer, loaded by the queue-triggered loader
-  run by the local host, until the last row is in the table.
+- The write path against the database's own rate, side by side in one run: the same versioned
+  upserts (replacements, new items, and writes made stale by tombstones) into the same indexed
+  table, once as the project's loader SQL run straight from pre-built rows over the same number
+  of connections as the loader's pool, once through the whole pipeline (the project's producer,
+  Blob storage and the queue, the local host's queue-triggered loader). The pipeline's time is
+  split into the producer, the time until the first part's transaction starts (queue polling,
+  blob download, parsing) and the load window, so that what it loses is accounted for.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import logging
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
+from psycopg.types.json import Jsonb
 
 from recsys.bench.harness import (
     BenchOptions,
@@ -35,6 +42,7 @@ from recsys.bench.stats import ratio
 from recsys.config import Settings
 from recsys.datasets import Catalogue, clustered_catalogue
 from recsys.db.pool import connection_kwargs
+from recsys.ingest.messages import Item, Part
 from recsys.local.stack import Stack, free_port
 
 __all__ = ["run"]
@@ -188,39 +196,179 @@ def _index_order(stack: Stack, catalogue: Catalogue, count: int) -> dict[str, An
     return {"rows": count, "load_then_index": then_index, "load_into_indexed": into_indexed}
 
 
-async def _enqueue_and_wait(items: list[Any], batch_id: str, part_items: int, timeout: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Workload:
+    """The state before the writes (items at version 1, tombstones) and the writes themselves."""
+
+    base: list[Item]
+    tombstones: list[tuple[str, int]]
+    writes: list[Item]
+    part_items: int
+
+    @property
+    def parts(self) -> list[Part]:
+        return [Part(self.writes[i:i + self.part_items], []) for i in range(0, len(self.writes), self.part_items)]
+
+    @property
+    def expected(self) -> tuple[int, int]:
+        """(rows written, writes stale): the writes of tombstoned ids are stale."""
+        stale = len({i.id for i in self.writes} & {t for t, _ in self.tombstones})
+        return len(self.writes) - stale, stale
+
+
+def _workload(n_base: int, n_writes: int, part_items: int, dim: int) -> Workload:
+    """Half the writes replace base items, two fifths are new ids, a tenth hit tombstones."""
+    base_catalogue = clustered_catalogue(n_base, dim, seed=11, id_prefix="item-")
+    fresh = clustered_catalogue(n_writes, dim, seed=12, id_prefix="fresh-")
+    base = [Item(i, base_catalogue.vectors[n], base_catalogue.categories[n], [], {"n": n}, version=1)
+            for n, i in enumerate(base_catalogue.ids)]
+    replaced, stale = n_writes // 2, n_writes // 10
+    ids = base_catalogue.ids[:replaced] + [f"new-{n:06d}" for n in range(n_writes - replaced - stale)]
+    ids += [f"gone-{n:06d}" for n in range(stale)]
+    writes = [Item(item_id, fresh.vectors[n], fresh.categories[n], ["fresh"], {"n": n}, version=2)
+              for n, item_id in enumerate(ids)]
+    tombstones = [(f"gone-{n:06d}", 10**15) for n in range(stale)]
+    # Interleaved as a producer's updates come: replacements, new ids and stale ones mixed.
+    order = np.random.default_rng(13).permutation(len(writes))
+    return Workload(base, tombstones, [writes[n] for n in order], part_items)
+
+
+def _reset(stack: Stack, workload: Workload) -> None:
+    """The same starting state for every run: the base items (indexed), the tombstones, no ledger."""
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute("TRUNCATE items, item_tombstones, ingest_batches")
+        drop_hnsw_index(stack)
+        with conn.transaction(), conn.cursor() as cur, cur.copy(
+            "COPY items (id, version, embedding, category, metadata) FROM STDIN WITH (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(["text", "int8", "vector", "text", "jsonb"])
+            for item in workload.base:
+                copy.write_row((item.id, item.version, item.embedding, item.category, Jsonb(item.metadata)))
+        with conn.cursor() as cur, cur.copy("COPY item_tombstones (id, version) FROM STDIN") as copy:
+            for row in workload.tombstones:
+                copy.write_row(row)
+    build_hnsw_index(stack)
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE) items, item_tombstones")
+        conn.execute("CHECKPOINT")
+
+
+def _check_state(stack: Stack, workload: Workload) -> None:
+    """Both ways must leave the same catalogue: every write applied except the stale ones."""
+    written, stale = workload.expected
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE version = 2), "
+            "(SELECT count(*) FROM items i JOIN item_tombstones t USING (id)) FROM items"
+        ).fetchone()
+    new = len({i.id for i in workload.writes} - {i.id for i in workload.base}) - stale
+    assert row == (len(workload.base) + new, written, 0), f"unexpected catalogue after the writes: {row}"
+
+
+async def _database_run(url: str, workload: Workload, connections: int, dim: int) -> dict[str, Any]:
+    """The loader's SQL (``apply_part``) for every part, from pre-built rows, ``connections`` at a time."""
+    from pgvector.psycopg import register_vector_async
+
+    from recsys.ingest.loader import apply_part
+
+    queue: asyncio.Queue[Part] = asyncio.Queue()
+    for part in workload.parts:
+        queue.put_nowait(part)
+    counts = [0, 0]
+    spans: list[float] = []
+
+    async def worker() -> None:
+        async with await psycopg.AsyncConnection.connect(url, **connection_kwargs(Settings())) as conn:
+            await register_vector_async(conn)
+            while not queue.empty():
+                part = queue.get_nowait()
+                started = time.perf_counter()
+                async with conn.transaction():
+                    applied = await apply_part(conn, part, dim=dim, version=1)
+                spans.append(time.perf_counter() - started)
+                counts[0] += applied.rows
+                counts[1] += applied.stale
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    elapsed = time.perf_counter() - started
+    assert tuple(counts) == workload.expected, f"database run wrote {counts}, expected {workload.expected}"
+    return {"seconds": round(elapsed, 3), "items_per_s": round(len(workload.writes) / elapsed, 0),
+            "part_seconds": [round(s, 3) for s in spans]}
+
+
+async def _pipeline_run(stack: Stack, workload: Workload, batch_id: str, timeout: float) -> dict[str, Any]:
+    """The project's producer -> Blob storage + queue -> the local host's loader; timed from the ledger."""
     from recsys.db.pool import close_pools
-    from recsys.ingest.demo import wait_for_batches
     from recsys.ingest.producer import enqueue_items
 
     try:
-        started = time.perf_counter()
-        enqueued = await enqueue_items(items, batch_id=batch_id, part_items=part_items)
-        sent = time.perf_counter() - started
-        statuses = await wait_for_batches([batch_id], timeout=timeout, interval=0.2)
-        elapsed = time.perf_counter() - started
+        started_wall, started = time.time(), time.perf_counter()
+        enqueued = await enqueue_items(workload.writes, batch_id=batch_id, part_items=workload.part_items)
+        sent_wall = time.time()
+        producer_s = time.perf_counter() - started
     finally:
         await close_pools()
-    rows = sum(s.rows for s in statuses)
-    assert rows == len(items), f"loaded {rows} of {len(items)} items"
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE status = 'loaded'), count(*) FILTER (WHERE status = 'failed'),"
+                " sum(rows), sum(stale), extract(epoch FROM min(updated_at)), extract(epoch FROM max(loaded_at)),"
+                " array_agg(extract(epoch FROM loaded_at - updated_at) ORDER BY part)"
+                " FROM ingest_batches WHERE batch_id = %s",
+                [batch_id],
+            ).fetchone()
+            assert row is not None
+            if row[0] == enqueued.messages or row[1] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    loaded, failed, rows, stale, first_start, last_end, spans = row
+    assert loaded == enqueued.messages and not failed, f"{loaded} of {enqueued.messages} parts loaded"
+    assert (rows, stale) == workload.expected, f"pipeline wrote {(rows, stale)}, expected {workload.expected}"
+    end_to_end = float(last_end) - started_wall
+    queue_to_table = float(last_end) - sent_wall
     return {
-        "items": len(items), "messages": enqueued.messages, "blobs": enqueued.blobs, "part_items": part_items,
-        "enqueue_s": round(sent, 2), "total_s": round(elapsed, 2), "items_per_s": round(len(items) / elapsed, 0),
+        "messages": enqueued.messages, "blobs": enqueued.blobs,
+        "producer_s": round(producer_s, 3),
+        "until_first_load_s": round(float(first_start) - sent_wall, 3),
+        "load_window_s": round(float(last_end) - float(first_start), 3),
+        "queue_to_table_s": round(queue_to_table, 3),
+        "end_to_end_s": round(end_to_end, 3),
+        "queue_to_table_items_per_s": round(len(workload.writes) / queue_to_table, 0),
+        "end_to_end_items_per_s": round(len(workload.writes) / end_to_end, 0),
+        "part_seconds": [round(float(s), 3) for s in spans],
     }
 
 
-def _end_to_end(stack: Stack, runs: dict[str, tuple[int, int]], timeout: float) -> dict[str, Any]:
-    """Enqueue with the project's producer, load with the host's queue-triggered loader; items/s."""
-    from recsys.ingest.demo import demo_items
-
-    figures: dict[str, Any] = {}
+def _pipeline_vs_database(stack: Stack, workload: Workload, rounds: int, timeout: float) -> dict[str, Any]:
+    """Alternating runs of both ways from the same starting state; the best round of each."""
     env = stack.app_environment()
+    connections = Settings().pool_max_size  # the loader's pool (and load slots) per worker
+    dim = stack.config.embedding_dim
+    database: list[dict[str, Any]] = []
+    pipeline: list[dict[str, Any]] = []
     with app_environment(env), local_host(env, free_port()):
-        for name, (count, part_items) in runs.items():
-            items = demo_items(count, stack.config.embedding_dim, seed=9, prefix=f"{name}-")
-            figures[name] = asyncio.run(_enqueue_and_wait(items, f"bench-{name}", part_items, timeout))
-            log.info("ingest: end to end %s: %s", name, figures[name])
-    return figures
+        for n in range(rounds):
+            _reset(stack, workload)
+            database.append(asyncio.run(_database_run(stack.bouncer_url(), workload, connections, dim)))
+            _check_state(stack, workload)
+            log.info("ingest: database round %d: %s", n, database[-1])
+            _reset(stack, workload)
+            pipeline.append(asyncio.run(_pipeline_run(stack, workload, f"bench-pipeline-{n}", timeout)))
+            _check_state(stack, workload)
+            log.info("ingest: pipeline round %d: %s", n, pipeline[-1])
+    best_db = min(database, key=lambda r: r["seconds"])
+    best_pipe = min(pipeline, key=lambda r: r["queue_to_table_s"])
+    return {
+        "base_items": len(workload.base), "writes": len(workload.writes), "tombstones": len(workload.tombstones),
+        "expected_rows_stale": list(workload.expected), "part_items": workload.part_items,
+        "connections": connections, "database": database, "pipeline": pipeline,
+        "best_database": best_db, "best_pipeline": best_pipe,
+        "ratio_queue_to_table": round(ratio(best_pipe["queue_to_table_items_per_s"], best_db["items_per_s"]), 3),
+        "ratio_end_to_end": round(ratio(best_pipe["end_to_end_items_per_s"], best_db["items_per_s"]), 3),
+    }
 
 
 def run(options: BenchOptions) -> BenchResult:
@@ -236,14 +384,11 @@ def run(options: BenchOptions) -> BenchResult:
         servers = server_versions(stack)
         figures: dict[str, Any] = {"methods": _methods(stack, catalogue, counts, rounds)}
         figures["index_order"] = _index_order(stack, catalogue, index_rows)
-        _truncate(stack)
-        end_to_end = {
-            # The project's default: parts of 5,000 items, each a blob behind one message.
-            "claim_check": (options.size(20_000, 1_000), 5_000),
-            # Parts small enough to travel inside the queue message (64 KiB).
-            "inline": (options.size(2_000, 100), 20),
-        }
-        figures["end_to_end"] = _end_to_end(stack, end_to_end, timeout=options.size(600, 120))
+        workload = _workload(options.size(20_000, 1_000), options.size(20_000, 1_000),
+                             options.size(5_000, 250), dim)
+        figures["pipeline_vs_database"] = _pipeline_vs_database(
+            stack, workload, rounds=options.size(2, 1), timeout=options.size(600, 120)
+        )
     methods = figures["methods"]
     binary, text, many = (methods[n]["rows_per_s"] for n in ("copy_binary", "copy_text", "executemany"))
     text_server, per_row = methods["copy_text_preformatted"]["rows_per_s"], methods["insert_per_row"]["rows_per_s"]
@@ -253,7 +398,8 @@ def run(options: BenchOptions) -> BenchResult:
     figures["binary_vs_executemany"] = round(ratio(binary, many), 2)
     figures["binary_vs_text"] = round(ratio(binary, text), 2)
     figures["load_then_index_speedup"] = round(index_speedup, 2)
-    e2e = figures["end_to_end"]
+    side = figures["pipeline_vs_database"]
+    pipe, db = side["best_pipeline"], side["best_database"]
     headlines = [
         Headline(f"binary COPY ÷ executemany INSERT, rows/s ({binary:,.0f} vs {many:,.0f})",
                  round(ratio(binary, many), 1), "×", "≥ 20×", ratio(binary, many) >= 20),
@@ -264,11 +410,12 @@ def run(options: BenchOptions) -> BenchResult:
         Headline(f"binary COPY ÷ text COPY of lines formatted beforehand ({text_server:,.0f} rows/s)",
                  round(ratio(binary, text_server), 1), "×"),
         Headline(f"binary COPY ÷ one INSERT per row ({per_row:,.0f} rows/s)", round(ratio(binary, per_row), 1), "×"),
-        Headline(f"end to end, queue to table, {e2e['claim_check']['items']:,} items in parts of "
-                 f"{e2e['claim_check']['part_items']:,} through Blob storage", e2e["claim_check"]["items_per_s"],
-                 "items/s"),
-        Headline(f"end to end, {e2e['inline']['items']:,} items in inline messages of "
-                 f"{e2e['inline']['part_items']} items", e2e["inline"]["items_per_s"], "items/s"),
+        Headline(f"write path, queue to table ÷ the database's own rate for the same {side['writes']:,} versioned "
+                 f"upserts ({pipe['queue_to_table_items_per_s']:,.0f} vs {db['items_per_s']:,.0f} items/s)",
+                 side["ratio_queue_to_table"], "×", "≥ 0.8×", side["ratio_queue_to_table"] >= 0.8),
+        Headline(f"write path including the producer (encode, blob upload, send): "
+                 f"{pipe['end_to_end_items_per_s']:,.0f} items/s ÷ the database's own rate",
+                 side["ratio_end_to_end"], "×"),
         Headline(f"load into indexed table ÷ load then index, total time ({order['rows']:,} rows)",
                  round(index_speedup, 1), "×"),
     ]
@@ -281,6 +428,11 @@ def run(options: BenchOptions) -> BenchResult:
             "statements": {"copy_binary": COPY_BINARY, "copy_text": COPY_TEXT, "executemany": INSERT,
                            "insert_per_row": INSERT},
             "hnsw": {"m": 16, "ef_construction": 64, "maintenance_work_mem": "1GB", "parallel_workers": 2},
+            "pipeline_vs_database": {
+                "base_items": side["base_items"], "writes": side["writes"], "tombstones": side["tombstones"],
+                "part_items": side["part_items"], "connections": side["connections"],
+                "writes_mix": "1/2 replace base items (version 1 -> 2), 2/5 new ids, 1/10 ids with a newer tombstone",
+            },
         },
         figures=figures,
         headlines=headlines,
@@ -290,5 +442,12 @@ def run(options: BenchOptions) -> BenchResult:
             "psycopg 3 sends executemany as a pipeline with binary parameters: not one round trip per row",
             "copy_text formats each vector as text in Python (pgvector's text dumper) while copying",
             "copy_binary uses psycopg's write_row (per-row adaptation); copy_binary_bulk builds the stream with numpy",
+            "pipeline vs database: the database's own rate runs the loader's SQL (apply_part: binary COPY into "
+            "staging, version- and tombstone-checked upsert) from rows built beforehand, over as many connections "
+            "as the loader's pool; the pipeline is timed from the moment its messages are in the queue to the "
+            "commit of its last part (ledger loaded_at); both start from the same indexed table and tombstones",
+            "pipeline time split: producer_s (before the queue), until_first_load_s (queue polling, blob "
+            "download, JSON parsing of the first part), load_window_s (first part's transaction start to the "
+            "last commit); part_seconds are each part's time inside its database transaction",
         ],
     )

@@ -60,10 +60,12 @@ ON CONFLICT (batch_id, part) DO UPDATE SET updated_at = now()
 RETURNING b.status, b.source
 """
 
+# updated_at is the load transaction's start (now()), loaded_at the moment the part was written
+# (clock_timestamp()): their difference is the time the part spent in the database.
 _MARK_LOADED = """
 UPDATE ingest_batches
    SET status = 'loaded', rows = %s, deleted = %s, stale = %s, source = %s, error = NULL,
-       updated_at = now(), loaded_at = now()
+       updated_at = now(), loaded_at = clock_timestamp()
  WHERE batch_id = %s AND part = %s
 """
 
