@@ -12,16 +12,21 @@ import pytest
 from recsys.errors import InvalidArgument
 from recsys.ingest.messages import (
     INLINE_MAX_BYTES,
+    MAX_PART_ENTRIES,
+    MAX_VERSION,
     QUEUE_MESSAGE_MAX_BYTES,
     BlobRef,
+    Delete,
     encode_document,
     encode_embedding,
     message_key,
     parse_batch_document,
     parse_items,
     parse_message,
+    parse_part,
+    parse_version,
 )
-from recsys.ingest.producer import plan_messages
+from recsys.ingest.producer import next_version, plan_messages, stamp_versions
 
 DIM = 4
 
@@ -163,3 +168,88 @@ def test_a_large_batch_becomes_a_few_blob_messages_not_many_small_ones() -> None
     assert all(len(base64.b64encode(p)) <= QUEUE_MESSAGE_MAX_BYTES for p in payloads)
     assert [json.loads(p)["part"] for p in payloads] == [0, 1, 2]
     assert [len(json.loads(data)["items"]) for _, data in blobs] == [1000, 1000, 500]
+
+
+# ----------------------------------------------------------------------------- versions and deletes
+
+
+def part_error(doc: Any, **kwargs: Any) -> InvalidArgument:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_part(doc, DIM, **kwargs)
+    return caught.value
+
+
+def test_versions_are_integers_from_1_to_2_to_the_53_minus_1() -> None:
+    assert parse_version(None, "v") is None
+    assert parse_version(1, "v") == 1 and parse_version(MAX_VERSION, "v") == MAX_VERSION
+    assert parse_version(1e12, "v") == 10**12  # an integer written as a float
+    for bad in (0, -1, MAX_VERSION + 1, 1.5, "3", True, [], float("nan")):
+        with pytest.raises(InvalidArgument) as caught:
+            parse_version(bad, "items[0].version")
+        assert caught.value.field == "items[0].version"
+
+
+def test_a_part_holds_items_and_deletions_with_their_versions() -> None:
+    part = parse_part({"items": [item(version=7)], "delete": ["b", 12, {"id": "c", "version": 9}]}, DIM)
+    assert [(i.id, i.version) for i in part.items] == [("a", 7)]
+    assert part.deletes == [Delete("b"), Delete("12"), Delete("c", 9)]
+    assert len(part) == 4
+    assert parse_part({"delete": ["x"]}, DIM).items == []
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({}, "items"),
+        ({"items": [], "delete": []}, "items"),
+        ({"delete": {"id": "a"}}, "delete"),
+        ({"items": "a"}, "items"),
+        ({"delete": [None]}, "delete[0]"),
+        ({"delete": [{"id": "a", "version": 0}]}, "delete[0].version"),
+        ({"delete": [{"id": "a", "extra": 1}]}, "delete[0]"),
+        ({"delete": ["a", "a"]}, "delete[1]"),
+        ({"items": [item()], "delete": ["a"]}, "delete"),
+        ({"items": [item(version="new")]}, "items[0].version"),
+    ],
+)
+def test_bad_parts_name_the_field(doc: Any, field: str) -> None:
+    assert part_error(doc).field == field
+
+
+def test_a_part_over_the_entry_limit_is_refused_before_its_entries_are_parsed() -> None:
+    doc = {"items": [{"not": "checked"}] * 3, "delete": ["a"] * (MAX_PART_ENTRIES - 2)}
+    error = part_error(doc)
+    expected = f"items and delete must hold at most {MAX_PART_ENTRIES} entries in all, got {MAX_PART_ENTRIES + 1}"
+    assert error.message == expected
+    assert error.field == "delete"
+
+
+def test_messages_carry_deletions_and_their_source() -> None:
+    items = parse_items([item(version=3)], DIM)
+    message = parse_message(encode_document("b", 0, items=items, deletes=[Delete("x", 4)], source="enqueue:t"))
+    assert (message.source, message.deletes) == ("enqueue:t", [{"id": "x", "version": 4}])
+    assert parse_part({"items": message.items, "delete": message.deletes}, DIM).deletes == [Delete("x", 4)]
+    assert parse_message(json.dumps({"batch_id": "b", "delete": ["y"]})).deletes == ["y"]
+    with pytest.raises(InvalidArgument) as caught:
+        parse_message(json.dumps({"batch_id": "b", "delete": ["y"], "blob": "c/n"}))
+    assert caught.value.field == "items"
+
+
+def test_the_producer_stamps_missing_versions_with_one_increasing_clock() -> None:
+    first, second = next_version(), next_version()
+    assert second > first > 1_700_000_000 * 10**6
+    items, deletes = stamp_versions(parse_items([item(), item(id="b", version=5)], DIM), [Delete("c")], 42)
+    assert [i.version for i in items] == [42, 5] and deletes == [Delete("c", 42)]
+
+
+def test_parts_are_cut_by_bytes_as_well_as_by_entries() -> None:
+    rng = np.random.default_rng(2)
+    items = parse_items([{"id": f"i{i}", "embedding": rng.standard_normal(384).tolist()} for i in range(300)], 384)
+    payloads, blobs = plan_messages("b", items, container="box", deletes=[Delete("z", 1)], part_bytes=200_000)
+    assert len(payloads) > 1 and max(len(data) for _, data in blobs) <= 200_000
+    stored = {str(ref): json.loads(data) for ref, data in blobs}
+    documents = [stored.get(json.loads(p).get("blob"), json.loads(p)) for p in payloads]
+    assert [d["part"] for d in documents] == list(range(len(payloads)))
+    assert sum(len(d["items"]) for d in documents) == 300
+    assert documents[-1]["delete"] == [{"id": "z", "version": 1}]
+    assert len({d["source"] for d in documents}) == 1
