@@ -33,7 +33,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "ingest": (
         "recsys.bench.ingest",
         "binary COPY vs text COPY vs `executemany` INSERT (rows/s); loading then indexing vs loading "
-        "into the indexed table; end-to-end items/s from the queue to the table through the loader.",
+        "into the indexed table; the write path (producer, queue, Blob storage, loader) vs the database's "
+        "own rate for the same versioned upserts into the same indexed table with the same tombstones, "
+        "side by side, and where the difference goes.",
     ),
     "recall": (
         "recsys.bench.recall",

@@ -413,6 +413,8 @@ def run(options: BenchOptions) -> BenchResult:
         Headline(f"write path, queue to table ÷ the database's own rate for the same {side['writes']:,} versioned "
                  f"upserts ({pipe['queue_to_table_items_per_s']:,.0f} vs {db['items_per_s']:,.0f} items/s)",
                  side["ratio_queue_to_table"], "×", "≥ 0.8×", side["ratio_queue_to_table"] >= 0.8),
+        Headline("write path: from the queue to the first part's transaction (queue polling up to "
+                 "maxPollingInterval, blob download, parsing)", pipe["until_first_load_s"], "s"),
         Headline(f"write path including the producer (encode, blob upload, send): "
                  f"{pipe['end_to_end_items_per_s']:,.0f} items/s ÷ the database's own rate",
                  side["ratio_end_to_end"], "×"),

@@ -84,11 +84,8 @@ async def enqueue_demo_catalogue(
 
 
 async def _statuses(batch_ids: Sequence[str]) -> list[ledger.BatchStatus | None]:
-    from recsys.db.pool import get_pool
-
-    pool = await get_pool("loader")
-    async with pool.connection() as conn:
-        return [await ledger.batch_status(conn, batch_id) for batch_id in batch_ids]
+    # Through the ingest pool: the loader's is busy with the very loads being waited for.
+    return [await ledger.batch_status_bounded(batch_id) for batch_id in batch_ids]
 
 
 async def _statuses_when_available(batch_ids: Sequence[str]) -> list[ledger.BatchStatus | None] | None:
@@ -96,7 +93,7 @@ async def _statuses_when_available(batch_ids: Sequence[str]) -> list[ledger.Batc
     try:
         return await _statuses(batch_ids)
     except (PoolTimeout, psycopg.OperationalError) as exc:
-        # The loader may hold every connection of the pool while it loads: ask again later.
+        # The database may be unreachable for a moment: ask again later.
         log.debug("batch statuses unavailable for now: %s", exc)
         return None
 
