@@ -6,7 +6,9 @@ import logging
 
 import azure.functions as func
 
+from recsys.config import get_settings
 from recsys.ingest.loader import process_message
+from recsys.ingest.retry import TRANSIENT, Delivery, retry_later
 
 __all__ = ["bp"]
 
@@ -20,10 +22,19 @@ async def loader_queue(msg: func.QueueMessage) -> None:
     """Load the message's batch part.
 
     A message that can never load is recorded ``failed`` and moved to the poison queue by the
-    loader, and this function returns normally (the host deletes it: no retries wasted). A
-    transient fault raises, so the host makes the message visible again and retries it.
+    loader, and this function returns normally (the host deletes it: no retries wasted). On a
+    transient fault a copy of the message is sent again with a backoff delay, and this function
+    returns normally too (``recsys.ingest.retry``): the host's own retries, which end in the
+    poison queue within half a minute, are left for faults of the storage account itself.
     """
-    outcome = await process_message(msg.get_body(), message_id=msg.id, inserted_at=msg.insertion_time)
+    delivery = Delivery.of(msg.get_body(), msg.id, msg.insertion_time)
+    try:
+        outcome = await process_message(
+            delivery.body, message_id=delivery.message_id, inserted_at=delivery.inserted_at
+        )
+    except TRANSIENT as exc:
+        await retry_later(delivery, exc, get_settings())
+        return
     if outcome.status == "failed":
         log.warning(
             "message %s (batch %s part %d) moved to the poison queue: %s",

@@ -292,7 +292,9 @@ async def _reject(
         async with pool.connection() as conn:
             await ledger.mark_failed(conn, batch_id, part, reason)
     # Moved by hand rather than by raising: the host would retry maxDequeueCount times first.
-    await storage.send_messages(settings, settings.poison_queue_name, [body])
+    # Kept as long as the ledger remembers the batch, so that `python -m recsys replay` can reload it.
+    await storage.send_messages(settings, settings.poison_queue_name, [body],
+                                time_to_live=settings.ledger_retention_days * 86400)
     return Outcome("failed", batch_id, part, error=reason)
 
 

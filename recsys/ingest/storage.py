@@ -29,18 +29,30 @@ def _wire(payload: bytes) -> str:
     return base64.b64encode(payload).decode("ascii")
 
 
-async def send_messages(settings: Settings, queue_name: str, payloads: Sequence[bytes]) -> None:
-    """Send each payload (UTF-8 JSON) as one base64 message; creates the queue when missing."""
+async def send_messages(
+    settings: Settings,
+    queue_name: str,
+    payloads: Sequence[bytes],
+    *,
+    visibility_timeout: int | None = None,
+    time_to_live: int | None = None,
+) -> None:
+    """Send each payload (UTF-8 JSON) as one base64 message; creates the queue when missing.
+
+    ``visibility_timeout`` delays the message (seconds; a retry's backoff), ``time_to_live``
+    overrides the queue's default lifetime of 7 days (seconds).
+    """
+    options = {"visibility_timeout": visibility_timeout, "time_to_live": time_to_live}
     async with queue_client(settings.storage, queue_name) as queue:
         for payload in payloads:
             try:
-                await queue.send_message(_wire(payload))
+                await queue.send_message(_wire(payload), **options)
             except ResourceNotFoundError:
                 # A fresh storage account: the Functions host creates the queue only when it
                 # starts listening, which may be after the first producer sends.
                 with contextlib.suppress(ResourceExistsError):
                     await queue.create_queue()
-                await queue.send_message(_wire(payload))
+                await queue.send_message(_wire(payload), **options)
 
 
 async def upload_blob(settings: Settings, ref: BlobRef, data: bytes) -> None:

@@ -13,6 +13,7 @@ import threading
 
 import psycopg
 import pytest
+from azure.functions.queue import QueueMessage
 from ingest_support import (
     IngestEnv,
     deliver_all,
@@ -236,7 +237,7 @@ async def test_a_producer_other_than_the_project_is_loaded_the_same_way(
         conn.execute("DELETE FROM items WHERE id = '12345'")
 
 
-async def test_messages_waiting_while_the_database_is_down_load_after_it_returns(
+async def test_messages_waiting_while_the_database_is_down_are_sent_again_later_and_load(
     ingest_env: IngestEnv, app_pools: None
 ) -> None:
     env = ingest_env
@@ -252,17 +253,38 @@ async def test_messages_waiting_while_the_database_is_down_load_after_it_returns
         messages = env.receive()
         assert len(messages) == 3
         results = await asyncio.gather(*(handler(to_function_message(m)) for m in messages), return_exceptions=True)
-        # Transient: every delivery raised, so the host leaves each message for a later delivery.
-        assert all(isinstance(r, psycopg.OperationalError) for r in results), results
+        # Transient: every delivery returned normally after sending a delayed copy of its message,
+        # so the host deletes the originals without counting a failed attempt.
+        assert results == [None, None, None], results
         for message in messages:
-            env.release(message)
+            env.delete(message)
+        assert env.waiting() == 3
     finally:
         env.stack.start_postgres()
 
     assert env.poisoned() == []
-    assert await deliver_until_empty(env, handler) >= 3  # as the host: a failed delivery comes back
+    await asyncio.sleep(2.5)  # the first retry's delay: 1 to 2 s
+    copies = env.receive()
+    assert len(copies) == 3
+    bodies = [json.loads(base64.b64decode(m.content)) for m in copies]
+    assert all(b["retry"]["attempt"] == 1 and b["retry"]["error"] for b in bodies), bodies
+    by_batch = {b["batch_id"]: b for b in bodies}
+    original = messages[[json.loads(base64.b64decode(m.content))["batch_id"] for m in messages].index(
+        f"{env.prefix}c")]
+    # The foreign producer's message keeps its first delivery's id and insertion time (its version).
+    assert by_batch[f"{env.prefix}c"]["origin"] == {
+        "message_id": original.id, "inserted_us": int(original.inserted_on.timestamp() * 1_000_000)
+    }
+    for copy in copies:
+        env.release(copy)
+    assert await deliver_until_empty(env, handler) == 3
     assert [env.ledger(f"{env.prefix}{b}")[0][1:3] for b in "abc"] == [("loaded", 3), ("loaded", 300), ("loaded", 2)]
     assert len(env.rows()) == 305
+
+
+async def load_directly(message: QueueMessage) -> None:
+    """The loader without the queue function's retry: a transient fault raises."""
+    await process_message(message.get_body(), message_id=message.id, inserted_at=message.insertion_time)
 
 
 async def test_a_load_whose_backend_is_terminated_leaves_nothing_and_loads_fully_when_redelivered(
@@ -272,7 +294,7 @@ async def test_a_load_whose_backend_is_terminated_leaves_nothing_and_loads_fully
     items = raw_items(1000, env.prefix)
     await enqueue_document({"batch_id": f"{env.prefix}cut", "items": items}, settings=env.settings)
     (message,) = env.receive()
-    handler = loader_handler()
+    handler = load_directly
     admin = env.stack.admin_conninfo()
 
     async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as locker, \
@@ -316,7 +338,7 @@ async def test_a_load_whose_backend_is_terminated_mid_copy_leaves_nothing_and_lo
     items = raw_items(total, env.prefix)
     await enqueue_document({"batch_id": f"{env.prefix}mid", "items": items}, settings=env.settings)
     (message,) = env.receive()
-    handler = loader_handler()
+    handler = load_directly
     caught: list[int] = []
     stop = threading.Event()
 
