@@ -685,15 +685,25 @@ class TimerDriver:
     async def close(self) -> None:
         return None
 
+    def _blob_service(self) -> Any:
+        """The host's storage account (``AzureWebJobsStorage``: connection string or identity)."""
+        from recsys.config import SettingsError, storage_account
+        from recsys.ingest.clients import blob_service
+
+        try:
+            return blob_service(storage_account(os.environ, self.STORAGE_SETTING, default=None))
+        except SettingsError:
+            return None
+
     async def _read_status(self) -> dict[str, Any] | None:
         from azure.core.exceptions import ResourceNotFoundError
-        from azure.storage.blob.aio import BlobClient
 
-        connection = os.environ.get(self.STORAGE_SETTING)
-        if not connection:
+        service = self._blob_service()
+        if service is None:
             return None
         try:
-            async with BlobClient.from_connection_string(connection, self.CONTAINER, self.status_blob) as blob:
+            async with service:
+                blob = service.get_blob_client(self.CONTAINER, self.status_blob)
                 data = await (await blob.download_blob()).readall()
             status = json.loads(data)
             return status if isinstance(status, dict) else None
@@ -705,14 +715,13 @@ class TimerDriver:
 
     async def _write_status(self, status: dict[str, Any]) -> None:
         from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-        from azure.storage.blob.aio import BlobServiceClient
 
-        connection = os.environ.get(self.STORAGE_SETTING)
-        if not connection:
+        service = self._blob_service()
+        if service is None:
             return
         data = json.dumps(status).encode()
         try:
-            async with BlobServiceClient.from_connection_string(connection) as service:
+            async with service:
                 blob = service.get_blob_client(self.CONTAINER, self.status_blob)
                 try:
                     await blob.upload_blob(data, overwrite=True)
