@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Catalogue", "clustered_catalogue"]
+__all__ = ["SELECTIVITIES", "Catalogue", "clustered_catalogue", "selectivity_tag", "selectivity_tags"]
 
 CATEGORIES = ("books", "music", "movies", "games", "garden", "kitchen", "sports", "toys", "tools", "travel")
 
@@ -58,3 +58,52 @@ def clustered_catalogue(
         categories=[categories[int(p)] for p in picks],
         clusters=assignment.astype(np.int64),
     )
+
+
+#: Fractions of the catalogue that the filter tags of :func:`selectivity_tags` select.
+SELECTIVITIES = (0.5, 0.05, 0.005, 0.0005)
+
+
+def selectivity_tag(selectivity: float, *, correlated: bool = False) -> str:
+    """The tag that :func:`selectivity_tags` puts on ``selectivity`` of the catalogue."""
+    return f"{'near' if correlated else 'far'}-{selectivity:g}"
+
+
+def selectivity_tags(
+    catalogue: Catalogue,
+    *,
+    around: int,
+    correlated: bool,
+    seed: int = 11,
+    selectivities: tuple[float, ...] = SELECTIVITIES,
+) -> list[list[str]]:
+    """Filter tags whose selectivity is known and whose relation to a query cluster is chosen.
+
+    Item ``i`` gets ``selectivity_tag(s, correlated=...)`` for each ``s`` whose set it is in; the
+    sets are nested (the rarer tag's items also carry the commoner tags).
+
+    * anti-correlated (``correlated=False``): no item of cluster ``around`` carries a tag; the
+      tagged items are drawn at random from the other clusters. A query from cluster ``around``
+      finds none of them among its neighbours, as with a category that does not surround the
+      query item: an index scan has to walk past the whole neighbourhood.
+    * correlated: the items nearest the centre of cluster ``around`` carry the tags (ranked by
+      similarity with some noise), as with a category that surrounds the query item.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(catalogue.ids)
+    if correlated:
+        centre = catalogue.vectors[catalogue.clusters == around].mean(axis=0)
+        closeness = catalogue.vectors @ (centre / np.linalg.norm(centre))
+        order = np.argsort(-(closeness + rng.normal(0.0, float(closeness.std()) * 0.5, n)), kind="stable")
+    else:
+        eligible = np.flatnonzero(catalogue.clusters != around)
+        order = rng.permutation(eligible)
+    tags: list[list[str]] = [[] for _ in range(n)]
+    for selectivity in selectivities:
+        count = round(selectivity * n)
+        if count > len(order):
+            raise ValueError(f"cannot tag {count} items: only {len(order)} are eligible")
+        tag = selectivity_tag(selectivity, correlated=correlated)
+        for i in order[:count]:
+            tags[int(i)].append(tag)
+    return tags

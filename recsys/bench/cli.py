@@ -42,6 +42,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "recall@10 against numpy ground truth and p50 latency per `ef_search`, next to the exact scan "
         "in PostgreSQL; filtered queries at 10% and 1% selectivity with and without iterative scans.",
     ),
+    "filters": (
+        "recsys.bench.filters",
+        "filtered `/similar` (the service's query path) at selectivities 50%, 5%, 0.5% and 0.05%, with "
+        "filters anti-correlated and correlated with the query, next to unfiltered: p50/p95, recall@10.",
+    ),
     "endpoint": (
         "recsys.bench.endpoint",
         "`/similar` through the local host vs the same SQL run raw over the same pool, at concurrency "

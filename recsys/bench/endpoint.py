@@ -39,7 +39,8 @@ from recsys.local import tools
 from recsys.local.host import discover
 from recsys.local.stack import free_port
 from recsys.search import queries
-from recsys.search.service import EXACT_SEARCH_MAX_ROWS
+from recsys.search.params import SimilarQuery
+from recsys.search.service import similar_params
 
 __all__ = ["HttpClient", "run"]
 
@@ -126,11 +127,11 @@ async def _run(env: dict[str, str], port: int, ids: list[str], count: int, secon
     await pool.wait(timeout=30)
     rng = random.Random(5)
     clients = [HttpClient("127.0.0.1", port) for _ in range(max(CONCURRENCY))]
-    statement = queries.TIMEOUT_PREFIX + queries.SIMILAR
+    statement = queries.TIMEOUT_PREFIX + queries.SEARCH
 
     async def raw(slot: int) -> None:
-        params = {"statement_timeout": str(settings.statement_timeout_ms), "id": rng.choice(ids), "k": K,
-                  "ef_search": EF_SEARCH, "category": None, "exclude": [], "exact_limit": EXACT_SEARCH_MAX_ROWS}
+        params = {"statement_timeout": str(settings.statement_timeout_ms),
+                  **similar_params(rng.choice(ids), SimilarQuery(k=K, ef_search=EF_SEARCH), EF_SEARCH)}
         async with pool.connection() as conn, psycopg.AsyncClientCursor(conn) as cur:
             await cur.execute(statement, params)
             cur.nextset()

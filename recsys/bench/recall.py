@@ -148,7 +148,7 @@ async def _run(url: str, catalogue: Catalogue, query_ids: list[str], filters: di
             figures[f"{name}/exact"] = _figures(found, latencies, truth)
             ladder = LADDER if category is None else (FILTER_EF,)
             for ef in ladder:
-                query = SimilarQuery(k=K, ef_search=ef, category=category)
+                query = SimilarQuery(k=K, ef_search=ef, categories=(category,) if category else None)
                 found, latencies = await _service_series(conn, query, query_ids, deadline)
                 figures[f"{name}/service/{ef}"] = _figures(found, latencies, truth)
             for mode in ("off",) if category is None else ("off", "relaxed_order"):
@@ -225,8 +225,7 @@ def run(options: BenchOptions) -> BenchResult:
             "catalogue_items": items, "dim": dim, "queries": queries, "k": K, "ladder": list(LADDER),
             "filter_ef_search": FILTER_EF, "filters": filters, "catalogue": "clustered_catalogue(seed=4)",
             "hnsw": {"m": 16, "ef_construction": 64}, "hnsw_sql": HNSW_SQL, "exact_sql": EXACT_SQL,
-            "service": "recsys.search.service.similar_items (recsys_similar: iterative scan, exact scan for "
-                       "filters leaving at most EXACT_SEARCH_MAX_ROWS rows)",
+            "service": "recsys.search.service.similar_items (recsys_query: index or exact scan by cost)",
             "functions": FUNCTIONS.strip(),
         },
         figures=figures,

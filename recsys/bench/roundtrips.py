@@ -156,7 +156,7 @@ def run(options: BenchOptions) -> BenchResult:
         inputs={
             "catalogue_items": items, "dim": dim, "k": K, "ef_search": EF_SEARCH, "delay_each_way_ms": delay_ms,
             "requests_per_path": count,
-            "one_statement": "recsys.search.service.similar_items: " + queries.TIMEOUT_PREFIX + queries.SIMILAR,
+            "one_statement": "recsys.search.service.similar_items: " + queries.TIMEOUT_PREFIX + queries.SEARCH,
             "naive": ["BEGIN", NAIVE_SET, NAIVE_SELECT.strip(), "COMMIT"],
         },
         figures=figures,

@@ -6,7 +6,7 @@ import azure.functions as func
 
 from recsys.config import get_settings
 from recsys.db.pool import get_pool
-from recsys.http.responses import handle_errors, json_response, read_json
+from recsys.http.responses import handle_errors, json_response, query_pairs, read_json
 from recsys.search import service
 from recsys.search.params import parse_bool, parse_id, parse_lookup, parse_similar
 
@@ -42,7 +42,7 @@ async def items_get(req: func.HttpRequest) -> func.HttpResponse:
 @handle_errors
 async def similar_get(req: func.HttpRequest) -> func.HttpResponse:
     item_id = parse_id(req.route_params.get("id"), "id")
-    query = parse_similar(req.params)
+    query = parse_similar(req.params, query_pairs(req))
     settings = get_settings()
     body = await service.similar_items(await get_pool(), item_id, query, timeout_ms=settings.statement_timeout_ms)
     return json_response(body)

@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import azure.functions as func
 import psycopg
@@ -19,7 +20,7 @@ from psycopg_pool import PoolTimeout
 from recsys.errors import Busy, RecsysError, StatementTimeout, TooLarge, UnsupportedMediaType
 from recsys.http.bodies import parse_json_body
 
-__all__ = ["MAX_BODY_BYTES", "error_response", "handle_errors", "json_response", "read_json"]
+__all__ = ["MAX_BODY_BYTES", "error_response", "handle_errors", "json_response", "query_pairs", "read_json"]
 
 log = logging.getLogger("recsys")
 
@@ -50,6 +51,17 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 def error_response(error: RecsysError) -> func.HttpResponse:
     headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Busy) else None
     return json_response(error.to_body(), status=error.status, headers=headers)
+
+
+def query_pairs(req: func.HttpRequest) -> list[tuple[str, str]]:
+    """The query string as (name, value) pairs, repeated names kept (``req.params`` keeps one).
+
+    Read from ``req.url``, which carries the query string both in Azure and in the local host.
+    """
+    query = urlsplit(req.url).query
+    if not query:
+        return list(req.params.items())
+    return parse_qsl(query, keep_blank_values=True)
 
 
 def read_json(req: func.HttpRequest, *, max_bytes: int = MAX_BODY_BYTES) -> Any:

@@ -7,9 +7,10 @@ or parsed JSON, and gets back values the service can use, or :class:`InvalidArgu
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "MAX_IDS",
     "MAX_K",
     "RecommendationQuery",
+    "SearchOptions",
     "SimilarQuery",
     "check_text",
     "parse_bool",
@@ -38,8 +40,16 @@ MAX_K = 1000
 MAX_EF_SEARCH = 1000
 MAX_IDS = 1000
 MAX_ID_LENGTH = 128
-MAX_CATEGORY_LENGTH = 256
 MAX_BATCH_QUERIES = 32
+MAX_OFFSET = 1000
+#: ``offset + k`` at most this: deep pages cost as much as asking for every result before them.
+MAX_RANKED = 1000
+MAX_CANDIDATES = 1000
+#: Values per list filter (``category``, ``tags_any``, ``tags_all``) and keys of ``metadata``.
+MAX_FILTER_VALUES = 100
+MAX_METADATA_KEYS = 32
+MAX_FILTER_TEXT = 256
+STRATEGIES = ("average_vector", "best_score")
 DEFAULT_K = 10
 RECALL_TARGET_RANGE = (0.5, 0.999)
 #: Largest magnitude a float32 (pgvector's element type) holds.
@@ -51,24 +61,50 @@ _FALSE = ("false", "0", "no")
 
 
 @dataclass(frozen=True)
-class SimilarQuery:
+class SearchOptions:
+    """Tuning, filters and result controls shared by ``/similar`` and ``/recommendations``.
+
+    A filter left ``None`` is absent; present filters combine with AND (and with ``exclude``).
+    """
+
     k: int = DEFAULT_K
     ef_search: int | None = None
     recall_target: float | None = None
-    category: str | None = None
+    categories: tuple[str, ...] | None = None
+    tags_any: tuple[str, ...] | None = None
+    tags_all: tuple[str, ...] | None = None
+    metadata: Mapping[str, str | int | float | bool] | None = None
     exclude: tuple[str, ...] = ()
+    offset: int = 0
+    score_threshold: float | None = None
+    exact: bool = False
+    with_vector: bool = False
+    diversity: float = 0.0
+    candidates: int | None = None
+
+    @property
+    def ranked(self) -> int:
+        """How many results are ranked: the page and the ``offset`` results before it."""
+        return self.k + self.offset
+
+    @property
+    def pool(self) -> int:
+        """Candidates that diversity picks from: ``candidates``, by default max(4 * ranked, 50)."""
+        chosen = self.candidates if self.candidates is not None else max(4 * self.ranked, 50)
+        return min(max(chosen, self.ranked), MAX_CANDIDATES)
 
 
 @dataclass(frozen=True)
-class RecommendationQuery:
+class SimilarQuery(SearchOptions):
+    pass
+
+
+@dataclass(frozen=True)
+class RecommendationQuery(SearchOptions):
     positive: tuple[str, ...] = ()
     negative: tuple[str, ...] = ()
     vector: npt.NDArray[np.float32] | None = field(default=None, compare=False)
-    k: int = DEFAULT_K
-    ef_search: int | None = None
-    recall_target: float | None = None
-    category: str | None = None
-    exclude: tuple[str, ...] = ()
+    strategy: str = "average_vector"
 
 
 def _is_int(value: Any) -> bool:
@@ -160,12 +196,58 @@ def parse_ids(value: Any, name: str, *, limit: int = MAX_IDS) -> tuple[str, ...]
     return tuple(ids)
 
 
-def parse_category(value: Any) -> str | None:
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_FILTER_TEXT:
+        raise InvalidArgument(f"{name} values must be strings of 1 to {MAX_FILTER_TEXT} characters", field=name)
+    return check_text(value, name)
+
+
+def parse_texts(value: Any, name: str) -> tuple[str, ...]:
+    """A non-empty JSON array of at most ``MAX_FILTER_VALUES`` strings (duplicates dropped)."""
+    if not isinstance(value, list) or not value:
+        raise InvalidArgument(f"{name} must be a non-empty array of strings", field=name)
+    if len(value) > MAX_FILTER_VALUES:
+        raise InvalidArgument(f"{name} holds {len(value)} values, the limit is {MAX_FILTER_VALUES}", field=name)
+    return tuple(dict.fromkeys(_text(v, name) for v in value))
+
+
+def parse_categories(value: Any) -> tuple[str, ...] | None:
+    """``category``: one string or a non-empty array of them."""
     if value is None:
         return None
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CATEGORY_LENGTH:
-        raise InvalidArgument(f"category must be a string of 1 to {MAX_CATEGORY_LENGTH} characters", field="category")
-    return check_text(value, "category")
+    return parse_texts([value] if isinstance(value, str) else value, "category")
+
+
+def parse_metadata(value: Any, *, text: bool = False) -> dict[str, str | int | float | bool] | None:
+    """``metadata``: an object of key -> string, number or boolean (with ``text``, as JSON text)."""
+    if value is None:
+        return None
+    if text:
+        try:
+            value = json.loads(value, parse_constant=_reject_constant)
+        except (ValueError, TypeError):
+            raise InvalidArgument("metadata must be a JSON object, as text", field="metadata") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument("metadata must be an object of key to string, number or boolean", field="metadata")
+    if len(value) > MAX_METADATA_KEYS:
+        message = f"metadata holds {len(value)} keys, the limit is {MAX_METADATA_KEYS}"
+        raise InvalidArgument(message, field="metadata")
+    for key, item in value.items():
+        _text(key, "metadata")
+        if isinstance(item, str):
+            check_text(item, "metadata")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise InvalidArgument("metadata numbers must be finite", field="metadata")
+        elif not isinstance(item, int):  # bool is an int
+            raise InvalidArgument(
+                f"metadata value of {key!r} must be a string, a number or a boolean", field="metadata"
+            )
+    return dict(value)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number")
 
 
 def parse_vector(value: Any, dim: int, name: str = "vector") -> npt.NDArray[np.float32]:
@@ -185,7 +267,8 @@ def parse_vector(value: Any, dim: int, name: str = "vector") -> npt.NDArray[np.f
     return array
 
 
-def _tuning(get: Mapping[str, Any], *, text: bool) -> tuple[int, int | None, float | None]:
+def _options(get: Mapping[str, Any], *, text: bool) -> dict[str, Any]:
+    """The fields of :class:`SearchOptions` but the filters that differ between query string and body."""
     k = DEFAULT_K
     if get.get("k") is not None:
         k = parse_int(get["k"], "k", 1, MAX_K, text=text)
@@ -197,31 +280,81 @@ def _tuning(get: Mapping[str, Any], *, text: bool) -> tuple[int, int | None, flo
         recall_target = parse_number(get["recall_target"], "recall_target", *RECALL_TARGET_RANGE, text=text)
         if ef_search is not None:
             raise InvalidArgument("give either ef_search or recall_target, not both", field="recall_target")
-    return k, ef_search, recall_target
+    offset = 0
+    if get.get("offset") is not None:
+        offset = parse_int(get["offset"], "offset", 0, MAX_OFFSET, text=text)
+        if offset + k > MAX_RANKED:
+            raise InvalidArgument(f"offset + k must be at most {MAX_RANKED}", field="offset")
+    score_threshold = None
+    if get.get("score_threshold") is not None:
+        score_threshold = parse_number(get["score_threshold"], "score_threshold", -1.0, 1.0, text=text)
+    exact = parse_bool(get["exact"], "exact", text=text) if get.get("exact") is not None else False
+    if exact and ef_search is not None:
+        raise InvalidArgument("ef_search is not allowed with exact: an exact search uses no index", field="ef_search")
+    if exact and recall_target is not None:
+        message = "recall_target is not allowed with exact: an exact search has recall 1"
+        raise InvalidArgument(message, field="recall_target")
+    with_vector = False
+    if get.get("with_vector") is not None:
+        with_vector = parse_bool(get["with_vector"], "with_vector", text=text)
+    diversity = 0.0
+    if get.get("diversity") is not None:
+        diversity = parse_number(get["diversity"], "diversity", 0.0, 1.0, text=text)
+    candidates = None
+    if get.get("candidates") is not None:
+        candidates = parse_int(get["candidates"], "candidates", 1, MAX_CANDIDATES, text=text)
+    return {
+        "k": k,
+        "ef_search": ef_search,
+        "recall_target": recall_target,
+        "offset": offset,
+        "score_threshold": score_threshold,
+        "exact": exact,
+        "with_vector": with_vector,
+        "diversity": diversity,
+        "candidates": candidates,
+    }
 
 
-def parse_similar(params: Mapping[str, str]) -> SimilarQuery:
+def _split(value: str, name: str) -> tuple[str, ...]:
+    if not value:
+        raise InvalidArgument(f"{name} must not be empty", field=name)
+    return parse_texts(value.split(","), name)
+
+
+def parse_similar(params: Mapping[str, str], pairs: Sequence[tuple[str, str]] | None = None) -> SimilarQuery:
     """The query string of ``GET /api/items/{id}/similar``.
 
-    ``exclude`` is a comma-separated list of ids (so excluded ids cannot contain commas here;
-    ``POST /api/recommendations`` takes a JSON array). Unknown parameters are ignored: the
-    Functions host adds its own (``code``, the function key).
+    ``pairs`` is the whole query string as (name, value) pairs, for the repeated ``category``;
+    without it ``params`` gives one. ``exclude``, ``tags_any`` and ``tags_all`` are
+    comma-separated (so their values cannot contain commas here; the POST endpoints take JSON
+    arrays), ``metadata`` is JSON text. Unknown parameters are ignored: the Functions host adds
+    its own (``code``, the function key).
     """
-    k, ef_search, recall_target = _tuning(params, text=True)
-    category = params.get("category")
-    if category is not None and category == "":
-        raise InvalidArgument("category must not be empty", field="category")
+    options = _options(params, text=True)
+    raw_categories = [v for n, v in pairs if n == "category"] if pairs is not None else None
+    if raw_categories is None and params.get("category") is not None:
+        raw_categories = [params["category"]]
     exclude: tuple[str, ...] = ()
     raw_exclude = params.get("exclude")
     if raw_exclude:
         exclude = parse_ids(raw_exclude.split(","), "exclude")
     return SimilarQuery(
-        k=k, ef_search=ef_search, recall_target=recall_target, category=parse_category(category), exclude=exclude
+        **options,
+        categories=parse_texts(raw_categories, "category") if raw_categories else None,
+        tags_any=_split(params["tags_any"], "tags_any") if params.get("tags_any") is not None else None,
+        tags_all=_split(params["tags_all"], "tags_all") if params.get("tags_all") is not None else None,
+        metadata=parse_metadata(params.get("metadata"), text=True),
+        exclude=exclude,
     )
 
 
 _RECOMMENDATION_FIELDS = frozenset(
-    ("positive", "negative", "vector", "k", "ef_search", "recall_target", "exclude", "category")
+    (
+        "positive", "negative", "vector", "k", "ef_search", "recall_target", "exclude", "category",
+        "tags_any", "tags_all", "metadata", "offset", "score_threshold", "exact", "with_vector",
+        "diversity", "candidates", "strategy",
+    )
 )
 
 
@@ -242,17 +375,24 @@ def parse_recommendation(body: Any, dim: int) -> RecommendationQuery:
     vector = parse_vector(data["vector"], dim) if data.get("vector") is not None else None
     if not positive and vector is None:
         raise InvalidArgument("at least one of positive or vector is required", field="positive")
-    k, ef_search, recall_target = _tuning(data, text=False)
+    options = _options(data, text=False)
     exclude = parse_ids(data["exclude"], "exclude") if data.get("exclude") is not None else ()
+    strategy = data.get("strategy", "average_vector")
+    if strategy is None:
+        strategy = "average_vector"
+    if strategy not in STRATEGIES:
+        raise InvalidArgument(f"strategy must be one of {', '.join(STRATEGIES)}", field="strategy")
     return RecommendationQuery(
+        **options,
         positive=tuple(dict.fromkeys(positive)),
         negative=tuple(dict.fromkeys(negative)),
         vector=vector,
-        k=k,
-        ef_search=ef_search,
-        recall_target=recall_target,
-        category=parse_category(data.get("category")),
+        categories=parse_categories(data.get("category")),
+        tags_any=parse_texts(data["tags_any"], "tags_any") if data.get("tags_any") is not None else None,
+        tags_all=parse_texts(data["tags_all"], "tags_all") if data.get("tags_all") is not None else None,
+        metadata=parse_metadata(data.get("metadata")),
         exclude=tuple(dict.fromkeys(exclude)),
+        strategy=strategy,
     )
 
 

@@ -12,7 +12,7 @@ statements of one message as one implicit transaction, so:
 - it costs one network round trip, with no BEGIN/SET/COMMIT exchanges and no prepared
   statements (which PgBouncer 1.18 cannot keep in transaction mode).
 
-The similarity functions (``sql/010_query_functions.sql``) apply ``hnsw.ef_search`` and
+The query function (``sql/070_query_filters.sql``) applies ``hnsw.ef_search`` and
 ``hnsw.iterative_scan`` transaction-locally themselves.
 """
 
@@ -23,8 +23,7 @@ __all__ = [
     "GET_ITEM_WITH_VECTOR",
     "LOOKUP_ITEMS",
     "LOOKUP_ITEMS_WITH_VECTOR",
-    "RECOMMEND",
-    "SIMILAR",
+    "SEARCH",
     "TIMEOUT_PREFIX",
 ]
 
@@ -43,15 +42,12 @@ GET_ITEM_WITH_VECTOR = f"SELECT {_ITEM_COLUMNS_WITH_VECTOR} FROM items WHERE id 
 LOOKUP_ITEMS = f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ANY(%(ids)s::text[])"
 LOOKUP_ITEMS_WITH_VECTOR = f"SELECT {_ITEM_COLUMNS_WITH_VECTOR} FROM items WHERE id = ANY(%(ids)s::text[])"
 
-_RESULT_COLUMNS = "id, distance, category, metadata, strategy"
-
-SIMILAR = (
-    f"SELECT {_RESULT_COLUMNS} FROM recsys_similar("
-    "%(id)s, %(k)s, %(ef_search)s, %(category)s, %(exclude)s::text[], %(exact_limit)s)"
-)
-
-RECOMMEND = (
-    f"SELECT {_RESULT_COLUMNS} FROM recsys_recommend("
-    "%(positive)s::text[], %(negative)s::text[], %(vector)s::vector, %(alpha)s, "
-    "%(k)s, %(ef_search)s, %(category)s, %(exclude)s::text[], %(exact_limit)s)"
+#: /similar (``similar_to`` set) and /recommendations (``positive``, ``negative``, ``vector``),
+#: every filter and result control as a parameter (sql/070_query_filters.sql).
+SEARCH = (
+    "SELECT id, score, distance, category, tags, metadata, embedding, method FROM recsys_query("
+    "%(similar_to)s, %(positive)s::text[], %(negative)s::text[], %(vector)s::vector, %(strategy)s, %(alpha)s, "
+    "%(k)s, %(offset)s, %(ef_search)s, %(categories)s::text[], %(tags_any)s::text[], %(tags_all)s::text[], "
+    "%(metadata)s::jsonb, %(exclude)s::text[], %(score_threshold)s, %(exact)s, %(with_vector)s, "
+    "%(diversity)s, %(candidates)s, %(cost_ratio)s)"
 )

@@ -22,16 +22,17 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.types.json import Jsonb
 
 from recsys.db.retry import Database, run_read
 from recsys.errors import InvalidArgument, NotFound, RecsysError
 from recsys.search import queries
 from recsys.search.calibration import choose_ef_search
-from recsys.search.params import RecommendationQuery, SimilarQuery
+from recsys.search.params import RecommendationQuery, SearchOptions, SimilarQuery
 
 __all__ = [
     "DEFAULT_EF_SEARCH",
-    "EXACT_SEARCH_MAX_ROWS",
+    "INDEX_COST_RATIO",
     "NEGATIVE_WEIGHT",
     "EfChoice",
     "UnknownItems",
@@ -41,6 +42,7 @@ __all__ = [
     "recommend_batch",
     "resolve_ef_search",
     "similar_items",
+    "similar_params",
 ]
 
 #: ``hnsw.ef_search`` when a request gives neither ``ef_search`` nor ``recall_target``.
@@ -48,9 +50,10 @@ __all__ = [
 #: about 1-3 ms per query (see README, Queries).
 DEFAULT_EF_SEARCH = 100
 
-#: A filter that leaves at most this many candidate rows is answered by an exact scan
-#: instead of the HNSW index (see sql/010_query_functions.sql and README, Queries).
-EXACT_SEARCH_MAX_ROWS = 1000
+#: Cost of a tuple visited by the HNSW iterative scan, in exact-scan rows: the cost model that
+#: chooses between the index and an exact scan of the items passing the filters (see
+#: sql/070_query_filters.sql and README, Queries). Measured by ``python -m recsys bench filters``.
+INDEX_COST_RATIO = 2.0
 
 #: alpha of the recommendation query vector: q = mean(positives) - alpha * mean(negatives).
 NEGATIVE_WEIGHT = 0.5
@@ -176,37 +179,79 @@ async def lookup_items(
     }
 
 
-def _results(rows: list[Row]) -> list[Row]:
-    return [
-        {
-            "id": row["id"],
-            "score": 1.0 - row["distance"],
-            "distance": row["distance"],
-            "category": row["category"],
-            "metadata": row["metadata"],
-        }
-        for row in rows
-    ]
+def _result(row: Row) -> Row:
+    result = {
+        "id": row["id"],
+        "score": row["score"],
+        "distance": row["distance"],
+        "category": row["category"],
+        "tags": list(row["tags"] or []),
+        "metadata": row["metadata"],
+    }
+    if row["embedding"] is not None:
+        result["embedding"] = row["embedding"]
+    return result
 
 
 def _response(rows: list[Row], choice: EfChoice, took_ms: float) -> Row:
-    body: Row = {"results": _results(rows), "ef_search": choice.ef_search, "took_ms": round(took_ms, 3)}
+    body: Row = {"results": [_result(row) for row in rows], "ef_search": choice.ef_search, "took_ms": round(took_ms, 3)}
     if rows:
-        body["strategy"] = rows[0]["strategy"]
+        body["search"] = rows[0]["method"]
     if choice.expected_recall is not None:
         body["expected_recall"] = choice.expected_recall
     return body
 
 
-async def _search(db: Database, query: str, params: dict[str, Any], choice: EfChoice, timeout_ms: int) -> Row:
-    """Run one similarity statement (retried on a lost connection) and shape its response."""
+async def _search(db: Database, params: dict[str, Any], choice: EfChoice, timeout_ms: int) -> Row:
+    """Run one query statement (retried on a lost connection) and shape its response."""
 
     async def operation(conn: psycopg.AsyncConnection[Any]) -> list[Row]:
-        return await _fetch(conn, query, params, timeout_ms)
+        return await _fetch(conn, queries.SEARCH, params, timeout_ms)
 
     started = time.perf_counter()
     rows = await run_read(db, operation, limit=_limit(timeout_ms))
     return _response(rows, choice, (time.perf_counter() - started) * 1000)
+
+
+def similar_params(
+    item_id: str, query: SimilarQuery, ef_search: int, *, cost_ratio: float = INDEX_COST_RATIO
+) -> dict[str, Any]:
+    """The parameters of ``queries.SEARCH`` for ``GET .../similar`` (also for raw benchmarks)."""
+    return {
+        "similar_to": item_id,
+        "positive": [],
+        "negative": [],
+        "vector": None,
+        "strategy": "average_vector",
+        "alpha": 0.0,
+        **_option_params(query, ef_search, cost_ratio),
+    }
+
+
+def _option_params(query: SearchOptions, ef_search: int, cost_ratio: float) -> dict[str, Any]:
+    """The parameters of ``queries.SEARCH`` that come from the filters and result controls."""
+    return {
+        "k": query.k,
+        "offset": query.offset,
+        "ef_search": ef_search,
+        "categories": list(query.categories) if query.categories is not None else None,
+        "tags_any": list(query.tags_any) if query.tags_any is not None else None,
+        "tags_all": list(query.tags_all) if query.tags_all is not None else None,
+        "metadata": Jsonb(dict(query.metadata)) if query.metadata is not None else None,
+        "exclude": list(query.exclude),
+        "score_threshold": query.score_threshold,
+        "exact": query.exact,
+        "with_vector": query.with_vector,
+        "diversity": query.diversity,
+        "candidates": query.pool,
+        "cost_ratio": float(cost_ratio),
+    }
+
+
+async def _choose(db: Database, query: SearchOptions) -> EfChoice:
+    # The index is asked for every candidate the request ranks or picks from.
+    wanted = query.pool if query.diversity > 0 else query.ranked
+    return await resolve_ef_search(db, k=wanted, ef_search=query.ef_search, recall_target=query.recall_target)
 
 
 async def similar_items(
@@ -215,23 +260,17 @@ async def similar_items(
     query: SimilarQuery,
     *,
     timeout_ms: int,
-    exact_limit: int = EXACT_SEARCH_MAX_ROWS,
+    cost_ratio: float = INDEX_COST_RATIO,
 ) -> Row:
     """The ``query.k`` items most similar to ``item_id``: the body of ``GET .../similar``.
 
-    :class:`NotFound` (field ``id``) when the item is absent.
+    ``cost_ratio`` tunes the choice between the index and an exact scan (``INDEX_COST_RATIO``):
+    0 always takes the index, a huge value always scans. :class:`NotFound` (field ``id``) when
+    the item is absent.
     """
-    choice = await resolve_ef_search(db, k=query.k, ef_search=query.ef_search, recall_target=query.recall_target)
-    params = {
-        "id": item_id,
-        "k": query.k,
-        "ef_search": choice.ef_search,
-        "category": query.category,
-        "exclude": list(query.exclude),
-        "exact_limit": exact_limit,
-    }
-
-    return {"id": item_id, **await _search(db, queries.SIMILAR, params, choice, timeout_ms)}
+    choice = await _choose(db, query)
+    params = similar_params(item_id, query, choice.ef_search, cost_ratio=cost_ratio)
+    return {"id": item_id, **await _search(db, params, choice, timeout_ms)}
 
 
 async def recommend(
@@ -239,29 +278,28 @@ async def recommend(
     query: RecommendationQuery,
     *,
     timeout_ms: int,
-    exact_limit: int = EXACT_SEARCH_MAX_ROWS,
+    cost_ratio: float = INDEX_COST_RATIO,
     alpha: float = NEGATIVE_WEIGHT,
 ) -> Row:
     """Recommendations for ``query``: the body of ``POST /api/recommendations``.
 
-    The query vector is computed in the database, in the same statement as the search:
-    ``q = mean(unit(v) for v in positives + [vector]) - alpha * mean(unit(n) for n in negatives)``.
-    :class:`NotFound` names ``positive`` or ``negative`` when some of their ids are unknown.
+    With ``average_vector`` the query vector is computed in the database, in the same statement
+    as the search: ``q = mean(unit(v) for v in positives + [vector]) - alpha * mean(unit(n) for n
+    in negatives)``. With ``best_score`` each candidate is scored against every example
+    (``recsys_best_score`` in sql/070_query_filters.sql). :class:`NotFound` names ``positive`` or
+    ``negative`` when some of their ids are unknown.
     """
-    choice = await resolve_ef_search(db, k=query.k, ef_search=query.ef_search, recall_target=query.recall_target)
+    choice = await _choose(db, query)
     params = {
+        "similar_to": None,
         "positive": list(query.positive),
         "negative": list(query.negative),
         "vector": query.vector,
+        "strategy": query.strategy,
         "alpha": float(alpha),
-        "k": query.k,
-        "ef_search": choice.ef_search,
-        "category": query.category,
-        "exclude": list(query.exclude),
-        "exact_limit": exact_limit,
+        **_option_params(query, choice.ef_search, cost_ratio),
     }
-
-    return await _search(db, queries.RECOMMEND, params, choice, timeout_ms)
+    return {**await _search(db, params, choice, timeout_ms), "strategy": query.strategy}
 
 
 def _error_entry(error: RecsysError) -> Row:
@@ -273,7 +311,7 @@ async def recommend_batch(
     batch: Sequence[RecommendationQuery | RecsysError],
     *,
     timeout_ms: int,
-    exact_limit: int = EXACT_SEARCH_MAX_ROWS,
+    cost_ratio: float = INDEX_COST_RATIO,
 ) -> Row:
     """Answer several recommendation queries concurrently; ``{"results": [...]}`` in order.
 
@@ -288,7 +326,7 @@ async def recommend_batch(
         if isinstance(entry, RecsysError):
             return _error_entry(entry)
         try:
-            return {"status": 200, **await recommend(db, entry, timeout_ms=timeout_ms, exact_limit=exact_limit)}
+            return {"status": 200, **await recommend(db, entry, timeout_ms=timeout_ms, cost_ratio=cost_ratio)}
         except RecsysError as exc:
             return _error_entry(exc)
         except pg_errors.QueryCanceled:

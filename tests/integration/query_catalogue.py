@@ -14,15 +14,20 @@ import psycopg
 from pgvector import HalfVector
 from pgvector.psycopg import register_vector
 
-from recsys.datasets import Catalogue, clustered_catalogue
+from recsys.datasets import Catalogue, clustered_catalogue, selectivity_tag, selectivity_tags
 from recsys.local.stack import Stack
 
-__all__ = ["RARE_CATEGORY", "SIZE", "ensure_catalogue", "make_catalogue"]
+__all__ = ["QUERY_CLUSTER", "RARE_CATEGORY", "SIZE", "ensure_catalogue", "item_metadata", "item_tags",
+           "make_catalogue"]
 
 SIZE = 20_000
 #: 1 % of the catalogue; the nine other categories share the rest.
 RARE_CATEGORY = "books"
 _WEIGHTS = (1.0,) + (11.0,) * 9
+
+#: The cluster the filter tests take their query items from: the anti-correlated filter tags
+#: (``recsys.datasets.selectivity_tags``) never occur in it, the correlated ones surround it.
+QUERY_CLUSTER = 0
 
 _loaded: dict[str, object] = {}
 
@@ -32,6 +37,18 @@ def make_catalogue(dim: int) -> Catalogue:
     # at ef_search 10 vs 0.99 at 100), not so hard that a less lucky HNSW build (the graph's
     # levels are random) drops recall at 100 below 0.95, as spread 1.5 did.
     return clustered_catalogue(SIZE, dim, clusters=10, spread=1.0, seed=7, category_weights=_WEIGHTS)
+
+
+def item_tags(catalogue: Catalogue) -> list[list[str]]:
+    """Each item's tags: the anti-correlated then the correlated selectivity tags."""
+    far = selectivity_tags(catalogue, around=QUERY_CLUSTER, correlated=False)
+    near = selectivity_tags(catalogue, around=QUERY_CLUSTER, correlated=True)
+    return [a + b for a, b in zip(far, near, strict=True)]
+
+
+def item_metadata(i: int, tags: list[str]) -> dict[str, object]:
+    """Each item's metadata: its position, and ``rare`` for the anti-correlated 0.5 % tag."""
+    return {"n": i, "rare": selectivity_tag(0.005) in tags}
 
 
 def _fingerprint(conn: psycopg.Connection) -> object:
@@ -59,14 +76,14 @@ def ensure_catalogue(stack: Stack) -> Catalogue:
         with conn.transaction():
             conn.execute("TRUNCATE items")
             conn.execute("DROP INDEX items_embedding_cosine")
-            statement = "COPY items (id, embedding, category, metadata) FROM STDIN WITH (FORMAT BINARY)"
+            statement = "COPY items (id, embedding, category, tags, metadata) FROM STDIN WITH (FORMAT BINARY)"
             with conn.cursor().copy(statement) as copy:
-                copy.set_types(["text", "halfvec" if halfvec else "vector", "text", "jsonb"])
-                for i, (item_id, vector, category) in enumerate(
-                    zip(catalogue.ids, catalogue.vectors, catalogue.categories, strict=True)
+                copy.set_types(["text", "halfvec" if halfvec else "vector", "text", "text[]", "jsonb"])
+                for i, (item_id, vector, category, tags) in enumerate(
+                    zip(catalogue.ids, catalogue.vectors, catalogue.categories, item_tags(catalogue), strict=True)
                 ):
                     value = HalfVector(vector) if halfvec else vector
-                    copy.write_row((item_id, value, category, psycopg.types.json.Jsonb({"n": i})))
+                    copy.write_row((item_id, value, category, tags, psycopg.types.json.Jsonb(item_metadata(i, tags))))
             conn.execute(index[0])
         conn.execute("ANALYZE items")
         # The app reads as recsys_query (sql/030_roles.sql); some tests read as the login

@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import azure.functions as func
 import jsonschema
@@ -97,16 +98,25 @@ async def call(
     body: bytes | None = None,
     json_body: Any = None,
     headers: dict[str, str] | None = None,
+    query: list[tuple[str, str]] | None = None,
 ) -> Answer:
-    """Run the handler of function ``name`` with a hand-built request; parse its JSON answer."""
+    """Run the handler of function ``name`` with a hand-built request; parse its JSON answer.
+
+    ``query`` is a query string as pairs (names may repeat); it goes into the URL, as the host
+    passes it, and its last value per name into ``params``.
+    """
     function = routes()[name]
     route_params = route_params or {}
     path = "/api/" + re.sub(r"\{(\w+)[^}]*\}", lambda m: route_params[m.group(1)], function.route)
     if json_body is not None:
         body = json.dumps(json_body).encode()
         headers = {"content-type": "application/json", **(headers or {})}
+    url = f"http://localhost:7071{path}"
+    if query:
+        url += "?" + urlencode(query)
+        params = {**dict(query), **(params or {})}
     request = func.HttpRequest(
-        method, f"http://localhost:7071{path}", headers=headers or {}, params=params or {},
+        method, url, headers=headers or {}, params=params or {},
         route_params=route_params, body=body or b"",
     )
     response = await function.handler(request)

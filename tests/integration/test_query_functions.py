@@ -22,10 +22,17 @@ pytestmark = pytest.mark.integration
 
 def test_an_index_scan_that_runs_dry_is_completed_by_an_exact_scan(stack: Stack) -> None:
     catalogue = ensure_catalogue(stack)
-    item = catalogue.ids.index(next(i for i, c in zip(catalogue.ids, catalogue.categories, strict=True)
-                                    if c != RARE_CATEGORY))
-    scores = catalogue.vectors @ catalogue.vectors[item]
     members = [i for i, c in enumerate(catalogue.categories) if c == RARE_CATEGORY]
+    rare = np.isin(np.arange(len(catalogue.ids)), members)
+
+    def near_members(i: int) -> int:
+        nearest = np.argsort(-(catalogue.vectors @ catalogue.vectors[i]))[1:11]
+        return int(rare[nearest].sum())
+
+    # An item with a member of the category among its 10 nearest (so the probe of the index
+    # finds one and the iterative scan runs), but fewer than 10.
+    item = next(i for i in range(len(catalogue.ids)) if not rare[i] and 0 < near_members(i) < 10)
+    scores = catalogue.vectors @ catalogue.vectors[item]
     truth = [catalogue.ids[i] for i in sorted(members, key=lambda i: -scores[i])[:10]]
     with psycopg.connect(stack.bouncer_url(), prepare_threshold=None) as conn:
         # The iterative scan gives up after max_scan_tuples (beyond its first ef_search candidates),
@@ -34,7 +41,9 @@ def test_an_index_scan_that_runs_dry_is_completed_by_an_exact_scan(stack: Stack)
         for setting in ("hnsw.max_scan_tuples = 1", "enable_bitmapscan = off", "enable_sort = off"):
             conn.execute(f"SET LOCAL {setting}")
         rows = conn.execute(
-            "SELECT id, strategy FROM recsys_similar(%s, 10, 10, %s, '{}', 0)", [catalogue.ids[item], RARE_CATEGORY]
+            "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), 10, 10,"
+            " ARRAY[%s], NULL, NULL, NULL, ARRAY[%s], false, 0)",
+            [catalogue.ids[item], RARE_CATEGORY, catalogue.ids[item]],
         ).fetchall()
     assert [r[0] for r in rows] == truth
     assert {r[1] for r in rows} == {"hnsw+exact"}
@@ -64,11 +73,11 @@ async def test_the_functions_serve_a_halfvec_catalogue_above_2000_dimensions(tmp
             halves = catalogue.vectors.astype(np.float16).astype(np.float32)
             scores = halves @ halves[0] / np.linalg.norm(halves, axis=1) / np.linalg.norm(halves[0])
             truth = [catalogue.ids[i] for i in np.argsort(-scores)[1:6]]
-            for exact_limit, strategy in ((1000, "exact"), (0, "hnsw")):
+            for cost_ratio, strategy in ((1e9, "exact"), (0.0, "hnsw")):
                 body = await service.similar_items(
-                    conn, catalogue.ids[0], SimilarQuery(k=5), timeout_ms=5000, exact_limit=exact_limit
+                    conn, catalogue.ids[0], SimilarQuery(k=5), timeout_ms=5000, cost_ratio=cost_ratio
                 )
-                assert body["strategy"] == strategy
+                assert body["search"] == strategy
                 assert [r["id"] for r in body["results"]] == truth
             recommended = await service.recommend(
                 conn,

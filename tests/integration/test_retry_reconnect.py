@@ -36,7 +36,7 @@ async def test_a_terminated_server_connection_is_retried(
             for _ in range(200):
                 cursor = await admin.execute(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
-                    ["%recsys_similar%"],
+                    ["%recsys_query%"],
                 )
                 waiting = [row[0] for row in await cursor.fetchall()]
                 if waiting:

@@ -119,7 +119,7 @@ async def test_similar_recall_at_10_is_high_at_ef_100_and_lower_at_ef_10(
             item_id = catalogue.ids[i]
             truth = exact_neighbours(catalogue, catalogue.vectors[i], 10, skip={item_id})
             body = await service.similar_items(pool, item_id, SimilarQuery(k=10, ef_search=ef), timeout_ms=TIMEOUT_MS)
-            assert body["ef_search"] == ef and body["strategy"] == "hnsw"
+            assert body["ef_search"] == ef and body["search"] == "hnsw"
             hits += len(set(truth) & {r["id"] for r in body["results"]})
         recall[ef] = hits / (10 * len(picks))
     assert recall[100] >= 0.95, recall
@@ -158,7 +158,7 @@ async def test_similar_results_are_sorted_scored_and_never_the_item_or_excluded(
     assert scores == sorted(scores, reverse=True)
     for r in body["results"]:
         assert r["score"] == pytest.approx(1 - r["distance"])
-        assert r["metadata"] == {"n": catalogue.ids.index(r["id"])}
+        assert r["metadata"]["n"] == catalogue.ids.index(r["id"])
     query = catalogue.vectors[123]
     # Cosine of the stored vectors (a halfvec catalogue's, rounded to float16, are not quite unit length).
     expected = np.array([float(v @ query / np.linalg.norm(v) / np.linalg.norm(query))
@@ -174,14 +174,15 @@ async def test_rare_category_returns_k_results_all_in_the_category(
     item = catalogue.ids.index(next(i for i, c in zip(catalogue.ids, catalogue.categories, strict=True)
                                     if c != RARE_CATEGORY))
     truth = exact_neighbours(catalogue, catalogue.vectors[item], 10, category=RARE_CATEGORY)
-    # exact_limit 0 forces the HNSW index with its iterative scan; the default counts the
-    # ~200 members and scores them all.
-    for exact_limit, strategy in ((service.EXACT_SEARCH_MAX_ROWS, "exact"), (0, "hnsw")):
+    # cost_ratio 0 sends every filtered query past the count, to the index's probe (then the
+    # iterative scan, or an exact scan when no member is near); the default counts the ~200
+    # members and scores them all.
+    for cost_ratio, strategy in ((service.INDEX_COST_RATIO, "exact"), (0.0, "index")):
         body = await service.similar_items(
-            conn, catalogue.ids[item], SimilarQuery(k=10, ef_search=40, category=RARE_CATEGORY),
-            timeout_ms=TIMEOUT_MS, exact_limit=exact_limit,
+            conn, catalogue.ids[item], SimilarQuery(k=10, ef_search=40, categories=(RARE_CATEGORY,)),
+            timeout_ms=TIMEOUT_MS, cost_ratio=cost_ratio,
         )
-        assert body["strategy"] == strategy
+        assert body["search"] == strategy or strategy == "index"
         assert len(body["results"]) == 10
         assert {r["category"] for r in body["results"]} == {RARE_CATEGORY}
         found = [r["id"] for r in body["results"]]
@@ -196,10 +197,10 @@ async def test_k_larger_than_the_category_returns_all_of_it(
 ) -> None:
     members = {i for i, c in zip(catalogue.ids, catalogue.categories, strict=True) if c == RARE_CATEGORY}
     item_id = sorted(members)[0]
-    for exact_limit in (service.EXACT_SEARCH_MAX_ROWS, 0):
+    for cost_ratio in (service.INDEX_COST_RATIO, 0.0):
         body = await service.similar_items(
-            conn, item_id, SimilarQuery(k=1000, category=RARE_CATEGORY, exclude=(sorted(members)[1],)),
-            timeout_ms=TIMEOUT_MS, exact_limit=exact_limit,
+            conn, item_id, SimilarQuery(k=1000, categories=(RARE_CATEGORY,), exclude=(sorted(members)[1],)),
+            timeout_ms=TIMEOUT_MS, cost_ratio=cost_ratio,
         )
         assert {r["id"] for r in body["results"]} == members - set(sorted(members)[:2])
 
@@ -231,9 +232,9 @@ async def test_recommendation_vector_is_the_documented_formula(
     body = await service.recommend(
         conn,
         RecommendationQuery(positive=positive, negative=negative, vector=extra, k=15, exclude=("item-000040",)),
-        timeout_ms=TIMEOUT_MS, exact_limit=len(catalogue.ids),
+        timeout_ms=TIMEOUT_MS, cost_ratio=1e9,
     )
-    assert body["strategy"] == "exact"
+    assert body["search"] == "exact" and body["strategy"] == "average_vector"
     assert [r["id"] for r in body["results"]] == truth
     expected = [float(unit(query) @ catalogue.vectors[catalogue.ids.index(i)]) for i in truth]
     assert np.allclose([r["score"] for r in body["results"]], expected, atol=1e-4)
@@ -244,7 +245,7 @@ async def test_recommendation_never_returns_its_inputs(catalogue: Catalogue, con
     neighbours = [r["id"] for r in similar["results"]]
     query = RecommendationQuery(
         positive=(catalogue.ids[7], neighbours[0]), negative=(neighbours[1],), exclude=(neighbours[2],), k=50,
-        category=None,
+        categories=None,
     )
     body = await service.recommend(conn, query, timeout_ms=TIMEOUT_MS)
     ids = {r["id"] for r in body["results"]}
@@ -350,14 +351,14 @@ async def test_similar_and_recommend_are_one_round_trip_each(
 ) -> None:
     with Trip(conn) as similar:
         await service.similar_items(
-            conn, catalogue.ids[1], SimilarQuery(k=10, ef_search=64, category="music", exclude=("a", "b")),
+            conn, catalogue.ids[1], SimilarQuery(k=10, ef_search=64, categories=("music",), exclude=("a", "b")),
             timeout_ms=TIMEOUT_MS,
         )
     with Trip(conn) as recommend:
         await service.recommend(
             conn,
             RecommendationQuery(positive=(catalogue.ids[1], catalogue.ids[2]), negative=(catalogue.ids[3],),
-                                vector=catalogue.vectors[4], k=10, ef_search=64, category="music"),
+                                vector=catalogue.vectors[4], k=10, ef_search=64, categories=("music",)),
             timeout_ms=TIMEOUT_MS,
         )
     # One simple-query message (timeout + query) and one ReadyForQuery: no BEGIN/SET/COMMIT exchanges.

@@ -59,11 +59,49 @@ def test_booleans() -> None:
 
 def test_similar_query_string() -> None:
     query = parse_similar({"k": "5", "ef_search": "64", "category": "books", "exclude": "a,b", "code": "key"})
-    assert (query.k, query.ef_search, query.category, query.exclude) == (5, 64, "books", ("a", "b"))
+    assert (query.k, query.ef_search, query.categories, query.exclude) == (5, 64, ("books",), ("a", "b"))
     assert parse_similar({}).k == 10 and parse_similar({}).ef_search is None
     assert parse_similar({"recall_target": "0.95"}).recall_target == 0.95
     assert field_of(parse_similar, {"recall_target": "0.95", "ef_search": "10"}) == "recall_target"
     assert field_of(parse_similar, {"exclude": "a,,b"}) == "exclude"
+
+
+def test_similar_filters_and_controls_from_the_query_string() -> None:
+    pairs = [("category", "books"), ("category", "music"), ("tags_any", "a,b"), ("tags_all", "c"),
+             ("metadata", '{"color": "red", "size": 4, "new": true}'), ("offset", "20"), ("score_threshold", "-0.5"),
+             ("exact", "true"), ("with_vector", "1"), ("diversity", "0.25"), ("candidates", "80")]
+    query = parse_similar(dict(pairs), pairs)
+    assert query.categories == ("books", "music")
+    assert (query.tags_any, query.tags_all) == (("a", "b"), ("c",))
+    assert query.metadata == {"color": "red", "size": 4, "new": True}
+    assert (query.offset, query.score_threshold, query.exact, query.with_vector) == (20, -0.5, True, True)
+    assert (query.diversity, query.pool, query.ranked) == (0.25, 80, 30)
+    assert parse_similar({"k": "10"}).pool == 50 and parse_similar({"k": "100", "offset": "900"}).pool == 1000
+    assert parse_similar({"k": "10", "candidates": "5"}).pool == 10  # raised to k + offset, as ef_search is
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"category": ""}, "category"),
+        ({"tags_any": ""}, "tags_any"),
+        ({"tags_all": "a,,b"}, "tags_all"),
+        ({"metadata": "{"}, "metadata"),
+        ({"metadata": "[1]"}, "metadata"),
+        ({"metadata": '{"k": NaN}'}, "metadata"),
+        ({"offset": "x"}, "offset"),
+        ({"k": "10", "offset": "995"}, "offset"),
+        ({"score_threshold": "2"}, "score_threshold"),
+        ({"score_threshold": "nan"}, "score_threshold"),
+        ({"exact": "perhaps"}, "exact"),
+        ({"exact": "true", "ef_search": "5"}, "ef_search"),
+        ({"with_vector": "2"}, "with_vector"),
+        ({"diversity": "inf"}, "diversity"),
+        ({"candidates": "1e3"}, "candidates"),
+    ],
+)
+def test_invalid_similar_query_strings(params: dict[str, str], field: str) -> None:
+    assert field_of(parse_similar, params) == field
 
 
 def test_recommendation_body() -> None:
@@ -73,6 +111,15 @@ def test_recommendation_body() -> None:
     assert query.positive == ("a", "2") and query.negative == ("n",) and query.exclude == ("9",)
     assert query.vector is not None and query.vector.dtype == np.float32
     assert parse_recommendation({"vector": [0, 0, 1, 0]}, DIM).positive == ()
+    full = parse_recommendation(
+        {"positive": ["a"], "category": "books", "tags_any": ["x"], "tags_all": ["y", "z"], "metadata": {"n": 1.5},
+         "strategy": "best_score", "offset": 5, "diversity": 0, "exact": False, "with_vector": False}, DIM
+    )
+    assert (full.categories, full.tags_any, full.tags_all) == (("books",), ("x",), ("y", "z"))
+    assert full.metadata == {"n": 1.5}
+    assert (full.strategy, full.offset, full.ranked) == ("best_score", 5, 15)
+    assert parse_recommendation({"positive": ["a"], "category": ["a", "b"]}, DIM).categories == ("a", "b")
+    assert parse_recommendation({"positive": ["a"]}, DIM).strategy == "average_vector"
 
 
 @pytest.mark.parametrize(
@@ -90,6 +137,34 @@ def test_recommendation_body() -> None:
         ({"positive": ["a"], "category": ""}, "category"),
         ({"positive": ["a"], "negative": "b"}, "negative"),
         ({"positive": ["a"], "recall_target": 0.3}, "recall_target"),
+        ({"positive": ["a"], "category": []}, "category"),
+        ({"positive": ["a"], "category": ["ok", 3]}, "category"),
+        ({"positive": ["a"], "category": ["x"] * 101}, "category"),
+        ({"positive": ["a"], "tags_any": "red"}, "tags_any"),
+        ({"positive": ["a"], "tags_any": []}, "tags_any"),
+        ({"positive": ["a"], "tags_all": ["a\x00b"]}, "tags_all"),
+        ({"positive": ["a"], "tags_all": ["t" * 257]}, "tags_all"),
+        ({"positive": ["a"], "metadata": ["k"]}, "metadata"),
+        ({"positive": ["a"], "metadata": {"k": None}}, "metadata"),
+        ({"positive": ["a"], "metadata": {"k": [1]}}, "metadata"),
+        ({"positive": ["a"], "metadata": {"k": {"n": 1}}}, "metadata"),
+        ({"positive": ["a"], "metadata": {"": 1}}, "metadata"),
+        ({"positive": ["a"], "offset": -1}, "offset"),
+        ({"positive": ["a"], "offset": 1001}, "offset"),
+        ({"positive": ["a"], "offset": 991}, "offset"),
+        ({"positive": ["a"], "offset": 1.5}, "offset"),
+        ({"positive": ["a"], "score_threshold": 1.01}, "score_threshold"),
+        ({"positive": ["a"], "score_threshold": "0.5"}, "score_threshold"),
+        ({"positive": ["a"], "exact": "yes"}, "exact"),
+        ({"positive": ["a"], "exact": True, "ef_search": 10}, "ef_search"),
+        ({"positive": ["a"], "exact": True, "recall_target": 0.9}, "recall_target"),
+        ({"positive": ["a"], "with_vector": 1}, "with_vector"),
+        ({"positive": ["a"], "diversity": -0.1}, "diversity"),
+        ({"positive": ["a"], "diversity": 1.5}, "diversity"),
+        ({"positive": ["a"], "candidates": 0}, "candidates"),
+        ({"positive": ["a"], "candidates": 1001}, "candidates"),
+        ({"positive": ["a"], "strategy": "best"}, "strategy"),
+        ({"positive": ["a"], "strategy": ["best_score"]}, "strategy"),
     ],
 )
 def test_invalid_recommendation_bodies(body: Any, field: str) -> None:

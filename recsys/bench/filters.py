@@ -1,0 +1,175 @@
+"""Benchmark: filtered queries at four selectivities, anti-correlated and correlated, next to unfiltered.
+
+The catalogue carries nested filter tags (``recsys.datasets.selectivity_tags``) on 50 %, 5 %,
+0.5 % and 0.05 % of the items: anti-correlated ones that never occur in the query items' cluster
+(an index scan has to walk past the whole neighbourhood) and correlated ones that surround it.
+Every query goes through the project's query path (``similar_items``: one statement, the cost
+model choosing the index or an exact scan), one after another on one connection through
+PgBouncer; recall@10 against ground truth computed with numpy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+
+from recsys.bench.harness import BenchOptions, Deadline, bench_stack, build_hnsw_index, drop_hnsw_index, server_versions
+from recsys.bench.plots import line_plot
+from recsys.bench.results import BenchResult, Headline
+from recsys.bench.stats import ratio, recall_at_k, summarize
+from recsys.config import Settings
+from recsys.datasets import SELECTIVITIES, Catalogue, clustered_catalogue, selectivity_tag, selectivity_tags
+from recsys.db.pool import configure_connection, connection_kwargs
+from recsys.search.params import SimilarQuery
+from recsys.search.service import INDEX_COST_RATIO, similar_items
+
+__all__ = ["run"]
+
+log = logging.getLogger("recsys")
+
+TITLE = "filtered queries at four selectivities"
+K = 10
+QUERY_CLUSTER = 0
+
+
+def _load(stack: Any, catalogue: Catalogue, tags: list[list[str]]) -> dict[str, float]:
+    drop_hnsw_index(stack)
+    started = time.perf_counter()
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        register_vector(conn)
+        with conn.transaction(), conn.cursor() as cur, cur.copy(
+            "COPY items (id, embedding, category, tags) FROM STDIN WITH (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(["text", "vector", "text", "text[]"])
+            for row in zip(catalogue.ids, catalogue.vectors, catalogue.categories, tags, strict=True):
+                copy.write_row(row)
+        conn.execute("VACUUM (ANALYZE) items")
+    copied = time.perf_counter() - started
+    indexed = build_hnsw_index(stack)
+    log.info("loaded %d items in %.1f s, indexed in %.1f s", len(catalogue.ids), copied, indexed)
+    return {"copy_s": round(copied, 3), "index_s": round(indexed, 3)}
+
+
+def _truth(catalogue: Catalogue, queries: list[int], members: np.ndarray | None) -> list[list[str]]:
+    truth = []
+    for q in queries:
+        scores = catalogue.vectors @ catalogue.vectors[q]
+        if members is not None:
+            scores[~members] = -np.inf
+        scores[q] = -np.inf
+        top = np.argpartition(-scores, K)[:K]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        truth.append([catalogue.ids[i] for i in top if np.isfinite(scores[i])])
+    return truth
+
+
+async def _series(conn: psycopg.AsyncConnection[Any], catalogue: Catalogue, queries: list[int],
+                  query: SimilarQuery, truth: list[list[str]], deadline: Deadline) -> dict[str, Any]:
+    found: list[list[str]] = []
+    latencies: list[float] = []
+    searches: dict[str, int] = {}
+    for q in queries:
+        if not deadline:
+            raise TimeoutError("the filters benchmark ran out of time; use fewer queries")
+        started = time.perf_counter()
+        answer = await similar_items(conn, catalogue.ids[q], query, timeout_ms=60_000)
+        latencies.append(time.perf_counter() - started)
+        found.append([r["id"] for r in answer["results"]])
+        searches[answer.get("search", "none")] = searches.get(answer.get("search", "none"), 0) + 1
+    return {
+        "recall": round(recall_at_k(found, truth, K), 4),
+        "min_results": min(map(len, found)),
+        "searches": searches,
+        **summarize(latencies),
+    }
+
+
+async def _run(url: str, catalogue: Catalogue, tags: list[list[str]], queries: list[int],
+               seconds: float) -> dict[str, Any]:
+    conn = await psycopg.AsyncConnection.connect(url, **connection_kwargs(Settings()))
+    await configure_connection(conn)
+    deadline = Deadline(seconds)
+    figures: dict[str, Any] = {}
+    try:
+        plain = SimilarQuery(k=K)
+        await _series(conn, catalogue, queries[:10], plain, _truth(catalogue, queries[:10], None), deadline)  # warm
+        figures["unfiltered"] = await _series(conn, catalogue, queries, plain, _truth(catalogue, queries, None),
+                                              deadline)
+        for correlated in (False, True):
+            for selectivity in SELECTIVITIES:
+                tag = selectivity_tag(selectivity, correlated=correlated)
+                members = np.asarray([tag in t for t in tags])
+                truth = _truth(catalogue, queries, members)
+                name = f"{'correlated' if correlated else 'anti'}/{selectivity:g}"
+                figures[name] = await _series(conn, catalogue, queries, SimilarQuery(k=K, tags_any=(tag,)),
+                                              truth, deadline)
+                log.info("%s: %s", name, figures[name])
+    finally:
+        await conn.close()
+    return figures
+
+
+def run(options: BenchOptions) -> BenchResult:
+    items = options.size(200_000, 5_000)
+    dim = options.size(384, 64)
+    count = options.size(100, 10)
+    seconds = options.size(1200, 120)
+    catalogue = clustered_catalogue(items, dim, clusters=100, seed=12)
+    tags = [a + b for a, b in zip(selectivity_tags(catalogue, around=QUERY_CLUSTER, correlated=False),
+                                  selectivity_tags(catalogue, around=QUERY_CLUSTER, correlated=True), strict=True)]
+    rng = np.random.default_rng(12)
+    queries = [int(i) for i in rng.choice(np.flatnonzero(catalogue.clusters == QUERY_CLUSTER), count, replace=False)]
+    with bench_stack(options, "filters", embedding_dim=dim) as stack:
+        loaded = _load(stack, catalogue, tags)
+        servers = server_versions(stack)
+        figures = asyncio.run(_run(stack.bouncer_url(), catalogue, tags, queries, seconds))
+    figures["load"] = loaded
+
+    base = figures["unfiltered"]
+    percent = [100 * s for s in SELECTIVITIES]
+    series = {"unfiltered": (percent, [base["p95_ms"]] * len(percent))}
+    for kind in ("anti", "correlated"):
+        series[f"{kind}-correlated filter" if kind == "anti" else "correlated filter"] = (
+            percent, [figures[f"{kind}/{s:g}"]["p95_ms"] for s in SELECTIVITIES]
+        )
+    plot = "filters.png"
+    line_plot(options.out_dir / plot, series, title=f"p95 of filtered /similar, {items:,} × {dim}, k={K}",
+              xlabel="selectivity of the filter (% of the catalogue, log)", ylabel="p95 latency (ms, log)",
+              logx=True, logy=True)
+    headlines = [Headline(f"unfiltered p95 (p50 {base['p50_ms']} ms, recall@10 {base['recall']})",
+                          base["p95_ms"], "ms")]
+    for kind, label in (("anti", "anti-correlated"), ("correlated", "correlated")):
+        for selectivity in SELECTIVITIES:
+            point = figures[f"{kind}/{selectivity:g}"]
+            share = ratio(point["p95_ms"], base["p95_ms"])
+            met = share <= 3 and point["recall"] >= 0.95
+            searches = ", ".join(f"{k} {v}" for k, v in sorted(point["searches"].items()))
+            headlines.append(Headline(
+                f"{label} {100 * selectivity:g}%: p95 ÷ unfiltered p95 (p95 {point['p95_ms']} ms, p50 "
+                f"{point['p50_ms']} ms, recall@10 {point['recall']}, fewest results {point['min_results']}; "
+                f"{searches})",
+                round(share, 2), "×", "≤ 3× with recall ≥ 0.95", met,
+            ))
+    return BenchResult(
+        name="filters",
+        title=TITLE,
+        inputs={
+            "catalogue_items": items, "dim": dim, "queries": count, "k": K,
+            "catalogue": "clustered_catalogue(clusters=100, seed=12)",
+            "filters": "tags_any of one selectivity tag (recsys.datasets.selectivity_tags around cluster 0); "
+                       "query items from cluster 0",
+            "selectivities": list(SELECTIVITIES), "index_cost_ratio": INDEX_COST_RATIO,
+            "hnsw": {"m": 16, "ef_construction": 64}, "ef_search": 100,
+            "service": "recsys.search.service.similar_items (recsys_query / recsys_nearest)",
+        },
+        figures=figures,
+        headlines=headlines,
+        plots=[plot],
+        servers=servers,
+    )
