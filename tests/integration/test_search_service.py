@@ -326,7 +326,7 @@ async def test_lookup_of_500_ids_is_one_query_in_request_order(
     assert [item["id"] for item in body["items"]] == [i for i in ids if i not in odd]
     assert body["missing"] == [i for i in ids if i in odd]
     first = body["items"][0]
-    assert set(first) == {"id", "category", "tags", "metadata", "updated_at"}
+    assert set(first) == {"id", "category", "tags", "metadata", "updated_at", "version"}
     assert first["category"] == catalogue.categories[catalogue.ids.index(first["id"])]
 
 
