@@ -70,15 +70,28 @@ async def within(awaitable: Awaitable[T], seconds: float | None) -> T:
     what we want: the request ends on time and the connection is discarded.
     """
     task = asyncio.ensure_future(awaitable)
-    done, _ = await asyncio.wait({task}, timeout=seconds)
-    if done:
-        return task.result()
-    while not task.done():
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+        if done:
+            return task.result()
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.05)
+    except asyncio.CancelledError:
+        # The caller itself is cancelled (an outer time limit): asyncio.wait leaves the operation
+        # running, unobserved, and its later failure would be logged as "Task exception was
+        # never retrieved". Cancel it too and collect its outcome whenever it ends.
         task.cancel()
-        await asyncio.wait({task}, timeout=0.05)
+        task.add_done_callback(_collect)
+        raise
     if not task.cancelled() and task.exception() is None:
         return task.result()  # it finished just as it was being cancelled
     raise TimeoutError
+
+
+def _collect(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _attempt(

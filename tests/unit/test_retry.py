@@ -67,3 +67,22 @@ async def test_within_ends_work_that_resists_the_first_cancellation() -> None:
         await within(stubborn(), 0.05)
     assert stages == ["first", "second"]
     assert loop.time() - started < 4  # not the 5 s the first cancellation would wait
+
+
+async def test_cancelling_the_caller_of_within_cancels_the_operation_and_collects_it() -> None:
+    # An outer time limit around within(): the operation must not live on unobserved (its
+    # failure would surface as "Task exception was never retrieved").
+    ended: list[str] = []
+
+    async def slow_then_failing() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await within(slow_then_failing(), 30)
+    await asyncio.sleep(0.01)
+    assert ended == ["cancelled"]
