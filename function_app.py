@@ -11,6 +11,7 @@ from recsys.http.batches import bp as batches_bp
 from recsys.http.health import bp as health_bp
 from recsys.http.items import bp as items_bp
 from recsys.http.loader import bp as loader_bp
+from recsys.http.maintenance import bp as maintenance_bp
 from recsys.http.openapi import bp as openapi_bp
 from recsys.http.recommendations import bp as recommendations_bp
 
@@ -20,4 +21,5 @@ app.register_functions(items_bp)
 app.register_functions(recommendations_bp)
 app.register_functions(batches_bp)
 app.register_functions(loader_bp)
+app.register_functions(maintenance_bp)
 app.register_functions(openapi_bp)

@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "load": ("recsys.ingest.cli", "load_main", "bulk-load a .jsonl (or .npy + .jsonl) with binary COPY"),
     "enqueue": ("recsys.ingest.cli", "enqueue_main", "validate a batch file and send it to the loader's queue"),
     "demo": ("recsys.ingest.cli", "demo_main", "load the demo catalogue through the queue (host running)"),
+    "maintain": ("recsys.maintenance", "maintain_main", "run housekeeping once (what the timer function does)"),
+    "replay": ("recsys.ingest.replay", "replay_main", "send failed batches' messages from the poison queue again"),
     "calibrate": ("recsys.search.calibration", "calibrate_main", "measure recall per ef_search, store it"),
     "bench": ("recsys.bench.cli", "bench_main", "run benchmarks on ephemeral stacks, write bench/results"),
     "package": ("recsys.local.package", "package_main", "the files a publish uploads; --zip, --doctor"),

@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from recsys.config import DEFAULT_MAINTENANCE_SCHEDULE
 from recsys.local import tools
 from recsys.local.certs import TlsFiles, write_tls_files
 from recsys.local.replicas import Replica, configured_replicas, replicas_on_disk
@@ -56,7 +57,7 @@ AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 
 #: Login roles of the local stack: the app role, plus the least-privilege roles when the
 #: migrations define them. Each gets ``LOCAL_PASSWORD`` and a line in PgBouncer's auth file.
-LOCAL_LOGIN_ROLES = ("recsys", "recsys_query", "recsys_loader")
+LOCAL_LOGIN_ROLES = ("recsys", "recsys_query", "recsys_loader", "recsys_maintainer")
 
 #: Upper bound of ``StackConfig.replicas``: each standby is a full copy of the database.
 MAX_REPLICAS = 8
@@ -282,6 +283,7 @@ class Stack:
         env = {
             "RECSYS_DATABASE_URL": self.query_url(),
             "RECSYS_LOADER_DATABASE_URL": self.bouncer_url(user="recsys_loader"),
+            "RECSYS_MAINTENANCE_DATABASE_URL": self.bouncer_url(user="recsys_maintainer"),
             "RECSYS_DB_AUTH": "password",
             "RECSYS_EMBEDDING_DIM": str(self.config.embedding_dim),
             "RECSYS_HNSW_M": str(self.config.hnsw_m),
@@ -290,6 +292,8 @@ class Stack:
             # The loader's queue trigger binds %RECSYS_QUEUE_NAME%: a binding expression needs
             # the app setting itself, a default in Settings is not enough.
             "RECSYS_QUEUE_NAME": "embedding-batches",
+            # The same for the housekeeping timer's %RECSYS_MAINTENANCE_SCHEDULE%.
+            "RECSYS_MAINTENANCE_SCHEDULE": DEFAULT_MAINTENANCE_SCHEDULE,
         }
         if self.config.vector_type:
             env["RECSYS_VECTOR_TYPE"] = self.config.vector_type
