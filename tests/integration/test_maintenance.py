@@ -190,3 +190,14 @@ async def test_replay_records_a_message_the_host_poisoned_then_reloads_it(
     assert await deliver_all(env, loader_handler()) == 1
     assert env.ledger(batch)[0][1:3] == ("loaded", 3)
     assert len(env.rows()) == 3
+
+
+def test_the_maintainer_role_cannot_write_or_delete_items(stack: Stack, stack_env: dict[str, str]) -> None:
+    with psycopg.connect(stack_env["RECSYS_MAINTENANCE_DATABASE_URL"], autocommit=True,
+                         prepare_threshold=None) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("recsys_maintainer",)
+        conn.execute("SELECT count(*) FROM items, ingest_batches, item_tombstones")
+        for statement in ("DELETE FROM items WHERE id = 'x'", "UPDATE items SET category = 'x' WHERE id = 'x'",
+                          "TRUNCATE ingest_batches", "CREATE TABLE maintainer_probe (x int)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
