@@ -44,6 +44,7 @@ __all__ = [
     "INGEST_POOL_MAX_SIZE",
     "ReconnectBackoff",
     "RecsysPool",
+    "all_pool_stats",
     "close_pools",
     "configure_connection",
     "connection_kwargs",
@@ -254,6 +255,19 @@ async def close_pools() -> None:
     pools = _pools.pop(asyncio.get_running_loop(), {})
     for pool in pools.values():
         await pool.close()
+
+
+def all_pool_stats() -> list[tuple[str, dict[str, int]]]:
+    """``(purpose, get_stats())`` of every open pool of the process, whatever its event loop.
+
+    For metrics, which are collected outside the loops. ``get_stats`` only reads counters.
+    """
+    return [
+        (purpose, pool.get_stats())
+        for pools in list(_pools.values())
+        for purpose, pool in list(pools.items())
+        if not pool.closed
+    ]
 
 
 def pool_stats() -> dict[str, dict[str, int]]:

@@ -16,6 +16,7 @@ from recsys.http.responses import handle_errors, json_response, read_json
 from recsys.ingest import ledger
 from recsys.ingest.messages import MAX_BATCH_ENTRIES, MAX_VERSION, Delete, parse_batch_id, parse_id, parse_version
 from recsys.ingest.producer import Enqueued, enqueue_document, enqueue_items
+from recsys.telemetry import invocation_span
 
 __all__ = ["MAX_BATCH_BODY_BYTES", "MAX_BATCH_ENTRIES", "bp"]
 
@@ -31,6 +32,7 @@ def _accepted(enqueued: Enqueued) -> func.HttpResponse:
 
 
 @bp.route(route="embeddings/batches", methods=["POST"])
+@invocation_span
 @handle_errors
 async def batches_post(req: func.HttpRequest) -> func.HttpResponse:
     """Validate every upsert and deletion, enqueue the batch for the loader, answer 202 with its id."""
@@ -40,6 +42,7 @@ async def batches_post(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @bp.route(route="embeddings/batches/{batch_id}", methods=["GET"])
+@invocation_span
 @handle_errors
 async def batches_get(req: func.HttpRequest) -> func.HttpResponse:
     """The batch's status over its parts; 404 for an unknown batch."""
@@ -51,6 +54,7 @@ async def batches_get(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @bp.route(route="items/{id}", methods=["DELETE"])
+@invocation_span
 @handle_errors
 async def items_delete(req: func.HttpRequest) -> func.HttpResponse:
     """Enqueue a batch holding one deletion (``?version=`` optional); 202 as for batches."""

@@ -10,6 +10,7 @@ from recsys.config import get_settings
 from recsys.db.pool import get_pool, pool_stats
 from recsys.errors import Busy
 from recsys.http.responses import error_response, json_response
+from recsys.telemetry import invocation_span
 
 __all__ = ["bp"]
 
@@ -17,6 +18,7 @@ bp = func.Blueprint()
 
 
 @bp.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+@invocation_span
 async def health_get(req: func.HttpRequest) -> func.HttpResponse:
     settings = get_settings()
     pool = await get_pool()

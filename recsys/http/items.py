@@ -9,6 +9,7 @@ from recsys.db.pool import get_pool
 from recsys.http.responses import handle_errors, json_response, query_pairs, read_json
 from recsys.search import service
 from recsys.search.params import parse_bool, parse_id, parse_lookup, parse_similar
+from recsys.telemetry import invocation_span
 
 __all__ = ["bp"]
 
@@ -16,6 +17,7 @@ bp = func.Blueprint()
 
 
 @bp.route(route="items/lookup", methods=["POST"])
+@invocation_span
 @handle_errors
 async def items_lookup(req: func.HttpRequest) -> func.HttpResponse:
     ids, include_vector = parse_lookup(read_json(req))
@@ -27,6 +29,7 @@ async def items_lookup(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @bp.route(route="items/{id}", methods=["GET"])
+@invocation_span
 @handle_errors
 async def items_get(req: func.HttpRequest) -> func.HttpResponse:
     item_id = parse_id(req.route_params.get("id"), "id")
@@ -39,6 +42,7 @@ async def items_get(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @bp.route(route="items/{id}/similar", methods=["GET"])
+@invocation_span
 @handle_errors
 async def similar_get(req: func.HttpRequest) -> func.HttpResponse:
     item_id = parse_id(req.route_params.get("id"), "id")

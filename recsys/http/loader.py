@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import azure.functions as func
 
 from recsys.config import get_settings
 from recsys.ingest.loader import process_message
 from recsys.ingest.retry import TRANSIENT, Delivery, retry_later
+from recsys.telemetry import invocation_span, record_load
 
 __all__ = ["bp"]
 
@@ -18,6 +20,7 @@ bp = func.Blueprint()
 
 
 @bp.queue_trigger(arg_name="msg", queue_name="%RECSYS_QUEUE_NAME%", connection="AzureWebJobsStorage")
+@invocation_span
 async def loader_queue(msg: func.QueueMessage) -> None:
     """Load the message's batch part.
 
@@ -27,6 +30,7 @@ async def loader_queue(msg: func.QueueMessage) -> None:
     returns normally too (``recsys.ingest.retry``): the host's own retries, which end in the
     poison queue within half a minute, are left for faults of the storage account itself.
     """
+    started = time.monotonic()
     delivery = Delivery.of(msg.get_body(), msg.id, msg.insertion_time)
     try:
         outcome = await process_message(
@@ -35,6 +39,7 @@ async def loader_queue(msg: func.QueueMessage) -> None:
     except TRANSIENT as exc:
         await retry_later(delivery, exc, get_settings())
         return
+    record_load(status=outcome.status, rows=outcome.rows, stale=outcome.stale, seconds=time.monotonic() - started)
     if outcome.status == "failed":
         log.warning(
             "message %s (batch %s part %d) moved to the poison queue: %s",

@@ -9,6 +9,7 @@ from pathlib import Path
 import azure.functions as func
 
 from recsys.config import get_settings
+from recsys.telemetry import invocation_span
 
 __all__ = ["OPENAPI_PATH", "bp", "openapi_document"]
 
@@ -38,6 +39,7 @@ def openapi_document(embedding_dim: int) -> bytes:
 
 
 @bp.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+@invocation_span
 async def openapi_get(req: func.HttpRequest) -> func.HttpResponse:
     document = openapi_document(get_settings().embedding_dim)
     return func.HttpResponse(document, status_code=200, mimetype="application/json", charset="utf-8")

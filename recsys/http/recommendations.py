@@ -10,6 +10,7 @@ from recsys.errors import RecsysError
 from recsys.http.responses import MAX_BODY_BYTES, handle_errors, json_response, read_json
 from recsys.search import service
 from recsys.search.params import MAX_BATCH_QUERIES, RecommendationQuery, parse_batch, parse_recommendation
+from recsys.telemetry import invocation_span
 
 __all__ = ["MAX_BATCH_BODY_BYTES", "bp"]
 
@@ -20,6 +21,7 @@ MAX_BATCH_BODY_BYTES = 4 * MAX_BODY_BYTES
 
 
 @bp.route(route="recommendations", methods=["POST"])
+@invocation_span
 @handle_errors
 async def recommendations_post(req: func.HttpRequest) -> func.HttpResponse:
     settings = get_settings()
@@ -29,6 +31,7 @@ async def recommendations_post(req: func.HttpRequest) -> func.HttpResponse:
 
 
 @bp.route(route="recommendations/batch", methods=["POST"])
+@invocation_span
 @handle_errors
 async def recommendations_batch(req: func.HttpRequest) -> func.HttpResponse:
     settings = get_settings()

@@ -44,7 +44,8 @@ DEPLOYMENT_APP_SETTINGS: dict[str, str] = {
     "AzureWebJobsStorage__credential": "managedidentity",
     "AzureWebJobsStorage__clientId": "LOADER_CLIENT_ID",
     "APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=KEY;IngestionEndpoint=https://REGION.in.applicationinsights.azure.com/",
-    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "Authorization=AAD;ClientId=QUERY_CLIENT_ID",
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "Authorization=AAD;ClientId=LOADER_CLIENT_ID",
+    "PYTHON_ENABLE_OPENTELEMETRY": "true",
     "RECSYS_QUEUE_NAME": "embedding-batches",
 }
 

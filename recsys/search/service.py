@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from recsys.errors import InvalidArgument, NotFound, RecsysError
 from recsys.search import queries
 from recsys.search.calibration import choose_ef_search
 from recsys.search.params import RecommendationQuery, SearchOptions, SimilarQuery
+from recsys.telemetry import database_span, record_ef_search
 
 __all__ = [
     "DEFAULT_EF_SEARCH",
@@ -90,15 +92,23 @@ async def resolve_ef_search(
     """
     if recall_target is not None:
         chosen = await choose_ef_search(db, recall_target)
+        record_ef_search(max(k, chosen.ef_search), recall_target)
         return EfChoice(ef_search=max(k, chosen.ef_search), expected_recall=chosen.expected_recall)
     return EfChoice(ef_search=max(k, ef_search if ef_search is not None else DEFAULT_EF_SEARCH))
+
+
+def _operation(query: str) -> str:
+    """A short name of the statement for its span: the function it calls, or the table it reads."""
+    match = re.search(r"\bFROM\s+([a-z_]+)", query)
+    return match.group(1) if match else "select"
 
 
 async def _fetch(conn: psycopg.AsyncConnection[Any], query: str, params: dict[str, Any], timeout_ms: int) -> list[Row]:
     """Rows of ``query`` as dicts, sent in one message behind the statement timeout."""
     async with psycopg.AsyncClientCursor(conn) as cur:
         try:
-            await cur.execute(queries.TIMEOUT_PREFIX + query, {"statement_timeout": str(timeout_ms), **params})
+            with database_span(_operation(query), query):
+                await cur.execute(queries.TIMEOUT_PREFIX + query, {"statement_timeout": str(timeout_ms), **params})
         except pg_errors.NoDataFound as exc:
             raise _not_found(exc) from None
         except pg_errors.InvalidParameterValue as exc:

@@ -70,7 +70,8 @@ def wheelhouse(package: Path) -> Path:
     key = hashlib.sha256(requirements + sys.version.encode()).hexdigest()[:16]
     folder = ROOT / ".stack" / "wheelhouse" / key
     if not (folder / ".complete").exists():
-        shutil.rmtree(folder, ignore_errors=True)
+        for stale in folder.parent.glob("*"):  # wheels of earlier requirements
+            shutil.rmtree(stale, ignore_errors=True)
         download = pip("download", "--dest", str(folder), "-r", "requirements.txt", cwd=package, env=clean_env())
         assert download.returncode == 0, download.stderr[-2000:]
         (folder / ".complete").touch()
