@@ -109,12 +109,12 @@ async def test_one_similar_request_is_a_span_with_its_statement_as_child(
     assert attributes["http.response.status_code"] == 200
 
     statements = [s for s in finished if s.parent is not None and s.parent.span_id == invocation.context.span_id]
-    assert [s.name for s in statements] == ["db recsys_similar"]  # one round trip
+    assert [s.name for s in statements] == ["db recsys_query"]  # one round trip
     (statement,) = statements
     assert statement.kind == SpanKind.CLIENT and statement.context.trace_id == invocation.context.trace_id
     statement_attributes = dict(statement.attributes or {})
     assert statement_attributes["db.system.name"] == "postgresql"
-    assert "recsys_similar(" in statement_attributes["db.query.text"]
+    assert "recsys_query(" in statement_attributes["db.query.text"]
     assert prefix not in statement_attributes["db.query.text"]  # values travel as parameters
 
     text = all_attribute_text(finished)
