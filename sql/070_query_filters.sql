@@ -38,12 +38,8 @@ DECLARE
             AND (p_tags_all IS NULL OR i.tags @> p_tags_all)
             AND (p_metadata IS NULL OR i.metadata @> p_metadata)
             AND i.id <> ALL (p_exclude)$filter$;
-    -- The same filter for EXPLAIN, with the values as $1 .. $5.
-    explain_filter text;
     template text;
 BEGIN
-    explain_filter := replace(replace(replace(replace(replace(filter,
-        'p_categories', '$1'), 'p_tags_any', '$2'), 'p_tags_all', '$3'), 'p_metadata', '$4'), 'p_exclude', '$5');
     EXECUTE format('DROP FUNCTION recsys_similar(text, integer, integer, text, text[], integer)');
     EXECUTE format('DROP FUNCTION recsys_recommend(text[], text[], vector, double precision, integer, integer,'
                    ' text, text[], integer)');
@@ -59,9 +55,7 @@ BEGIN
     --    P = sqrt(p_cost_ratio * (ef + n) * N): the budget. The count of passing items stops at
     --    budget + 1 rows (through the filter indexes), so it costs at most about `budget` rows,
     --    and the budget grows with the square root of the catalogue: the choice holds at any
-    --    size. At most `budget` passing -> exact: every passing item is scored. When the
-    --    planner's estimate of P (EXPLAIN of the filter: its statistics) is over twice the
-    --    budget, the count is skipped: counting would cost about `budget` rows for nothing.
+    --    size. At most `budget` passing -> exact: every passing item is scored.
     -- 2. The probe (filters only). That estimate assumes the passing items are spread like the
     --    others. The index's ef nearest items, unfiltered (one ordinary HNSW search), tell how
     --    many pass right around the query:
@@ -70,9 +64,7 @@ BEGIN
     --      pass, and the best p_n of them answer (hnsw);
     --    * none: the filter avoids the query's neighbourhood (anti-correlated). The iterative
     --      scan would have to walk past all of it and, out where every item is about equally
-    --      far, it can find the nearest passing items poorly. Up to `reach` (10) times the
-    --      budget passing (by the planner's estimate), the exact scan answers (exact); beyond,
-    --      the iterative scan (hnsw).
+    --      far, it finds the nearest passing items poorly; the exact scan answers (exact).
     -- 3. If the iterative scan stops (hnsw.max_scan_tuples) with fewer than p_n rows, the exact
     --    scan answers (hnsw+exact), so p_n rows come back whenever p_n items pass.
     -- p_exact skips all this: exact. p_cost_ratio is INDEX_COST_RATIO (recsys/search/service.py).
@@ -104,11 +96,6 @@ DECLARE
     filtered boolean := NOT (p_categories IS NULL AND p_tags_any IS NULL AND p_tags_all IS NULL AND p_metadata IS NULL);
     wanted integer := CASE WHEN filtered THEN ef ELSE p_n END;
     near integer := 0;
-    -- How far past the budget an exact scan still answers a filter that avoids the query's
-    -- neighbourhood (see the probe below).
-    reach constant integer := 10;
-    plan json;
-    estimate double precision;
     found_ids text[];
     found_distances double precision[];
     chosen text := 'exact';
@@ -118,21 +105,7 @@ BEGIN
     IF NOT coalesce(p_exact, false) THEN
         SELECT greatest(c.reltuples, 1) INTO catalogue FROM pg_class c WHERE c.oid = 'items'::regclass;
         budget := ceil(sqrt(greatest(p_cost_ratio, 0) * (ef + p_n) * catalogue));
-        -- The planner's estimate of the passing items (its statistics of tags, categories and
-        -- metadata). Counting costs up to `budget` rows of the table: skipped when the estimate
-        -- is well above the budget.
-        IF filtered THEN
-            EXECUTE 'EXPLAIN (FORMAT JSON) SELECT 1 FROM items i WHERE @explain_filter@'
-                INTO plan USING p_categories, p_tags_any, p_tags_all, p_metadata, p_exclude;
-            estimate := (plan -> 0 -> 'Plan' ->> 'Plan Rows')::double precision;
-        ELSE
-            estimate := catalogue;
-        END IF;
-        IF estimate > 2 * budget THEN
-            passing := budget + 1;
-        ELSE
-            SELECT count(*) INTO passing FROM (SELECT 1 FROM items i WHERE @filter@ LIMIT budget + 1) s;
-        END IF;
+        SELECT count(*) INTO passing FROM (SELECT 1 FROM items i WHERE @filter@ LIMIT budget + 1) s;
         IF passing > budget THEN
             PERFORM set_config('hnsw.ef_search', ef::text, true);
             -- Only the index can then give the rows in distance order without a sort: the planner
@@ -165,24 +138,6 @@ BEGIN
                     LIMIT wanted
                 ) r;
             END IF;
-            IF filtered AND near = 0 THEN
-                -- Nothing passes around the query. Up to `reach` times the budget, the exact scan
-                -- answers (exactly, at a bounded multiple of its cost at the budget). Beyond, an
-                -- exact scan would cost more than walking past the neighbourhood: the iterative scan.
-                IF estimate > budget * reach THEN
-                    PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
-                    SELECT array_agg(r.id ORDER BY r.distance, r.id), array_agg(r.distance ORDER BY r.distance, r.id)
-                    INTO found_ids, found_distances
-                    FROM (
-                        SELECT i.id, i.embedding <=> p_query AS distance
-                        FROM items i
-                        WHERE @filter@
-                        ORDER BY i.embedding <=> p_query
-                        LIMIT wanted
-                    ) r;
-                    near := 1;
-                END IF;
-            END IF;
             PERFORM set_config('enable_sort', sort_setting, true);
             IF coalesce(cardinality(found_ids), 0) >= p_n THEN
                 RETURN QUERY
@@ -214,7 +169,7 @@ BEGIN
 END
 $function$
 $template$;
-    EXECUTE replace(replace(replace(template, '@vec@', vec), '@explain_filter@', explain_filter), '@filter@', filter);
+    EXECUTE replace(replace(template, '@vec@', vec), '@filter@', filter);
 
     -- recsys_query: /similar (p_similar_to: the item whose embedding is the query, itself
     -- excluded) and /recommendations (p_positive, p_negative, p_vector) with every filter and
