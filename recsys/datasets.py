@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["SELECTIVITIES", "Catalogue", "clustered_catalogue", "selectivity_tag", "selectivity_tags"]
+__all__ = ["SELECTIVITIES", "Catalogue", "clustered_catalogue", "selectivity_tag", "selectivity_tags",
+           "subspace_vectors"]
 
 CATEGORIES = ("books", "music", "movies", "games", "garden", "kitchen", "sports", "toys", "tools", "travel")
 
@@ -107,3 +108,40 @@ def selectivity_tags(
         for i in order[:count]:
             tags[int(i)].append(tag)
     return tags
+
+
+def subspace_vectors(
+    n: int,
+    dim: int,
+    *,
+    subspace: int = 24,
+    clusters: int = 2000,
+    spread: float = 0.6,
+    noise: float = 0.25,
+    seed: int = 42,
+    block: int = 100_000,
+) -> npt.NDArray[np.float32]:
+    """``n`` unit vectors structured as real embeddings are: clusters in a low-dimensional subspace.
+
+    Cluster centres are Gaussian in a random ``subspace``-dimensional subspace of ``dim``; an
+    item is its centre plus Gaussian scatter of relative size ``spread`` within the subspace,
+    plus isotropic noise of norm about ``noise`` in the whole space, scaled to unit length.
+    Model embeddings concentrate their variance in a few directions like this; isotropic noise
+    would make every neighbour almost equally far. Generated in blocks of ``block`` rows.
+    """
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.standard_normal((dim, subspace)))
+    basis = basis.T.astype(np.float32)  # subspace × dim, orthonormal rows
+    centres = rng.standard_normal((clusters, subspace)).astype(np.float32)
+    cumulative = np.cumsum(rng.dirichlet(np.full(clusters, 2.0)))  # clusters of uneven size
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, block):
+        rows = min(block, n - start)
+        assignment = np.minimum(np.searchsorted(cumulative, rng.random(rows)), clusters - 1)
+        inner = centres[assignment] + rng.standard_normal((rows, subspace), dtype=np.float32) * spread
+        vectors = inner @ basis
+        vectors *= 1 / np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors += rng.standard_normal((rows, dim), dtype=np.float32) * np.float32(noise / np.sqrt(dim))
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        out[start:start + rows] = vectors
+    return out
