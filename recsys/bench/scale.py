@@ -405,17 +405,33 @@ def run(options: BenchOptions) -> BenchResult:
     return _result(options.out_dir, size, figures, servers)
 
 
+def _halfvec_headlines(figures: dict[str, Any], load: dict[str, Any], warm: dict[str, Any]) -> list[Headline]:
+    found: list[Headline] = []
+    vs, hs = figures["vector_sizes"], figures["halfvec_sizes"]
+    hl = figures["halfvec_load"]
+    hw = figures["halfvec"]["similar_warm"]
+    found.append(Headline(
+        f"halfvec ÷ vector index size ({_gib(hs['index_bytes'])} vs {_gib(vs['index_bytes'])} GiB; table "
+        f"{_gib(hs['table_bytes'])} vs {_gib(vs['table_bytes'])} GiB; build {hl['index_build_s']} vs "
+        f"{load['index_build_s']} s)", round(ratio(hs["index_bytes"], vs["index_bytes"]), 2), "×"))
+    found.append(Headline(
+        f"halfvec /similar at ef_search {DEFAULT_EF_SEARCH}: p50 (recall@10 {hw['recall_at_10']} vs vector "
+        f"{warm['recall_at_10']}; vector p50 {warm['p50_ms']} ms)", hw["p50_ms"], "ms"))
+    return found
+
+
 def _result(out: Path, size: Sizes, figures: dict[str, Any], servers: dict[str, str]) -> BenchResult:
     vector, load = figures["vector"], figures["vector_load"]
     target = figures["vector_target"]["similar"]
     warm = vector["similar_warm"]
     plot = "scale.png"
     curve = figures["vector"]["similar_by_ef"]
-    half_curve = figures["halfvec"]["similar_by_ef"]
+    half_curve = figures["halfvec"]["similar_by_ef"] if "halfvec" in figures else {}
     series = {
         "vector, /similar p50 by ef_search": (
             [curve[e]["p50_ms"] for e in curve], [curve[e]["recall_at_10"] for e in curve]),
-        "halfvec": ([half_curve[e]["p50_ms"] for e in half_curve], [half_curve[e]["recall_at_10"] for e in half_curve]),
+        "halfvec": (
+            [half_curve[e]["p50_ms"] for e in half_curve], [half_curve[e]["recall_at_10"] for e in half_curve]),
         "recall_target 0.95": ([target["p50_ms"]], [target["recall_at_10"]]),
     }
     annotations = {"vector, /similar p50 by ef_search": [str(e) for e in curve],
@@ -445,16 +461,10 @@ def _result(out: Path, size: Sizes, figures: dict[str, Any], servers: dict[str, 
     cal = figures["calibration"]
     headlines.append(Headline(f"python -m recsys calibrate on {size.items:,} items ({cal['sample']} sampled)",
                               cal["seconds"], "s", "≤ 120 s", cal["seconds"] <= 120))
-    vs, hs = figures["vector_sizes"], figures["halfvec_sizes"]
-    hl = figures["halfvec_load"]
-    hw = figures["halfvec"]["similar_warm"]
-    headlines.append(Headline(
-        f"halfvec ÷ vector index size ({_gib(hs['index_bytes'])} vs {_gib(vs['index_bytes'])} GiB; table "
-        f"{_gib(hs['table_bytes'])} vs {_gib(vs['table_bytes'])} GiB; build {hl['index_build_s']} vs "
-        f"{load['index_build_s']} s)", round(ratio(hs["index_bytes"], vs["index_bytes"]), 2), "×"))
-    headlines.append(Headline(
-        f"halfvec /similar at ef_search {DEFAULT_EF_SEARCH}: p50 (recall@10 {hw['recall_at_10']} vs vector "
-        f"{warm['recall_at_10']}; vector p50 {warm['p50_ms']} ms)", hw["p50_ms"], "ms"))
+    if "halfvec" in figures:
+        headlines.extend(_halfvec_headlines(figures, load, warm))
+    else:
+        headlines.append(Headline("halfvec at 1M: not measured in this run", None))
     mem = figures["postgres_memory"]
     headlines.append(Headline(f"PostgreSQL memory (PSS of its {mem['processes']} processes; shared_buffers "
                               f"{mem['shared_buffers']})", _gib(mem["pss_bytes"]), "GiB"))
