@@ -180,7 +180,7 @@ class StackConfig:
         if "replica_ports" not in overrides:
             count = int(overrides.get("replicas", 0))
             ports["replica_ports"] = tuple((free_port(), free_port()) for _ in range(count))
-        return cls(root=root, durable=False, **ports)
+        return cls(root=root, **{"durable": False, **ports})
 
 
 class Stack:
