@@ -326,6 +326,12 @@ def _loader_url(env: Mapping[str, str], query_url: str, explicit_query_url: str 
                 name, "must be set (to the primary) when RECSYS_DATABASE_URL lists several hosts or standbys"
             )
     url = _database_url(env, name, explicit_query_url or LOCAL_LOADER_DATABASE_URL)
+    _check_reaches_primary(name, url)
+    return url
+
+
+def _check_reaches_primary(name: str, url: str) -> None:
+    """Refuse a URL of a writing path that could land on a standby."""
     hosts, attrs = _servers(name, url)
     if attrs in STANDBY_ATTRS:
         raise SettingsError(name, f"must reach the primary, not target_session_attrs={attrs}")
@@ -333,7 +339,6 @@ def _loader_url(env: Mapping[str, str], query_url: str, explicit_query_url: str 
         raise SettingsError(
             name, "lists several hosts: add target_session_attrs=primary so that writes reach the primary"
         )
-    return url
 
 
 def _schedule(env: Mapping[str, str], name: str, default: str) -> str:
@@ -367,6 +372,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if _text(env, "RECSYS_LOADER_DATABASE_URL", None) or explicit_query_url
         else LOCAL_MAINTENANCE_DATABASE_URL,
     )
+    _check_reaches_primary("RECSYS_MAINTENANCE_DATABASE_URL", maintenance_database_url)
     entra_client_id = _text(env, "RECSYS_ENTRA_CLIENT_ID", None)
     loader_entra_client_id = _text(env, "RECSYS_LOADER_ENTRA_CLIENT_ID", entra_client_id)
     queue_name = _text(env, "RECSYS_QUEUE_NAME", "embedding-batches")

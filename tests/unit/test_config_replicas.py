@@ -77,3 +77,15 @@ def test_the_password_of_a_multi_host_url_is_redacted() -> None:
     settings = load_settings({"RECSYS_DATABASE_URL": REPLICAS, "RECSYS_LOADER_DATABASE_URL": PRIMARY})
     assert ":pw@" not in repr(settings)
     assert redact(REPLICAS).startswith("postgresql://recsys-query:***@replica-1:6432,replica-2:6432,")
+
+
+def test_housekeeping_follows_the_loader_to_the_primary_and_never_to_a_standby() -> None:
+    settings = load_settings({"RECSYS_DATABASE_URL": REPLICAS, "RECSYS_LOADER_DATABASE_URL": PRIMARY})
+    assert settings.url_for("maintenance") == PRIMARY
+    with pytest.raises(SettingsError, match="must reach the primary") as raised:
+        load_settings({
+            "RECSYS_DATABASE_URL": REPLICAS,
+            "RECSYS_LOADER_DATABASE_URL": PRIMARY,
+            "RECSYS_MAINTENANCE_DATABASE_URL": "postgresql://m@replica:6432/recsys?target_session_attrs=standby",
+        })
+    assert raised.value.name == "RECSYS_MAINTENANCE_DATABASE_URL"
