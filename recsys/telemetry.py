@@ -149,11 +149,15 @@ def invocation_span(handler: F) -> F:
 
         argument = next(iter(kwargs.values()), None) if kwargs else (args[0] if args else None)
         is_http = argument is not None and hasattr(argument, "route_params")
-        kind = SpanKind.SERVER if is_http else SpanKind.CONSUMER
+        is_timer = argument is not None and hasattr(argument, "past_due")
+        kind = SpanKind.SERVER if is_http else SpanKind.INTERNAL if is_timer else SpanKind.CONSUMER
         with _tracer().start_as_current_span(name, kind=kind, record_exception=True) as span:
             span.set_attribute("faas.name", name)
             if is_http:
                 _set_http_attributes(span, argument)
+            elif is_timer:
+                span.set_attribute("faas.trigger", "timer")
+                span.set_attribute("recsys.timer.past_due", bool(getattr(argument, "past_due", False)))
             else:
                 span.set_attribute("faas.trigger", "pubsub")
                 span.set_attribute("messaging.system", "azure_storage_queue")

@@ -7,6 +7,7 @@ import logging
 import azure.functions as func
 
 from recsys.maintenance import housekeeping
+from recsys.telemetry import invocation_span
 
 __all__ = ["bp"]
 
@@ -19,6 +20,7 @@ bp = func.Blueprint()
 # RECSYS_QUEUE_NAME must. use_monitor: an occurrence missed while the app was down runs when it
 # starts again; run_on_startup stays off (every scale-out or restart would run it).
 @bp.timer_trigger(arg_name="timer", schedule="%RECSYS_MAINTENANCE_SCHEDULE%", run_on_startup=False, use_monitor=True)
+@invocation_span
 async def maintenance_timer(timer: func.TimerRequest) -> None:
     """Run housekeeping once; the run logs what it did (``housekeeping: {...}``)."""
     if timer.past_due:
