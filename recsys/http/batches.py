@@ -8,6 +8,8 @@ connections for whole COPY transactions), each bounded by the pool timeout (503 
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import azure.functions as func
 
 from recsys.config import get_settings
@@ -27,7 +29,8 @@ MAX_BATCH_BODY_BYTES = 32 << 20
 
 
 def _accepted(enqueued: Enqueued) -> func.HttpResponse:
-    location = f"/api/embeddings/batches/{enqueued.batch_id}"
+    # Percent-encoded: a batch id may hold any character, a header only Latin-1 without controls.
+    location = f"/api/embeddings/batches/{quote(enqueued.batch_id, safe='')}"
     return json_response(enqueued.to_body(), status=202, headers={"Location": location})
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import azure.functions as func
 
@@ -15,27 +17,44 @@ __all__ = ["OPENAPI_PATH", "bp", "openapi_document"]
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 
+#: Schemas whose size follows the catalogue's dimension carry this key: ``length`` for a JSON
+#: array of numbers, ``base64`` for base64 of little-endian float32 values. The file states the
+#: default dimension (384); the served document states the configured one.
+DIMENSION_KEY = "x-recsys-dimension"
+
 bp = func.Blueprint()
 
 
-#: Arrays in the document whose length is the catalogue's embedding dimension.
-_VECTOR_SCHEMAS = (("components", "schemas", "RecommendationRequest", "properties", "vector"),)
+def _base64_pattern(size: int) -> str:
+    """A pattern matching exactly the base64 texts of ``size`` bytes (with their padding)."""
+    full, rest = divmod(size, 3)
+    tail = {0: "", 1: "[A-Za-z0-9+/]{2}==", 2: "[A-Za-z0-9+/]{3}="}[rest]
+    return f"^[A-Za-z0-9+/]{{{4 * full}}}{tail}$"
+
+
+def _set_dimension(node: Any, dim: int) -> None:
+    if isinstance(node, dict):
+        kind = node.get(DIMENSION_KEY)
+        if kind == "length":
+            node["minItems"] = node["maxItems"] = dim
+        elif kind == "base64":
+            node["minLength"] = node["maxLength"] = 4 * math.ceil(dim * 4 / 3)
+            node["pattern"] = _base64_pattern(dim * 4)
+        for value in node.values():
+            _set_dimension(value, dim)
+    elif isinstance(node, list):
+        for value in node:
+            _set_dimension(value, dim)
 
 
 @functools.cache
-def openapi_document(embedding_dim: int) -> bytes:
-    """The document kept in the repository next to this module, built once per dimension.
-
-    The repository's copy states the default dimension; the served one states the configured
-    ``RECSYS_EMBEDDING_DIM``, so that a schema-driven client builds vectors of the right length.
-    """
-    document = json.loads(OPENAPI_PATH.read_bytes())
-    for path in _VECTOR_SCHEMAS:
-        node = document
-        for key in path:
-            node = node[key]
-        node["minItems"] = node["maxItems"] = embedding_dim
-    return json.dumps(document, ensure_ascii=False).encode()
+def openapi_document(dim: int | None = None) -> bytes:
+    """The document kept next to this module, with vector sizes for ``dim`` (as is when ``None``)."""
+    if dim is None:
+        return OPENAPI_PATH.read_bytes()
+    doc = json.loads(OPENAPI_PATH.read_bytes())
+    _set_dimension(doc, dim)
+    return json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8")
 
 
 @bp.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys.errors import InvalidArgument
+from recsys.search.params import MAX_VECTOR_COMPONENT
 
 __all__ = [
     "INLINE_MAX_BYTES",
@@ -176,6 +177,8 @@ def _check_text(value: str, name: str) -> None:
 
 def parse_id(value: Any, name: str) -> str:
     """An item id: a string of 1–128 characters, or a JSON integer taken as its decimal string."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 4401.0 in JSON is the integer 4401 (JSON Schema agrees)
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
@@ -265,6 +268,9 @@ def _parse_metadata(value: Any, name: str) -> dict[str, Any]:
 def _finite_vector(vector: Vector, name: str) -> Vector:
     if not np.isfinite(vector).all():
         raise InvalidArgument(f"{name} must contain only finite numbers (float32 range)", field=name)
+    if vector.size and float(np.abs(vector).max()) > MAX_VECTOR_COMPONENT:
+        message = f"{name} must contain only numbers within ±{MAX_VECTOR_COMPONENT:g} (cosine overflows past it)"
+        raise InvalidArgument(message, field=name)
     if not vector.any():
         raise InvalidArgument(f"{name} must not be all zeros: its cosine similarity is undefined", field=name)
     return vector

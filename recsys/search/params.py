@@ -23,6 +23,7 @@ __all__ = [
     "MAX_BATCH_QUERIES",
     "MAX_IDS",
     "MAX_K",
+    "MAX_VECTOR_COMPONENT",
     "RecommendationQuery",
     "SearchOptions",
     "SimilarQuery",
@@ -54,6 +55,10 @@ DEFAULT_K = 10
 RECALL_TARGET_RANGE = (0.5, 0.999)
 #: Largest magnitude a float32 (pgvector's element type) holds.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Largest magnitude of a vector component. pgvector sums squares in float32 for cosine
+#: distances: components near FLOAT32_MAX overflow to inf and the distance to NaN (which no JSON
+#: answer can carry). 1e17 keeps the sum of squares finite up to 16,000 dimensions.
+MAX_VECTOR_COMPONENT = 1e17
 
 _INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
 _TRUE = ("true", "1", "yes")
@@ -172,6 +177,8 @@ def check_text(value: str, name: str) -> str:
 
 def parse_id(value: Any, name: str = "id") -> str:
     """An item id: a string of 1-128 characters, or a JSON integer taken as its decimal string."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 4401.0 in JSON is the integer 4401 (JSON Schema agrees)
     if _is_int(value):
         value = str(value)
     if not isinstance(value, str):
@@ -259,8 +266,8 @@ def parse_vector(value: Any, dim: int, name: str = "vector") -> npt.NDArray[np.f
     for x in value:
         if isinstance(x, bool) or not isinstance(x, int | float):
             raise InvalidArgument(f"{name} must hold only numbers", field=name)
-        if not math.isfinite(x) or abs(x) > FLOAT32_MAX:
-            raise InvalidArgument(f"{name} must hold only finite float32 values", field=name)
+        if not math.isfinite(x) or abs(x) > MAX_VECTOR_COMPONENT:
+            raise InvalidArgument(f"{name} must hold only finite numbers within ±{MAX_VECTOR_COMPONENT:g}", field=name)
     array = np.asarray(value, dtype=np.float32)
     if not np.any(array):
         raise InvalidArgument(f"{name} must not be all zeros: cosine similarity is undefined", field=name)

@@ -34,9 +34,22 @@ from pgvector.psycopg import register_vector
 from recsys.datasets import Catalogue, clustered_catalogue
 from recsys.local.stack import Stack, free_port
 
-__all__ = ["Outcome", "PartitionProxy", "load_catalogue", "partition_proxy", "run_load", "served_app"]
+__all__ = [
+    "ISOLATED_CATALOGUE_SIZE",
+    "ISOLATED_SERVER_POOL",
+    "Outcome",
+    "PartitionProxy",
+    "load_catalogue",
+    "partition_proxy",
+    "run_load",
+    "served_app",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
+#: PgBouncer's server connections per (database, user) pool on the isolated stack (conftest).
+ISOLATED_SERVER_POOL = 6
+#: Items of the isolated stack's catalogue: as many as the demo catalogue of ``make run``.
+ISOLATED_CATALOGUE_SIZE = 20_000
 
 
 # ----------------------------------------------------------------------------- the link

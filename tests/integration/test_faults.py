@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,10 +22,17 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from faults_support import Outcome, PartitionProxy, load_catalogue, partition_proxy, run_load, served_app
+from faults_support import (
+    ISOLATED_SERVER_POOL,
+    Outcome,
+    PartitionProxy,
+    partition_proxy,
+    run_load,
+    served_app,
+)
 
 from recsys.datasets import Catalogue
-from recsys.local.stack import Stack, StackConfig
+from recsys.local.stack import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +43,7 @@ STATEMENT_TIMEOUT_MS = 2000
 ANSWER_GRACE = 1.0
 POOL_MAX = 4
 #: PgBouncer's server connections per (database, user) pool on this module's stack.
-SERVER_POOL = 6
+SERVER_POOL = ISOLATED_SERVER_POOL
 CONCURRENCY = 16
 #: Slack for a slow, shared machine on top of every documented bound.
 MARGIN = 2.0
@@ -48,29 +53,17 @@ UNAVAILABLE_BOUND = max(POOL_TIMEOUT, STATEMENT_TIMEOUT_MS / 1000 + ANSWER_GRACE
 #: The service answers every request again this long after the failed component is back.
 RECOVERY_BOUND = 5.0
 OK = {200, 202}
-CATALOGUE_SIZE = 3000
 
 
 @pytest.fixture(scope="module")
-def fault_stack() -> Iterator[Stack]:
-    """A stack of its own: the faults below would disturb every other test of the session.
-
-    Not under pytest's temporary folder: a pytest run starting meanwhile resets that folder's
-    mode to 0700, and the service user could no longer reach the stack to restart it.
-    """
-    root = Path(tempfile.mkdtemp(prefix="recsys-faults-"))
-    stack = Stack(StackConfig.ephemeral(root, bouncer_settings={"default_pool_size": str(SERVER_POOL)}))
-    try:
-        stack.up()
-        yield stack
-    finally:
-        stack.down()
-        shutil.rmtree(root, ignore_errors=True)
+def fault_stack(isolated_stack: Stack) -> Stack:
+    """The session's isolated stack: the faults below would disturb every other test."""
+    return isolated_stack
 
 
 @pytest.fixture(scope="module")
-def fault_catalogue(fault_stack: Stack) -> Catalogue:
-    return load_catalogue(fault_stack, CATALOGUE_SIZE)
+def fault_catalogue(isolated_catalogue: Catalogue) -> Catalogue:
+    return isolated_catalogue
 
 
 @pytest.fixture(scope="module")

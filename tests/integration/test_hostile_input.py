@@ -99,3 +99,11 @@ def test_a_wrong_method_is_a_405_with_allow(client: httpx.Client, method: str, p
     response = client.request(method, path)
     assert error_of(response, 405)["code"] == "method_not_allowed"
     assert allow in response.headers["allow"].split(", ")
+
+
+def test_any_batch_id_gets_a_202_with_a_percent_encoded_location(client: httpx.Client) -> None:
+    # A newline or an emoji in a header would make the server drop the connection instead.
+    response = client.post("/api/embeddings/batches", json={"batch_id": "b ✓/\n😍", "delete": ["hostile-none"]})
+    assert response.status_code == 202, response.text
+    assert response.headers["location"] == "/api/embeddings/batches/b%20%E2%9C%93%2F%0A%F0%9F%98%8D"
+    assert response.json()["batch_id"] == "b ✓/\n😍"

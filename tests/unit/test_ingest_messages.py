@@ -253,3 +253,11 @@ def test_parts_are_cut_by_bytes_as_well_as_by_entries() -> None:
     assert sum(len(d["items"]) for d in documents) == 300
     assert documents[-1]["delete"] == [{"id": "z", "version": 1}]
     assert len({d["source"] for d in documents}) == 1
+
+def test_components_past_1e17_are_refused_since_cosine_would_overflow() -> None:
+    from recsys.ingest.messages import parse_embedding
+
+    assert parse_embedding([1e17, 0.0, 0.0, 1.0], 4, "embedding") is not None
+    with pytest.raises(InvalidArgument) as caught:
+        parse_embedding([-3.4e38, 0.0, 0.0, 0.0], 4, "items[0].embedding")
+    assert caught.value.field == "items[0].embedding"

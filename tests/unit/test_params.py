@@ -32,6 +32,7 @@ def test_ids_are_strings_of_1_to_128_characters_or_integers() -> None:
     assert parse_id("sku-1") == "sku-1"
     assert parse_id(42) == "42"
     assert parse_id(-7) == "-7"
+    assert parse_id(4401.0) == "4401"  # an integer, as JSON (and JSON Schema) sees it
     assert parse_id("x" * 128) == "x" * 128
     for bad in ("", "x" * 129, True, 1.5, None, ["a"], {"id": 1}, "a\x00b"):
         assert field_of(parse_id, bad, "ids") == "ids"
@@ -231,6 +232,8 @@ def test_hostile_query_string_numbers(params: dict[str, str], field: str) -> Non
         ({"positive": ["a"], "ef_search": 1e300}, "ef_search"),
         ({"positive": ["a"], "recall_target": float("inf")}, "recall_target"),
         ({"vector": [1e39, 1.0, 1.0, 1.0]}, "vector"),
+        ({"vector": [-3.4e38, 0.0, 0.0, 0.0]}, "vector"),  # float32, but cosine would overflow to NaN
+        ({"vector": [1.1e17, 1.0, 1.0, 1.0]}, "vector"),
         ({"vector": [float("inf"), 1.0, 1.0, 1.0]}, "vector"),
         ({"positive": [10**200]}, "positive"),
     ],
