@@ -241,7 +241,10 @@ async def run_load(
     for ``seconds`` (or until ``stop`` is set); every request's :class:`Outcome`."""
     outcomes: list[Outcome] = []
     end = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Idle keep-alive connections are dropped by the client after 2 s, before the server's 5 s
+    # (uvicorn's default): otherwise a request sent just as the server closes one is lost in
+    # transit, a race of HTTP/1.1 keep-alive that would be blamed on the fault under test.
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0)
 
     async def client_loop(client: httpx.AsyncClient, worker: int) -> None:
         for op, method, path, body in _requests(catalogue, dim, worker):
@@ -252,8 +255,8 @@ async def run_load(
                 response = await client.request(method, path, json=body)
                 status = response.status_code
                 code = response.json().get("code") if status >= 400 else None
-            except httpx.HTTPError:
-                status, code = 0, None
+            except httpx.HTTPError as exc:
+                status, code = 0, f"{type(exc).__name__}: {exc}"  # no HTTP answer at all
             outcomes.append(Outcome(op, started, time.monotonic(), status, code))
 
     async with httpx.AsyncClient(base_url=base_url, timeout=request_timeout, limits=limits) as client:
