@@ -22,7 +22,8 @@ from faults_support import served_app
 from recsys.datasets import Catalogue
 from recsys.local.stack import Stack
 
-pytestmark = pytest.mark.integration
+# The isolated stack and its catalogue start with the first test: slow on a loaded machine.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 SEED = 20261203
 #: Examples per operation and phase: enough to reach every branch of the document
@@ -62,7 +63,6 @@ def fuzzed_app(isolated_stack: Stack, isolated_catalogue: Catalogue,
         yield base
 
 
-@pytest.mark.timeout(900)
 def test_schemathesis_finds_nothing_over_every_operation(fuzzed_app: str, tmp_path: Path) -> None:
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
