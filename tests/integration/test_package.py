@@ -61,7 +61,7 @@ def clean_env() -> dict[str, str]:
 
 def pip(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=800)
 
 
 def wheelhouse(package: Path) -> Path:
@@ -94,6 +94,9 @@ def test_funcignore_keeps_only_what_runs_in_azure() -> None:
     ]
 
 
+# A cold wheelhouse downloads every wheel of requirements.txt; on a machine whose CPU is shared
+# that alone took over five minutes once (about 30 s when the machine is quiet).
+@pytest.mark.timeout(900)
 def test_package_installs_and_lists_every_function(tmp_path: Path) -> None:
     env = clean_env()
     expected = run_probe(sys.executable, ROOT, env)
