@@ -54,9 +54,12 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "overload": (
         "recsys.bench.overload",
-        "PostgreSQL with `max_connections = 22`; 30, 100 and 500 simulated function instances, each "
-        "with its own small pool, at a fixed offered load: direct vs through PgBouncer (transaction "
-        "mode): failed requests, p50/p95, server connections in use.",
+        "the scale-out storm, PostgreSQL with `max_connections = 22` behind PgBouncer (16 server "
+        "connections): what a new connection costs before and after (statements PgBouncer passes on, "
+        "PgBouncer CPU per connection); 500 instances, each with the app's pool, starting within 2 s "
+        "while 20 warm ones serve 200 requests/s, five times, then 1,000: failures, p50/p95/p99 before, "
+        "during and after the burst, server connections, PgBouncer waiting clients and CPU; pool sizes "
+        "side by side; direct vs PgBouncer at 30 and 100 instances.",
     ),
     "roundtrips": (
         "recsys.bench.roundtrips",

@@ -65,7 +65,10 @@ _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncConn
 #: milliseconds, so two serve many concurrent enqueues.
 INGEST_POOL_MAX_SIZE = 2
 
-#: Seconds a connection opened or returned to the pool may be handed out without a check.
+#: Seconds a connection opened or returned to the pool may be handed out without a check. The
+#: check catches a connection whose server side is gone (PostgreSQL down behind PgBouncer holds a
+#: query for its query_wait_timeout) within the pool timeout; a connection used within the last
+#: second needs no such proof.
 CHECK_AFTER_IDLE = 1.0
 #: When each pooled connection was opened or last returned (time.monotonic()).
 _idle_since: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = weakref.WeakKeyDictionary()
