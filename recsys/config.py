@@ -161,7 +161,7 @@ class Settings:
     #: HNSW graph links per node and build-time candidate list (migrations, bulk index builds).
     hnsw_m: int = 16
     hnsw_ef_construction: int = 64
-    pool_min_size: int = 0
+    pool_min_size: int = 1
     pool_max_size: int = 4
     pool_timeout: float = 5.0
     pool_max_lifetime: float = 1800.0
@@ -394,7 +394,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         vector_type=vector_type,
         hnsw_m=hnsw_m,
         hnsw_ef_construction=hnsw_ef_construction,
-        pool_min_size=_number(env, "RECSYS_POOL_MIN_SIZE", 0, int, 0, 1000),
+        pool_min_size=_number(env, "RECSYS_POOL_MIN_SIZE", 1, int, 0, 1000),
         pool_max_size=_number(env, "RECSYS_POOL_MAX_SIZE", 4, int, 1, 1000),
         pool_timeout=_number(env, "RECSYS_POOL_TIMEOUT", 5.0, float, 0.1, 300),
         pool_max_lifetime=_number(env, "RECSYS_POOL_MAX_LIFETIME", 1800.0, float, 10, 86400),
