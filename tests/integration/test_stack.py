@@ -97,6 +97,9 @@ def test_migrations_are_recorded_once(stack: Stack) -> None:
 
 
 def test_pgbouncer_runs_in_transaction_mode_with_a_readable_admin_console(stack: Stack) -> None:
+    # PgBouncer lists a pool once a client has used it: use it, so the test holds on its own.
+    with psycopg.connect(stack.bouncer_url(), autocommit=True, prepare_threshold=None) as client:
+        client.execute("SELECT 1")
     with psycopg.connect(stack.bouncer_admin_url(), autocommit=True, prepare_threshold=None) as admin:
         config = {row[0]: row[1] for row in admin.execute("SHOW CONFIG")}
         pools = admin.execute("SHOW POOLS").fetchall()
