@@ -105,7 +105,7 @@ def test_pgbouncer_runs_in_transaction_mode_with_a_readable_admin_console(stack:
         pools = admin.execute("SHOW POOLS").fetchall()
     assert config["pool_mode"] == "transaction"
     assert config["listen_port"] == str(stack.config.bouncer_port)
-    assert any(row[0] == "recsys" and row[-1] == "transaction" for row in pools)
+    assert any(row[0] == "recsys" and row[-1] == "transaction" for row in pools), pools
 
 
 def test_postgres_verifies_passwords(stack: Stack) -> None:
