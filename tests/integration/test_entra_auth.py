@@ -21,14 +21,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import azure.functions as func
 import psycopg
 import pytest
+from identity_endpoint import ManagedIdentityEndpoint
 from psycopg import sql
 from psycopg_pool import PoolTimeout
 
@@ -90,46 +89,13 @@ class IdentityEndpoint:
 
     @contextlib.contextmanager
     def serving(self) -> Iterator[str]:
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                query = parse_qs(urlparse(self.path).query)
-                if self.headers.get("X-IDENTITY-HEADER") != endpoint.header:
-                    status, body = 401, {"statusCode": 401, "message": "missing or wrong X-IDENTITY-HEADER"}
-                elif query.get("api-version") != ["2019-08-01"] or query.get("resource") != [RESOURCE]:
-                    status, body = 400, {"statusCode": 400, "message": f"unexpected query {query}"}
-                elif query.get("client_id") != [endpoint.client_id]:
-                    status, body = 400, {"statusCode": 400, "message": "unknown user-assigned identity"}
-                else:
-                    status, body = endpoint.issue()
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        server = QuietServer(("127.0.0.1", 0), Handler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}/msi/token"
-        finally:
-            self.release.set()
-            server.shutdown()
-            server.server_close()
-            thread.join()
-
-
-class QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a client that gave up on a hanging answer closed its socket: expected here
+        """Yields the endpoint URL; a hanging request is released before the server stops."""
+        served = ManagedIdentityEndpoint(RESOURCE, self.client_id, self.issue, header=self.header)
+        with served.serving() as url:
+            try:
+                yield url
+            finally:
+                self.release.set()
 
 
 def fingerprint(token: str) -> str:
