@@ -99,18 +99,24 @@ def local_host(env: Mapping[str, str], port: int) -> Iterator[str]:
 
     Yields its base URL once ``/api/health`` answers; stops it afterwards.
     """
+    log_file = tempfile.NamedTemporaryFile(prefix="recsys-bench-host-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, "-m", "recsys", "serve", "--port", str(port)],
         cwd=tools.project_root(), env={**os.environ, **env},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
+
+    def failed(why: str) -> RuntimeError:
+        tail = Path(log_file.name).read_text(encoding="utf-8", errors="replace")[-4000:]
+        return RuntimeError(f"{why}; its log ({log_file.name}) ends with:\n{tail}")
+
     try:
-        deadline = Deadline(60)
+        deadline = Deadline(120)
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"the local host exited with {process.returncode}")
+                raise failed(f"the local host exited with {process.returncode}")
             if not deadline:
-                raise RuntimeError("the local host did not answer /api/health within 60 s")
+                raise failed("the local host did not answer /api/health within 120 s")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
                     if response.status == 200:
@@ -125,6 +131,8 @@ def local_host(env: Mapping[str, str], port: int) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        log_file.close()
+        Path(log_file.name).unlink(missing_ok=True)
 
 
 def app_environment(env: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:
