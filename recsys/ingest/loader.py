@@ -77,7 +77,6 @@ __all__ = [
     "copy_items",
     "load_part",
     "process_message",
-    "vector_type",
 ]
 
 log = logging.getLogger("recsys")
@@ -132,11 +131,6 @@ SELECT count(*) FROM applied
 
 #: Database errors caused by the rows themselves: retrying the message cannot help.
 _REFUSED = (pg_errors.DataError, pg_errors.IntegrityError)
-
-
-def vector_type(dim: int) -> str:
-    """The items column type for ``dim``, as ``sql/002_items.sql`` chooses it."""
-    return "halfvec" if dim > 2000 else "vector"
 
 
 def now_version() -> int:

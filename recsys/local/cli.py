@@ -45,7 +45,9 @@ def _schema_options(settings: Settings) -> dict[str, Any]:
 
 def _stack_from(args: argparse.Namespace) -> Stack:
     root = Path(args.root) if getattr(args, "root", None) else None
-    return Stack(StackConfig.local(root, replicas=getattr(args, "replicas", 0)))
+    # The schema of a stack being created follows the settings, as with `run` and `migrate`.
+    schema = _schema_options(load_settings()) if getattr(args, "action", None) == "up" else {}
+    return Stack(StackConfig.local(root, **schema, replicas=getattr(args, "replicas", 0)))
 
 
 def _replicas(value: str) -> int:
