@@ -131,7 +131,8 @@ def _load(stack: Stack, ids: Sequence[str], vectors: Vectors, categories: Sequen
 
 async def _measure(stack: Stack, ids: Sequence[str], vectors: Vectors, queries: Sequence[int],
                    held_out: Sequence[int]) -> dict[str, Any]:
-    truth = {q: [ids[j] for j in row] for q, row in zip(queries, _truth(vectors, queries, K), strict=True)}
+    asked = [*queries, *held_out]
+    truth = {q: [ids[j] for j in row] for q, row in zip(asked, _truth(vectors, asked, K), strict=True)}
     figures: dict[str, Any] = {"by_ef": {}}
     url = stack.bouncer_url(user="recsys_loader")
     async with await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None) as conn:
