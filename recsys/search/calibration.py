@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ __all__ = [
     "load_calibration",
     "measure_recall",
     "pick_ef_search",
+    "recall_lower_bound",
     "store_calibration",
 ]
 
@@ -124,16 +126,41 @@ def _not_calibrated() -> NotCalibrated:
     )
 
 
-def pick_ef_search(points: Sequence[CalibrationPoint], recall_target: float) -> EfSearch:
-    """The smallest ``ef_search`` whose calibrated recall reaches ``recall_target``.
+#: One-sided 95 % normal quantile: how many standard errors below its sampled mean a point's
+#: recall may lie before it no longer counts as reaching a target.
+CONFIDENCE_Z = 1.645
 
-    When none reaches it, the point of highest recall (the smallest such ``ef_search``), with
-    its recall, which is then below the target: the caller reports it as ``expected_recall``.
-    Raises :class:`NotCalibrated` when there are no points.
+
+def recall_lower_bound(recall: float, sample_size: int) -> float:
+    """A one-sided 95 % lower confidence bound of a recall measured as the mean over ``sample_size`` items.
+
+    Each sampled item's recall lies in [0, 1], so its variance is at most ``recall * (1 - recall)``
+    whatever its distribution: the bound uses that largest variance.
+    """
+    if sample_size <= 0:
+        return recall
+    return recall - CONFIDENCE_Z * math.sqrt(max(recall * (1.0 - recall), 0.0) / sample_size)
+
+
+def pick_ef_search(
+    points: Sequence[CalibrationPoint], recall_target: float, sample_size: int | None = None
+) -> EfSearch:
+    """The smallest ``ef_search`` expected to reach ``recall_target``.
+
+    With ``sample_size`` (the calibration's sampled items), a point reaches the target when the
+    lower confidence bound of its recall (:func:`recall_lower_bound`) does: the smallest sampled
+    mean at or above the target is, by chance, often above the recall of the queries that were
+    not sampled. If no bound reaches the target, the smallest ``ef_search`` whose mean does.
+    When no mean reaches it either, the point of highest recall (the smallest such
+    ``ef_search``), with its recall, which is then below the target: the caller reports it as
+    ``expected_recall``. Raises :class:`NotCalibrated` when there are no points.
     """
     if not points:
         raise _not_calibrated()
     reaching = [p for p in points if p.recall >= recall_target]
+    if sample_size is not None:
+        confident = [p for p in reaching if recall_lower_bound(p.recall, sample_size) >= recall_target]
+        reaching = confident or reaching
     if reaching:
         best = min(reaching, key=lambda p: p.ef_search)
     else:
@@ -310,7 +337,7 @@ async def choose_ef_search(source: Source, recall_target: float) -> EfSearch:
             raise _not_calibrated()
         cached = (time.monotonic(), calibration)
         _cache[key] = cached
-    return pick_ef_search(cached[1].points, recall_target)
+    return pick_ef_search(cached[1].points, recall_target, cached[1].sample_size)
 
 
 # ----------------------------------------------------------------------------- entry points

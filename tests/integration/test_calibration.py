@@ -177,7 +177,8 @@ async def test_recall_target_picks_the_smallest_ef_search_of_the_latest_calibrat
     curve = (CalibrationPoint(10, 0.80), CalibrationPoint(20, 0.90), CalibrationPoint(40, 0.96),
              CalibrationPoint(80, 0.99))
     await store_calibration(conn, Calibration(k=10, sample_size=100, catalogue_size=3000, points=curve))
-    assert await choose_ef_search(conn, 0.95) == EfSearch(40, 0.96)
+    # 0.96 over 100 sampled items is not confidently above 0.95 (its lower bound is 0.928); 0.99 is.
+    assert await choose_ef_search(conn, 0.95) == EfSearch(80, 0.99)
     assert await choose_ef_search(conn, 0.5) == EfSearch(10, 0.80)
     # Out of reach: the best calibrated value, with the lower recall it is expected to give.
     assert await choose_ef_search(conn, 0.999) == EfSearch(80, 0.99)
@@ -185,6 +186,11 @@ async def test_recall_target_picks_the_smallest_ef_search_of_the_latest_calibrat
     newer = (CalibrationPoint(10, 0.70), CalibrationPoint(160, 0.97))
     await store_calibration(conn, Calibration(k=10, sample_size=100, catalogue_size=3000, points=newer))
     assert await choose_ef_search(conn, 0.95) == EfSearch(160, 0.97)
+
+    # A large sample: the same curve's 0.96 is confidently above 0.95.
+    forget_calibrations()
+    await store_calibration(conn, Calibration(k=10, sample_size=20_000, catalogue_size=3000, points=curve))
+    assert await choose_ef_search(conn, 0.95) == EfSearch(40, 0.96)
 
 
 async def test_bad_calibration_options_are_refused(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -213,14 +219,14 @@ async def test_a_pool_is_read_once_then_the_curve_comes_from_the_cache(
     conn: psycopg.AsyncConnection[Any], calibration_url: str
 ) -> None:
     curve = (CalibrationPoint(10, 0.90), CalibrationPoint(40, 0.97))
-    await store_calibration(conn, Calibration(k=10, sample_size=100, catalogue_size=3000, points=curve))
+    await store_calibration(conn, Calibration(k=10, sample_size=20_000, catalogue_size=3000, points=curve))
     pool = AsyncConnectionPool(calibration_url, kwargs={"autocommit": True, "prepare_threshold": None},
                                min_size=1, max_size=1, open=False)
     await pool.open(wait=True)
     assert await choose_ef_search(pool, 0.95) == EfSearch(40, 0.97)
     await pool.close()
     # A request with recall_target costs no extra round trip: the closed pool is not touched.
-    assert await choose_ef_search(pool, 0.9) == EfSearch(10, 0.90)
+    assert await choose_ef_search(pool, 0.89) == EfSearch(10, 0.90)
     forget_calibrations()
     with pytest.raises(PoolClosed):
         await choose_ef_search(pool, 0.9)

@@ -163,7 +163,7 @@ async def test_the_ef_search_chosen_for_a_recall_target_is_a_metric(
         register_vector(conn)
         conn.execute("DELETE FROM recall_calibrations")
         row = conn.execute(
-            "INSERT INTO recall_calibrations (k, sample_size, catalogue_size) VALUES (10, 100, 20000) RETURNING id"
+            "INSERT INTO recall_calibrations (k, sample_size, catalogue_size) VALUES (10, 20000, 20000) RETURNING id"
         ).fetchone()
         assert row is not None
         with conn.cursor() as cur:

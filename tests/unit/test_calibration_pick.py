@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from recsys.errors import NotCalibrated
-from recsys.search.calibration import CalibrationPoint, EfSearch, pick_ef_search
+from recsys.search.calibration import CalibrationPoint, EfSearch, pick_ef_search, recall_lower_bound
 
 CURVE = (
     CalibrationPoint(10, 0.80),
@@ -38,3 +38,26 @@ def test_no_points_is_not_calibrated_naming_the_command() -> None:
     assert caught.value.status == 409
     assert caught.value.code == "not_calibrated"
     assert "python -m recsys calibrate" in caught.value.message
+
+
+def test_the_lower_confidence_bound_uses_the_largest_variance_of_a_recall() -> None:
+    # 200 sampled items at mean 0.959: at most 0.959 * 0.041 variance each.
+    assert recall_lower_bound(0.959, 200) == pytest.approx(0.959 - 1.645 * (0.959 * 0.041 / 200) ** 0.5)
+    assert recall_lower_bound(1.0, 200) == 1.0
+    assert recall_lower_bound(0.9, 10_000) > recall_lower_bound(0.9, 100)
+
+
+def test_with_the_sample_size_a_mean_just_above_the_target_is_not_enough() -> None:
+    # The curve of a 1M-item calibration whose ef_search 20 gave 0.959 on its 200 sampled items
+    # and 0.937 on 300 other queries: the bound sends the target 0.95 to ef_search 40.
+    curve = (CalibrationPoint(10, 0.935), CalibrationPoint(20, 0.959), CalibrationPoint(40, 0.972),
+             CalibrationPoint(80, 0.985))
+    assert pick_ef_search(curve, 0.95) == EfSearch(20, 0.959)
+    assert pick_ef_search(curve, 0.95, 200) == EfSearch(40, 0.972)
+    # A larger sample narrows the bound: 0.959 over 5,000 items is confidently above 0.95.
+    assert pick_ef_search(curve, 0.95, 5_000) == EfSearch(20, 0.959)
+
+
+def test_when_no_bound_reaches_the_target_the_smallest_mean_that_does() -> None:
+    curve = (CalibrationPoint(10, 0.90), CalibrationPoint(20, 0.955), CalibrationPoint(40, 0.958))
+    assert pick_ef_search(curve, 0.95, 200) == EfSearch(20, 0.955)
