@@ -85,6 +85,7 @@ DECLARE
     filtered boolean := NOT (p_categories IS NULL AND p_tags_any IS NULL AND p_tags_all IS NULL AND p_metadata IS NULL);
     wanted integer := CASE WHEN filtered THEN ef ELSE p_n END;
     near integer := 0;
+    walk boolean;
     -- How far past the budget an exact scan still answers a filter that avoids the query's
     -- neighbourhood (see the probe below).
     reach constant integer := 10;
@@ -132,7 +133,12 @@ BEGIN
                 ) r;
                 near := coalesce(cardinality(found_ids), 0);
             END IF;
-            IF NOT filtered OR (near > 0 AND near < p_n) THEN
+            -- The iterative scan walks on unfiltered, when some pass around the query but fewer
+            -- than p_n, and when nothing passes around it: up to `reach` times the budget the
+            -- exact scan answers that (exactly, at a bounded multiple of its cost at the budget);
+            -- beyond, an exact scan would cost more than walking past the neighbourhood.
+            walk := NOT filtered OR (near > 0 AND near < p_n) OR (near = 0 AND estimate > budget * reach);
+            IF walk THEN
                 PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
                 SELECT array_agg(r.id ORDER BY r.distance, r.id), array_agg(r.distance ORDER BY r.distance, r.id)
                 INTO found_ids, found_distances
@@ -144,24 +150,6 @@ BEGIN
                     LIMIT wanted
                 ) r;
             END IF;
-            IF filtered AND near = 0 THEN
-                -- Nothing passes around the query. Up to `reach` times the budget, the exact scan
-                -- answers (exactly, at a bounded multiple of its cost at the budget). Beyond, an
-                -- exact scan would cost more than walking past the neighbourhood: the iterative scan.
-                IF estimate > budget * reach THEN
-                    PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
-                    SELECT array_agg(r.id ORDER BY r.distance, r.id), array_agg(r.distance ORDER BY r.distance, r.id)
-                    INTO found_ids, found_distances
-                    FROM (
-                        SELECT i.id, i.embedding <=> p_query AS distance
-                        FROM items i
-                        WHERE @filter@
-                        ORDER BY i.embedding <=> p_query
-                        LIMIT wanted
-                    ) r;
-                    near := 1;
-                END IF;
-            END IF;
             PERFORM set_config('enable_sort', sort_setting, true);
             IF coalesce(cardinality(found_ids), 0) >= p_n THEN
                 RETURN QUERY
@@ -171,7 +159,7 @@ BEGIN
                     LIMIT p_n;
                 RETURN;
             END IF;
-            IF NOT filtered OR near > 0 THEN
+            IF walk THEN
                 chosen := 'hnsw+exact';
             END IF;
         END IF;

@@ -188,7 +188,6 @@ async def test_recall_target_picks_the_smallest_ef_search_of_the_latest_calibrat
     assert await choose_ef_search(conn, 0.95) == EfSearch(160, 0.97)
 
     # A large sample: the same curve's 0.96 is confidently above 0.95.
-    forget_calibrations()
     await store_calibration(conn, Calibration(k=10, sample_size=20_000, catalogue_size=3000, points=curve))
     assert await choose_ef_search(conn, 0.95) == EfSearch(40, 0.96)
 
