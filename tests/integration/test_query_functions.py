@@ -147,3 +147,33 @@ def test_the_choice_rests_on_statistics_and_counts_only_under_a_metadata_filter(
     reads, rows = filter_reads(Jsonb({"rare": False}))
     assert reads >= 1
     assert len(rows) == 10
+
+
+def test_a_walk_that_costs_what_the_exact_scan_would_hands_over_to_it(stack: Stack) -> None:
+    catalogue = ensure_catalogue(stack)
+    tags = item_tags(catalogue)
+    common, few = selectivity_tag(0.5), selectivity_tag(0.0005, correlated=True)
+    # tags_any of the two: half of the items outside the query cluster, and the ten items at the
+    # centre of the query cluster. Asked from among those ten (one excluded), the nine others
+    # pass near the query, but the tenth result lies past the whole cluster: a walk through the
+    # index would read about its 2,000 items to reach it.
+    passes = np.array([common in t or few in t for t in tags])
+    centre = np.flatnonzero(np.array([few in t for t in tags]))
+    query = catalogue.vectors[centre].mean(axis=0)
+    excluded = catalogue.ids[int(centre[0])]
+    passes[centre[0]] = False
+    scores = catalogue.vectors @ (query / np.linalg.norm(query))
+    truth = [catalogue.ids[i] for i in sorted(np.flatnonzero(passes), key=lambda i: -scores[i])[:10]]
+    assert sum(i in {catalogue.ids[int(c)] for c in centre} for i in truth) == 9
+    # k 10, ef_search 10 and a cost ratio of 100: the budget, sqrt(100 * 20 * 20,000) = 6,325, is
+    # under the ~10,000 passing items, so the index is walked; the walk may visit 10,000 / 100 =
+    # 100 tuples, the cost of the exact scan, and then hands over to it.
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        conn.execute("ANALYZE items")
+        register_vector(conn)
+        rows = conn.execute(
+            "SELECT id, method FROM recsys_nearest(%s, 10, 10, NULL, %s, NULL, NULL, %s, false, 100)",
+            [query, [common, few], [excluded]],
+        ).fetchall()
+    assert [r[0] for r in rows] == truth
+    assert {r[1] for r in rows} == {"hnsw+exact"}
