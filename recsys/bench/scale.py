@@ -254,6 +254,62 @@ def _calibrate(stack: Stack, database: str) -> dict[str, Any]:
     return asyncio.run(main())
 
 
+#: Candidates the binary-quantized index gives for re-ranking with the full vectors, per query.
+RERANK_CANDIDATES = (40, 100, 200, 400)
+
+
+def _quantized(stack: Stack, vectors: Vectors, work: Workload, dim: int) -> dict[str, Any]:
+    """Binary quantization with re-ranking, measured beside the ``vector`` index in the same session.
+
+    An HNSW index over ``binary_quantize(embedding)`` (one bit a dimension, Hamming distance) gives
+    the nearest candidates; their full vectors re-rank them by cosine distance. Asked in SQL on
+    one connection, each query next to the same query on the ``vector`` index (ef_search 40 and
+    the default), so that the ratios hold on a noisy machine. The index is dropped afterwards.
+    """
+    from pgvector.psycopg import register_vector
+
+    bits = sql.SQL("(binary_quantize(embedding)::bit({}))").format(sql.Literal(dim))
+    figures: dict[str, Any] = {}
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True, prepare_threshold=None) as conn:
+        register_vector(conn)
+        conn.execute("SET maintenance_work_mem = '4GB'")
+        conn.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(sql.Literal(WORKERS)))
+        started = time.perf_counter()
+        conn.execute(sql.SQL("CREATE INDEX items_embedding_bits ON items USING hnsw ({} bit_hamming_ops)"
+                             " WITH (m = 16, ef_construction = 64)").format(bits))
+        figures["index_build_s"] = round(time.perf_counter() - started, 1)
+        row = conn.execute("SELECT pg_relation_size('items_embedding_bits')").fetchone()
+        assert row is not None
+        figures["index_bytes"] = int(row[0])
+        rerank = sql.SQL(
+            "SELECT c.id FROM (SELECT id, embedding FROM items WHERE id <> %(self)s"
+            " ORDER BY {} <~> binary_quantize(%(q)s)::bit({}) LIMIT %(n)s) c"
+            " ORDER BY c.embedding <=> %(q)s, c.id LIMIT %(k)s").format(bits, sql.Literal(dim))
+        plain = sql.Composed([
+            sql.SQL("SELECT id FROM items WHERE id <> %(self)s ORDER BY embedding <=> %(q)s LIMIT %(k)s")])
+        variants: list[tuple[str, sql.Composed, int]] = [
+            (f"vector ef_search {ef}", plain, ef) for ef in (40, DEFAULT_EF_SEARCH)]
+        variants += [(f"bits, {n} re-ranked", rerank, n) for n in RERANK_CANDIDATES]
+        timings: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+        found: dict[str, list[list[str]]] = {name: [] for name, _, _ in variants}
+        for item_id in work.similar_ids:
+            params = {"self": item_id, "q": vectors[int(item_id.split("-")[1])], "k": K}
+            for name, statement, n in variants:
+                with conn.transaction():
+                    conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(max(n, K))])
+                    begun = time.perf_counter()
+                    rows = conn.execute(statement, {**params, "n": n}).fetchall()
+                    timings[name].append((time.perf_counter() - begun) * 1000)
+                found[name].append([r[0] for r in rows])
+        conn.execute("DROP INDEX items_embedding_bits")
+    for name, _, _ in variants:
+        recall = np.mean([len(set(got) & set(want)) / K for got, want in zip(found[name], work.similar_truth,
+                                                                               strict=True)])
+        figures[name] = {"p50_ms": round(percentile(timings[name], 50), 3),
+                         "p95_ms": round(percentile(timings[name], 95), 3), "recall_at_10": round(float(recall), 4)}
+    return figures
+
+
 def _restart(stack: Stack) -> None:
     stack.stop_postgres()
     stack.start_postgres()
@@ -391,6 +447,7 @@ def run(options: BenchOptions) -> BenchResult:
                 # The service caches a calibration for up to 60 s: this host has never read one.
                 figures["vector_target"] = _target(base, work)
             figures["postgres_memory"] = _postgres_memory(stack)
+            figures["quantized"] = _quantized(stack, vectors, work, size.dim)
 
             # halfvec: the same catalogue in a database of its own; truth from the stored (float16) values.
             half = _create_database(stack, HALFVEC_DATABASE, "halfvec")
@@ -417,6 +474,21 @@ def _halfvec_headlines(figures: dict[str, Any], load: dict[str, Any], warm: dict
     found.append(Headline(
         f"halfvec /similar at ef_search {DEFAULT_EF_SEARCH}: p50 (recall@10 {hw['recall_at_10']} vs vector "
         f"{warm['recall_at_10']}; vector p50 {warm['p50_ms']} ms)", hw["p50_ms"], "ms"))
+    return found
+
+
+def _quantized_headlines(figures: dict[str, Any]) -> list[Headline]:
+    q, vs = figures["quantized"], figures["vector_sizes"]
+    base = q["vector ef_search 40"]
+    found = [Headline(
+        f"binary-quantized ÷ vector index size ({_gib(q['index_bytes'])} vs {_gib(vs['index_bytes'])} GiB; "
+        f"build {q['index_build_s']} s)", round(ratio(q["index_bytes"], vs["index_bytes"]), 2), "×")]
+    for n in RERANK_CANDIDATES:
+        f = q[f"bits, {n} re-ranked"]
+        found.append(Headline(
+            f"binary-quantized, {n} re-ranked: p50 ÷ vector p50 at ef_search 40 in SQL ({f['p50_ms']} vs "
+            f"{base['p50_ms']} ms; recall@10 {f['recall_at_10']} vs {base['recall_at_10']})",
+            round(ratio(f["p50_ms"], base["p50_ms"]), 2), "×"))
     return found
 
 
@@ -465,6 +537,8 @@ def _result(out: Path, size: Sizes, figures: dict[str, Any], servers: dict[str, 
         headlines.extend(_halfvec_headlines(figures, load, warm))
     else:
         headlines.append(Headline("halfvec at 1M: not measured in this run", None))
+    if "quantized" in figures:
+        headlines.extend(_quantized_headlines(figures))
     mem = figures["postgres_memory"]
     headlines.append(Headline(f"PostgreSQL memory (PSS of its {mem['processes']} processes; shared_buffers "
                               f"{mem['shared_buffers']})", _gib(mem["pss_bytes"]), "GiB"))
