@@ -520,6 +520,11 @@ def _result(out: Path, size: Sizes, figures: dict[str, Any], servers: dict[str, 
         Headline(f"/similar recall@10 at the default ef_search {DEFAULT_EF_SEARCH} (p50 {warm['p50_ms']} ms, "
                  f"p95 {warm['p95_ms']} ms; cold p50 {vector['similar_cold']['p50_ms']} ms, "
                  f"p95 {vector['similar_cold']['p95_ms']} ms)", warm["recall_at_10"]),
+        Headline(f"/recommendations recall@10 at recall_target 0.95 (ef_search "
+                 f"{figures['vector_target']['recommend']['ef_search_used']}, p50 "
+                 f"{figures['vector_target']['recommend']['p50_ms']} ms, p95 "
+                 f"{figures['vector_target']['recommend']['p95_ms']} ms)",
+                 figures["vector_target"]["recommend"]["recall_at_10"]),
         Headline(f"/recommendations recall@10 at ef_search {DEFAULT_EF_SEARCH} "
                  f"(p50 {vector['recommend_warm']['p50_ms']} ms, p95 {vector['recommend_warm']['p95_ms']} ms)",
                  vector["recommend_warm"]["recall_at_10"]),

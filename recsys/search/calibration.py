@@ -30,11 +30,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from recsys.config import Settings, get_settings
 from recsys.errors import NotCalibrated
-from recsys.search.exact import exact_neighbours
+from recsys.search.exact import Mix, exact_neighbours
 
 __all__ = [
     "CACHE_SECONDS",
     "LADDER",
+    "RECOMMENDATION_SQL",
+    "SHAPES",
     "Calibration",
     "CalibrationError",
     "CalibrationPoint",
@@ -50,6 +52,8 @@ __all__ = [
     "measure_recall",
     "pick_ef_search",
     "recall_lower_bound",
+    "recommendation_mixes",
+    "recommendation_neighbours",
     "store_calibration",
 ]
 
@@ -79,12 +83,27 @@ SELECT q.id, ARRAY(
 FROM items q WHERE q.id = ANY(%(ids)s::text[])
 """
 
+# The recommendations of each mix (two positive items, one negative) by the query path itself
+# (recsys_query, average_vector: the examples excluded), index only (cost ratio 0).
+RECOMMENDATION_SQL = """
+SELECT m.name, ARRAY(
+    SELECT r.id FROM recsys_query(
+        NULL, ARRAY[m.first, m.second], ARRAY[m.negative], NULL, 'average_vector', %(alpha)s, %(k)s, 0,
+        %(ef_search)s, NULL, NULL, NULL, NULL, '{}', NULL, false, false, 0, %(k)s, 0) r)
+FROM unnest(%(names)s::text[], %(firsts)s::text[], %(seconds)s::text[], %(negatives)s::text[])
+    AS m(name, first, second, negative)
+"""
+
+#: The shapes of query a calibration measures: an item's own vector (``/similar``, and a
+#: recommendation from one positive item) and a recommendation's mix of examples.
+SHAPES = ("item", "recommendation")
+
 LATEST_SQL = """
 SELECT c.id, c.measured_at, c.k, c.sample_size, c.catalogue_size, c.exact_ms,
-       p.ef_search, p.recall, p.mean_ms
+       p.ef_search, p.recall, p.mean_ms, p.shape
 FROM (SELECT * FROM recall_calibrations ORDER BY id DESC LIMIT 1) c
 JOIN recall_calibration_points p ON p.calibration_id = c.id
-ORDER BY p.ef_search
+ORDER BY p.shape, p.ef_search
 """
 
 
@@ -101,7 +120,12 @@ class CalibrationPoint:
 
 @dataclass(frozen=True)
 class Calibration:
-    """One calibration run: recall@``k`` per ``ef_search`` over ``sample_size`` sampled items."""
+    """One calibration run: recall@``k`` per ``ef_search`` over ``sample_size`` sampled items.
+
+    ``points`` for the sampled items' own vectors; ``recommendation_points`` for as many
+    recommendation-shaped queries made of them (empty in calibrations made before they were
+    measured: recommendations then go by ``points``).
+    """
 
     k: int
     sample_size: int
@@ -110,6 +134,13 @@ class Calibration:
     exact_ms: float | None = None
     id: int | None = None
     measured_at: datetime | None = None
+    recommendation_points: tuple[CalibrationPoint, ...] = ()
+
+    def curve(self, shape: str) -> tuple[CalibrationPoint, ...]:
+        """The points for queries of ``shape`` (one of :data:`SHAPES`)."""
+        if shape == "recommendation" and self.recommendation_points:
+            return self.recommendation_points
+        return self.points
 
 
 class EfSearch(NamedTuple):
@@ -176,22 +207,29 @@ def pick_ef_search(
 
 
 async def _neighbours(
-    conn: psycopg.AsyncConnection[Any], statement: str, ids: Sequence[str], k: int, settings: dict[str, str]
+    conn: psycopg.AsyncConnection[Any], statement: str, chunks: Sequence[dict[str, Any]], settings: dict[str, str]
 ) -> tuple[dict[str, list[str]], float]:
-    """Neighbours of each of ``ids`` by ``statement`` with ``settings`` applied transaction-locally."""
+    """Neighbours by ``statement`` for each chunk of parameters, ``settings`` applied transaction-locally."""
     found: dict[str, list[str]] = {}
     elapsed = 0.0
-    for start in range(0, len(ids), CHUNK):
-        chunk = list(ids[start:start + CHUNK])
+    for params in chunks:
         async with conn.transaction():
             for name, value in settings.items():
                 await conn.execute("SELECT set_config(%s, %s, true)", [name, value])
             started = time.perf_counter()
-            cursor = await conn.execute(statement, {"ids": chunk, "k": k})
+            cursor = await conn.execute(statement, params)
             rows = await cursor.fetchall()
             elapsed += time.perf_counter() - started
         found.update({str(row[0]): list(row[1]) for row in rows})
     return found, elapsed
+
+
+def _index_settings(k: int, ef_search: int, statement_timeout_ms: int) -> dict[str, str]:
+    return {
+        "hnsw.ef_search": str(min(max(ef_search, k), 1000)),
+        "hnsw.iterative_scan": "relaxed_order",
+        "statement_timeout": str(statement_timeout_ms),
+    }
 
 
 async def hnsw_neighbours(
@@ -203,12 +241,35 @@ async def hnsw_neighbours(
     As the query functions do: ``ef_search`` at least ``k``, iterative scan in relaxed order
     (so the excluded query item does not cost a result).
     """
-    settings = {
-        "hnsw.ef_search": str(min(max(ef_search, k), 1000)),
-        "hnsw.iterative_scan": "relaxed_order",
-        "statement_timeout": str(statement_timeout_ms),
-    }
-    return await _neighbours(conn, HNSW_SQL, ids, k, settings)
+    chunks = [{"ids": list(ids[start:start + CHUNK]), "k": k} for start in range(0, len(ids), CHUNK)]
+    return await _neighbours(conn, HNSW_SQL, chunks, _index_settings(k, ef_search, statement_timeout_ms))
+
+
+def recommendation_mixes(ids: Sequence[str], alpha: float) -> list[Mix]:
+    """Recommendation-shaped queries made of sampled items: each item and the next as positive
+    examples, the one after as the negative (in sample order, wrapping round); none for fewer than
+    three items."""
+    n = len(ids)
+    if n < 3:
+        return []
+    return [Mix(f"mix:{ids[i]}", (ids[i], ids[(i + 1) % n]), (ids[(i + 2) % n],), alpha) for i in range(n)]
+
+
+async def recommendation_neighbours(
+    conn: psycopg.AsyncConnection[Any], mixes: Sequence[Mix], k: int, ef_search: int, *,
+    statement_timeout_ms: int = 600_000,
+) -> tuple[dict[str, list[str]], float]:
+    """The ``k`` recommendations of each of ``mixes`` (two positive examples, one negative) by the
+    query path's own function through the index at ``ef_search``, by mix name."""
+    chunks = []
+    for start in range(0, len(mixes), CHUNK):
+        chunk = mixes[start:start + CHUNK]
+        chunks.append({
+            "names": [m.name for m in chunk], "firsts": [m.positive[0] for m in chunk],
+            "seconds": [m.positive[1] for m in chunk], "negatives": [m.negative[0] for m in chunk],
+            "alpha": chunk[0].alpha if chunk else 0.0, "k": k, "ef_search": ef_search,
+        })
+    return await _neighbours(conn, RECOMMENDATION_SQL, chunks, _index_settings(k, ef_search, statement_timeout_ms))
 
 
 def _recall(found: dict[str, list[str]], truth: dict[str, list[str]], k: int) -> float:
@@ -224,8 +285,13 @@ async def measure_recall(
     ladder: Sequence[int] = LADDER,
     seed: str = "recsys",
     statement_timeout_ms: int = 600_000,
+    recommendations: bool = True,
 ) -> Calibration:
     """Measure recall@``k`` of the HNSW index per ``ef_search`` of ``ladder`` on a sample.
+
+    With ``recommendations``, also of as many recommendation-shaped queries made of the sampled
+    items (:func:`recommendation_mixes`), through the query path's function; their exact
+    reference comes from the same single pass over the table.
 
     Raises :class:`CalibrationError` when the catalogue has ``k`` items or fewer.
     """
@@ -241,17 +307,28 @@ async def measure_recall(
         raise CalibrationError(
             f"the catalogue holds {catalogue_size} items; calibrating recall@{k} needs more than {k}"
         )
+    from recsys.search.service import NEGATIVE_WEIGHT
+
     rows = await (await conn.execute(SAMPLE_SQL, {"seed": seed, "n": sample_size})).fetchall()
     ids = [str(r[0]) for r in rows]
-    truth, exact_s = await exact_neighbours(conn, ids, k, statement_timeout_ms=statement_timeout_ms)
-    points = []
+    mixes = recommendation_mixes(ids, NEGATIVE_WEIGHT) if recommendations else []
+    truth, exact_s = await exact_neighbours(conn, ids, k, mixes=mixes, statement_timeout_ms=statement_timeout_ms)
+    item_truth = {item: truth[item] for item in ids if item in truth}
+    mix_truth = {m.name: truth[m.name] for m in mixes if m.name in truth}
+    points, mix_points = [], []
     for ef in sorted(set(ladder)):
         found, spent = await hnsw_neighbours(conn, ids, k, ef, statement_timeout_ms=statement_timeout_ms)
-        points.append(CalibrationPoint(ef, round(_recall(found, truth, k), 4), round(spent * 1000 / len(ids), 3)))
+        points.append(CalibrationPoint(ef, round(_recall(found, item_truth, k), 4), round(spent * 1000 / len(ids), 3)))
         log.info("ef_search %d: recall@%d %.4f", ef, k, points[-1].recall)
+        if mix_truth:
+            found, spent = await recommendation_neighbours(
+                conn, mixes, k, ef, statement_timeout_ms=statement_timeout_ms)
+            mix_points.append(CalibrationPoint(
+                ef, round(_recall(found, mix_truth, k), 4), round(spent * 1000 / len(mixes), 3)))
+            log.info("ef_search %d: recommendations recall@%d %.4f", ef, k, mix_points[-1].recall)
     return Calibration(
         k=k, sample_size=len(ids), catalogue_size=catalogue_size, points=tuple(points),
-        exact_ms=round(exact_s * 1000 / len(ids), 3),
+        exact_ms=round(exact_s * 1000 / len(ids), 3), recommendation_points=tuple(mix_points),
     )
 
 
@@ -270,9 +347,12 @@ async def store_calibration(conn: psycopg.AsyncConnection[Any], calibration: Cal
         assert row is not None
         async with conn.cursor() as cur:
             await cur.executemany(
-                "INSERT INTO recall_calibration_points (calibration_id, ef_search, recall, mean_ms)"
-                " VALUES (%s, %s, %s, %s)",
-                [(row[0], p.ef_search, p.recall, p.mean_ms) for p in calibration.points],
+                "INSERT INTO recall_calibration_points (calibration_id, shape, ef_search, recall, mean_ms)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                [(row[0], shape, p.ef_search, p.recall, p.mean_ms)
+                 for shape, points in (("item", calibration.points),
+                                       ("recommendation", calibration.recommendation_points))
+                 for p in points],
             )
     forget_calibrations()
     return replace(calibration, id=int(row[0]), measured_at=row[1])
@@ -289,10 +369,14 @@ async def load_calibration(conn: psycopg.AsyncConnection[Any]) -> Calibration | 
     if not rows:
         return None
     first = rows[0]
+
+    def points(shape: str) -> tuple[CalibrationPoint, ...]:
+        return tuple(CalibrationPoint(int(r[6]), float(r[7]), r[8]) for r in rows if r[9] == shape)
+
     return Calibration(
         id=int(first[0]), measured_at=first[1], k=int(first[2]), sample_size=int(first[3]),
-        catalogue_size=int(first[4]), exact_ms=first[5],
-        points=tuple(CalibrationPoint(int(r[6]), float(r[7]), r[8]) for r in rows),
+        catalogue_size=int(first[4]), exact_ms=first[5], points=points("item"),
+        recommendation_points=points("recommendation"),
     )
 
 
@@ -321,8 +405,11 @@ async def _load(source: Source) -> Calibration | None:
     return await load_calibration(source)
 
 
-async def choose_ef_search(source: Source, recall_target: float) -> EfSearch:
+async def choose_ef_search(source: Source, recall_target: float, shape: str = "item") -> EfSearch:
     """The smallest calibrated ``ef_search`` expected to reach ``recall_target``, and its recall.
+
+    ``shape`` is the kind of query (:data:`SHAPES`): its own curve decides (a recommendation
+    goes by the item curve when the calibration has none of its own).
 
     ``source`` is a connection or a pool; the curve is read at most once per
     :data:`CACHE_SECONDS` per database (a pool's connection is borrowed only then). If no
@@ -337,7 +424,7 @@ async def choose_ef_search(source: Source, recall_target: float) -> EfSearch:
             raise _not_calibrated()
         cached = (time.monotonic(), calibration)
         _cache[key] = cached
-    return pick_ef_search(cached[1].points, recall_target, cached[1].sample_size)
+    return pick_ef_search(cached[1].curve(shape), recall_target, cached[1].sample_size)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -358,9 +445,12 @@ async def calibrate_catalogue(settings: Settings | None = None, **options: Any) 
 def _print(calibration: Calibration) -> None:
     print(f"recall@{calibration.k} on {calibration.sample_size} sampled items of {calibration.catalogue_size} "
           f"(calibration {calibration.id}); exact reference {calibration.exact_ms} ms per sampled item, one pass")
-    print(f"{'ef_search':>9}  {'recall':>6}  {'ms/query':>8}")
+    mixes = {p.ef_search: p for p in calibration.recommendation_points}
+    print(f"{'ef_search':>9}  {'recall':>6}  {'ms/query':>8}  {'recommendations':>15}  {'ms/query':>8}")
     for p in calibration.points:
-        print(f"{p.ef_search:>9}  {p.recall:>6.3f}  {p.mean_ms if p.mean_ms is not None else '':>8}")
+        m = mixes.get(p.ef_search)
+        print(f"{p.ef_search:>9}  {p.recall:>6.3f}  {p.mean_ms if p.mean_ms is not None else '':>8}  "
+              f"{f'{m.recall:.3f}' if m else '':>15}  {m.mean_ms if m and m.mean_ms is not None else '':>8}")
 
 
 def calibrate_main(argv: list[str]) -> int:

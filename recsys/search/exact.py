@@ -19,13 +19,14 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import psycopg
 
-__all__ = ["BLOCK_ROWS", "TopK", "exact_neighbours", "row_dtype"]
+__all__ = ["BLOCK_ROWS", "Mix", "TopK", "exact_neighbours", "row_dtype"]
 
 #: Rows scored per matrix product: bounds the memory of a pass (rows × sampled items floats).
 BLOCK_ROWS = 32_768
@@ -156,30 +157,71 @@ async def _stream(
     drain(final=True)
 
 
+@dataclass(frozen=True)
+class Mix:
+    """A recommendation-shaped query: ``unit mean(positive) - alpha * unit mean(negative)``.
+
+    Each example is scaled to unit length before the means, as the query path does
+    (``recsys_query``, strategy ``average_vector``); the examples are excluded from the results.
+    """
+
+    name: str
+    positive: tuple[str, ...]
+    negative: tuple[str, ...] = ()
+    alpha: float = 0.5
+
+    def vector(self, vectors: dict[str, Vectors]) -> Vectors | None:
+        """The query vector from the examples' ``vectors``; ``None`` when an example is missing."""
+        if any(item not in vectors for item in self.positive + self.negative):
+            return None
+        unit, _ = _unit(np.asarray([vectors[item] for item in self.positive + self.negative], dtype=np.float32))
+        query = unit[: len(self.positive)].mean(axis=0)
+        if self.negative:
+            query = query - self.alpha * unit[len(self.positive):].mean(axis=0)
+        return query
+
+
 def _ctid(key: int) -> str:
     return f"({key >> 16},{key & 0xFFFF})"
 
 
 async def exact_neighbours(
-    conn: psycopg.AsyncConnection[Any], ids: Sequence[str], k: int, *, statement_timeout_ms: int = 600_000
+    conn: psycopg.AsyncConnection[Any],
+    ids: Sequence[str],
+    k: int,
+    *,
+    mixes: Sequence[Mix] = (),
+    statement_timeout_ms: int = 600_000,
 ) -> tuple[dict[str, list[str]], float]:
     """The exact ``k`` nearest neighbours (cosine) of each item of ``ids``, itself excluded.
 
-    One pass over the catalogue for all of ``ids``, in one ``REPEATABLE READ`` read-only
-    transaction. Returns the neighbours by item id (nearest first; ids missing from the
-    catalogue are left out) and the seconds spent.
+    ``mixes`` adds recommendation-shaped queries, answered by name, their examples excluded.
+    One pass over the catalogue for all of them, in one ``REPEATABLE READ`` read-only
+    transaction. Returns the neighbours by item id or mix name (nearest first; ids missing from
+    the catalogue, and mixes with a missing example, are left out) and the seconds spent.
     """
     started = time.perf_counter()
     async with conn.transaction():
         await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         await conn.execute("SELECT set_config('statement_timeout', %s, true)", [str(statement_timeout_ms)])
-        rows = await (await conn.execute(_QUERIES_SQL, {"ids": list(ids)})).fetchall()
-        if not rows:
+        examples = [item for mix in mixes for item in mix.positive + mix.negative]
+        rows = await (await conn.execute(_QUERIES_SQL, {"ids": list(ids) + examples})).fetchall()
+        stored = {str(r[0]): np.asarray(r[1], dtype=np.float32) for r in rows}
+        query_ids = [item for item in dict.fromkeys(ids) if item in stored]
+        excluded = [{item} for item in query_ids]
+        vectors = [stored[item] for item in query_ids]
+        for mix in mixes:
+            vector = mix.vector(stored)
+            if vector is not None:
+                query_ids.append(mix.name)
+                excluded.append(set(mix.positive + mix.negative))
+                vectors.append(vector)
+        if not vectors:
             return {}, time.perf_counter() - started
-        query_ids = [str(r[0]) for r in rows]
-        queries = np.asarray([r[1] for r in rows], dtype=np.float32)
-        # One more than k: the query item finds itself, and is dropped below by id.
-        top = TopK(queries, k + 1)
+        queries = np.asarray(vectors, dtype=np.float32)
+        # k more than those excluded: each query's own items are among its nearest, and are
+        # dropped below by id.
+        top = TopK(queries, k + max(len(e) for e in excluded))
         await _stream(conn, queries.shape[1], top)
         keys, scores = top.result()
         wanted = sorted({int(key) for key, s in zip(keys.ravel(), scores.ravel(), strict=True) if s > -np.inf})
@@ -188,5 +230,5 @@ async def exact_neighbours(
     neighbours: dict[str, list[str]] = {}
     for row, query_id in enumerate(query_ids):
         listed = [by_ctid[_ctid(int(key))] for key, s in zip(keys[row], scores[row], strict=True) if s > -np.inf]
-        neighbours[query_id] = [item for item in listed if item != query_id][:k]
+        neighbours[query_id] = [item for item in listed if item not in excluded[row]][:k]
     return neighbours, time.perf_counter() - started

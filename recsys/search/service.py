@@ -81,18 +81,19 @@ class EfChoice:
 
 
 async def resolve_ef_search(
-    db: Database, *, k: int, ef_search: int | None, recall_target: float | None
+    db: Database, *, k: int, ef_search: int | None, recall_target: float | None, shape: str = "item"
 ) -> EfChoice:
     """The ``ef_search`` to use for a request asking for ``k`` results.
 
     An explicit ``ef_search`` below ``k`` is raised to ``k`` (HNSW cannot return more rows
     than its candidate list holds). ``recall_target`` takes the smallest calibrated
-    ``ef_search`` expected to reach it, with that expected recall (``recsys.search.calibration``;
-    the curve is cached per worker, so this costs no round trip while it is fresh). Raises
-    :class:`NotCalibrated` when the catalogue has no calibration.
+    ``ef_search`` expected to reach it, with that expected recall, from the curve of queries of
+    ``shape`` (``recsys.search.calibration``; the curve is cached per worker, so this costs no
+    round trip while it is fresh). Raises :class:`NotCalibrated` when the catalogue has no
+    calibration.
     """
     if recall_target is not None:
-        chosen = await choose_ef_search(db, recall_target)
+        chosen = await choose_ef_search(db, recall_target, shape)
         record_ef_search(max(k, chosen.ef_search), recall_target)
         return EfChoice(ef_search=max(k, chosen.ef_search), expected_recall=chosen.expected_recall)
     return EfChoice(ef_search=max(k, ef_search if ef_search is not None else DEFAULT_EF_SEARCH))
@@ -259,10 +260,19 @@ def _option_params(query: SearchOptions, ef_search: int, cost_ratio: float) -> d
     }
 
 
-async def _choose(db: Database, query: SearchOptions) -> EfChoice:
+async def _choose(db: Database, query: SearchOptions, shape: str = "item") -> EfChoice:
     # The index is asked for every candidate the request ranks or picks from.
     wanted = query.pool if query.diversity > 0 else query.ranked
-    return await resolve_ef_search(db, k=wanted, ef_search=query.ef_search, recall_target=query.recall_target)
+    return await resolve_ef_search(
+        db, k=wanted, ef_search=query.ef_search, recall_target=query.recall_target, shape=shape)
+
+
+def _shape(query: RecommendationQuery) -> str:
+    """The calibrated curve a recommendation goes by: a mix of examples searched as one vector is
+    recommendation-shaped; one positive item alone, or best_score (a search around each positive
+    item), is item-shaped."""
+    examples = len(query.positive) + len(query.negative) + (query.vector is not None)
+    return "recommendation" if query.strategy == "average_vector" and examples > 1 else "item"
 
 
 async def similar_items(
@@ -300,7 +310,7 @@ async def recommend(
     (``recsys_best_score`` in sql/070_query_filters.sql). :class:`NotFound` names ``positive`` or
     ``negative`` when some of their ids are unknown.
     """
-    choice = await _choose(db, query)
+    choice = await _choose(db, query, _shape(query))
     params = {
         "similar_to": None,
         "positive": list(query.positive),

@@ -19,6 +19,7 @@ from recsys.local.stack import Stack
 from recsys.search import exact
 from recsys.search.calibration import (
     HNSW_SQL,
+    RECOMMENDATION_SQL,
     LADDER,
     Calibration,
     CalibrationError,
@@ -31,8 +32,11 @@ from recsys.search.calibration import (
     forget_calibrations,
     hnsw_neighbours,
     load_calibration,
+    recommendation_mixes,
+    recommendation_neighbours,
     store_calibration,
 )
+from recsys.search.exact import Mix
 
 pytestmark = pytest.mark.integration
 
@@ -90,10 +94,34 @@ async def test_without_a_calibration_a_recall_target_is_409_naming_the_command(
     assert "python -m recsys calibrate" in caught.value.message
 
 
+def _numpy_mix_neighbours(mix: Mix, k: int) -> list[str]:
+    index = {item: i for i, item in enumerate(CATALOGUE.ids)}
+    unit = CATALOGUE.vectors / np.linalg.norm(CATALOGUE.vectors, axis=1, keepdims=True)
+    query = unit[[index[i] for i in mix.positive]].mean(axis=0)
+    query = query - mix.alpha * unit[[index[i] for i in mix.negative]].mean(axis=0)
+    similarity = unit @ query
+    similarity[[index[i] for i in mix.positive + mix.negative]] = -np.inf
+    return [CATALOGUE.ids[i] for i in np.argsort(-similarity, kind="stable")[:k]]
+
+
 async def test_exact_reference_is_the_numpy_ground_truth(conn: psycopg.AsyncConnection[Any]) -> None:
     ids = CATALOGUE.ids[::150]
     found, _ = await exact_neighbours(conn, ids, 10)
     assert set(found) == set(ids)
+    for item_id in ids:
+        assert found[item_id] == _numpy_neighbours(item_id, 10)
+
+
+async def test_exact_reference_of_recommendation_mixes_is_the_numpy_ground_truth(
+    conn: psycopg.AsyncConnection[Any],
+) -> None:
+    ids = CATALOGUE.ids[3::200]
+    mixes = recommendation_mixes(ids, 0.5) + [Mix("unknown", (ids[0], "no-such-item"), (ids[1],))]
+    found, _ = await exact_neighbours(conn, ids, 10, mixes=mixes)
+    # The items and the mixes in one pass; a mix with an unknown example is left out.
+    assert set(found) == set(ids) | {m.name for m in mixes[:-1]}
+    for mix in mixes[:-1]:
+        assert found[mix.name] == _numpy_mix_neighbours(mix, 10)
     for item_id in ids:
         assert found[item_id] == _numpy_neighbours(item_id, 10)
 
@@ -192,6 +220,38 @@ async def test_recall_target_picks_the_smallest_ef_search_of_the_latest_calibrat
     assert await choose_ef_search(conn, 0.95) == EfSearch(40, 0.96)
 
 
+async def test_recommendation_recall_is_that_of_the_query_path_against_numpy(
+    conn: psycopg.AsyncConnection[Any],
+) -> None:
+    calibration = await calibrate(conn, sample_size=30, k=10, ladder=[10, 160], seed="mixes")
+    assert [p.ef_search for p in calibration.recommendation_points] == [10, 160]
+    assert await load_calibration(conn) == calibration
+    from recsys.search.calibration import SAMPLE_SQL
+
+    rows = await (await conn.execute(SAMPLE_SQL, {"seed": "mixes", "n": 30})).fetchall()
+    mixes = recommendation_mixes([r[0] for r in rows], 0.5)
+    found, _ = await recommendation_neighbours(conn, mixes, 10, 10)
+    hits = sum(len(set(found[m.name]) & set(_numpy_mix_neighbours(m, 10))) for m in mixes)
+    assert calibration.recommendation_points[0].recall == pytest.approx(hits / (10 * len(mixes)), abs=1e-4)
+    # The query path's own function gives them, and never an example back.
+    for mix in mixes:
+        assert len(found[mix.name]) == 10
+        assert not set(found[mix.name]) & set(mix.positive + mix.negative)
+    assert "recsys_query(" in RECOMMENDATION_SQL
+
+
+async def test_recall_target_of_a_recommendation_goes_by_the_recommendation_curve(
+    conn: psycopg.AsyncConnection[Any],
+) -> None:
+    items = (CalibrationPoint(10, 0.97), CalibrationPoint(40, 0.99))
+    mixes = (CalibrationPoint(10, 0.70), CalibrationPoint(40, 0.90), CalibrationPoint(640, 0.99))
+    await store_calibration(conn, Calibration(k=10, sample_size=20_000, catalogue_size=3000, points=items,
+                                              recommendation_points=mixes))
+    assert await choose_ef_search(conn, 0.95) == EfSearch(10, 0.97)
+    assert await choose_ef_search(conn, 0.95, "recommendation") == EfSearch(640, 0.99)
+    assert await choose_ef_search(conn, 0.85, "recommendation") == EfSearch(40, 0.90)
+
+
 async def test_bad_calibration_options_are_refused(conn: psycopg.AsyncConnection[Any]) -> None:
     with pytest.raises(CalibrationError, match="ladder"):
         await calibrate(conn, ladder=[0, 10])
@@ -205,13 +265,13 @@ def test_calibrate_command_stores_a_calibration(
 ) -> None:
     assert calibrate_main(["--url", calibration_url, "--sample", "20", "--ladder", "10,40"]) == 0
     out = capsys.readouterr().out
-    assert "ef_search" in out
+    assert "ef_search" in out and "recommendations" in out
     with psycopg.connect(stack.admin_conninfo(DATABASE), autocommit=True) as admin:
         rows = admin.execute(
-            "SELECT ef_search FROM recall_calibration_points"
-            " WHERE calibration_id = (SELECT max(id) FROM recall_calibrations) ORDER BY ef_search"
+            "SELECT shape, ef_search FROM recall_calibration_points"
+            " WHERE calibration_id = (SELECT max(id) FROM recall_calibrations) ORDER BY shape, ef_search"
         ).fetchall()
-    assert [r[0] for r in rows] == [10, 40]
+    assert rows == [("item", 10), ("item", 40), ("recommendation", 10), ("recommendation", 40)]
 
 
 async def test_a_pool_is_read_once_then_the_curve_comes_from_the_cache(

@@ -97,6 +97,29 @@ async def test_recommendations_take_recall_target_too(calibrated: None, catalogu
     assert len(answer.body["results"]) == 5
 
 
+async def test_a_recommendation_of_several_examples_goes_by_the_recommendation_curve(
+    calibrated: None, stack: Stack, catalogue: Catalogue
+) -> None:
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO recall_calibration_points (calibration_id, shape, ef_search, recall)"
+            " VALUES ((SELECT max(id) FROM recall_calibrations), 'recommendation', %s, %s)",
+            [(10, 0.6), (80, 0.85), (320, 0.93)],
+        )
+    forget_calibrations()
+    mixed = {"positive": [catalogue.ids[1], catalogue.ids[2]], "negative": [catalogue.ids[3]],
+             "recall_target": 0.85, "k": 5}
+    answer = await call("recommendations_post", method="POST", json_body=mixed)
+    assert answer.check(RECOMMEND, "POST").status == 200
+    # 0.93 at 320 is the smallest recommendation recall confidently above 0.85 over 100 samples.
+    assert (answer.body["ef_search"], answer.body["expected_recall"]) == (320, 0.93)
+    # One positive item alone is an item's own vector: the item curve.
+    single = {"positive": [catalogue.ids[1]], "recall_target": 0.85, "k": 5}
+    answer = await call("recommendations_post", method="POST", json_body=single)
+    assert answer.check(RECOMMEND, "POST").status == 200
+    assert (answer.body["ef_search"], answer.body["expected_recall"]) == (20, 0.90)
+
+
 async def test_without_ef_search_or_recall_target_no_expected_recall(calibrated: None, catalogue: Catalogue) -> None:
     answer = await call("similar_get", route_params={"id": catalogue.ids[5]}, params={"ef_search": "40"})
     assert answer.check(SIMILAR, "GET").status == 200

@@ -61,3 +61,39 @@ def test_with_the_sample_size_a_mean_just_above_the_target_is_not_enough() -> No
 def test_when_no_bound_reaches_the_target_the_smallest_mean_that_does() -> None:
     curve = (CalibrationPoint(10, 0.90), CalibrationPoint(20, 0.955), CalibrationPoint(40, 0.958))
     assert pick_ef_search(curve, 0.95, 200) == EfSearch(20, 0.955)
+
+
+def test_recommendation_mixes_pair_each_sampled_item_with_the_next_two() -> None:
+    from recsys.search.calibration import recommendation_mixes
+
+    mixes = recommendation_mixes(["a", "b", "c", "d"], 0.5)
+    assert [(m.positive, m.negative) for m in mixes] == [
+        (("a", "b"), ("c",)), (("b", "c"), ("d",)), (("c", "d"), ("a",)), (("d", "a"), ("b",))]
+    assert len({m.name for m in mixes}) == 4 and all(m.alpha == 0.5 for m in mixes)
+    assert recommendation_mixes(["a", "b"], 0.5) == []
+
+
+def test_recommendations_go_by_their_own_curve_when_the_calibration_has_one() -> None:
+    from recsys.search.calibration import Calibration
+
+    mixes = (CalibrationPoint(10, 0.5), CalibrationPoint(640, 0.9))
+    both = Calibration(k=10, sample_size=100, catalogue_size=1000, points=CURVE, recommendation_points=mixes)
+    assert both.curve("item") == CURVE
+    assert both.curve("recommendation") == mixes
+    # A calibration from before recommendations were measured: the item curve for both.
+    older = Calibration(k=10, sample_size=100, catalogue_size=1000, points=CURVE)
+    assert older.curve("recommendation") == CURVE
+
+
+def test_a_mix_is_the_mean_of_its_unit_positives_minus_alpha_times_its_unit_negatives() -> None:
+    import numpy as np
+
+    from recsys.search.exact import Mix
+
+    vectors = {"a": np.array([2.0, 0.0], np.float32), "b": np.array([0.0, 3.0], np.float32),
+               "c": np.array([-4.0, 4.0], np.float32)}
+    query = Mix("m", ("a", "b"), ("c",), 0.5).vector(vectors)
+    assert query is not None
+    expected = np.array([0.5, 0.5]) - 0.5 * np.array([-1.0, 1.0]) / np.sqrt(2)
+    assert np.allclose(query, expected)
+    assert Mix("m", ("a", "x")).vector(vectors) is None
