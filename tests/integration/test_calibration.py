@@ -19,8 +19,8 @@ from recsys.local.stack import Stack
 from recsys.search import exact
 from recsys.search.calibration import (
     HNSW_SQL,
-    RECOMMENDATION_SQL,
     LADDER,
+    RECOMMENDATION_SQL,
     Calibration,
     CalibrationError,
     CalibrationPoint,
@@ -116,7 +116,7 @@ async def test_exact_reference_of_recommendation_mixes_is_the_numpy_ground_truth
     conn: psycopg.AsyncConnection[Any],
 ) -> None:
     ids = CATALOGUE.ids[3::200]
-    mixes = recommendation_mixes(ids, 0.5) + [Mix("unknown", (ids[0], "no-such-item"), (ids[1],))]
+    mixes = [*recommendation_mixes(ids, 0.5), Mix("unknown", (ids[0], "no-such-item"), (ids[1],))]
     found, _ = await exact_neighbours(conn, ids, 10, mixes=mixes)
     # The items and the mixes in one pass; a mix with an unknown example is left out.
     assert set(found) == set(ids) | {m.name for m in mixes[:-1]}
