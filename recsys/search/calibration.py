@@ -31,6 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 from recsys.config import Settings, get_settings
 from recsys.errors import NotCalibrated
 from recsys.search.exact import Mix, exact_neighbours
+from recsys.search.params import NEGATIVE_WEIGHT
 
 __all__ = [
     "CACHE_SECONDS",
@@ -88,10 +89,11 @@ FROM items q WHERE q.id = ANY(%(ids)s::text[])
 RECOMMENDATION_SQL = """
 SELECT m.name, ARRAY(
     SELECT r.id FROM recsys_query(
-        NULL, ARRAY[m.first, m.second], ARRAY[m.negative], NULL, 'average_vector', %(alpha)s, %(k)s, 0,
+        NULL, ARRAY[m.first, m.second], ARRAY[m.negative], NULL, 'average_vector', m.alpha, %(k)s, 0,
         %(ef_search)s, NULL, NULL, NULL, NULL, '{}', NULL, false, false, 0, %(k)s, 0) r)
-FROM unnest(%(names)s::text[], %(firsts)s::text[], %(seconds)s::text[], %(negatives)s::text[])
-    AS m(name, first, second, negative)
+FROM unnest(%(names)s::text[], %(firsts)s::text[], %(seconds)s::text[], %(negatives)s::text[],
+            %(alphas)s::double precision[])
+    AS m(name, first, second, negative, alpha)
 """
 
 #: The shapes of query a calibration measures: an item's own vector (``/similar``, and a
@@ -267,7 +269,7 @@ async def recommendation_neighbours(
         chunks.append({
             "names": [m.name for m in chunk], "firsts": [m.positive[0] for m in chunk],
             "seconds": [m.positive[1] for m in chunk], "negatives": [m.negative[0] for m in chunk],
-            "alpha": chunk[0].alpha if chunk else 0.0, "k": k, "ef_search": ef_search,
+            "alphas": [m.alpha for m in chunk], "k": k, "ef_search": ef_search,
         })
     return await _neighbours(conn, RECOMMENDATION_SQL, chunks, _index_settings(k, ef_search, statement_timeout_ms))
 
@@ -307,8 +309,6 @@ async def measure_recall(
         raise CalibrationError(
             f"the catalogue holds {catalogue_size} items; calibrating recall@{k} needs more than {k}"
         )
-    from recsys.search.service import NEGATIVE_WEIGHT
-
     rows = await (await conn.execute(SAMPLE_SQL, {"seed": seed, "n": sample_size})).fetchall()
     ids = [str(r[0]) for r in rows]
     mixes = recommendation_mixes(ids, NEGATIVE_WEIGHT) if recommendations else []

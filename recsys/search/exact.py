@@ -26,6 +26,8 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 
+from recsys.search.params import NEGATIVE_WEIGHT
+
 __all__ = ["BLOCK_ROWS", "Mix", "TopK", "exact_neighbours", "row_dtype"]
 
 #: Rows scored per matrix product: bounds the memory of a pass (rows × sampled items floats).
@@ -168,7 +170,7 @@ class Mix:
     name: str
     positive: tuple[str, ...]
     negative: tuple[str, ...] = ()
-    alpha: float = 0.5
+    alpha: float = NEGATIVE_WEIGHT
 
     def vector(self, vectors: dict[str, Vectors]) -> Vectors | None:
         """The query vector from the examples' ``vectors``; ``None`` when an example is missing."""

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_IDS",
     "MAX_K",
     "MAX_VECTOR_COMPONENT",
+    "NEGATIVE_WEIGHT",
     "RecommendationQuery",
     "SearchOptions",
     "SimilarQuery",
@@ -59,6 +60,9 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: distances: components near FLOAT32_MAX overflow to inf and the distance to NaN (which no JSON
 #: answer can carry). 1e17 keeps the sum of squares finite up to 16,000 dimensions.
 MAX_VECTOR_COMPONENT = 1e17
+
+#: alpha of the recommendation query vector: q = mean(positives) - alpha * mean(negatives).
+NEGATIVE_WEIGHT = 0.5
 
 _INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
 _TRUE = ("true", "1", "yes")

@@ -29,7 +29,7 @@ from recsys.db.retry import Database, run_read
 from recsys.errors import InvalidArgument, NotFound, RecsysError
 from recsys.search import queries
 from recsys.search.calibration import choose_ef_search
-from recsys.search.params import RecommendationQuery, SearchOptions, SimilarQuery
+from recsys.search.params import NEGATIVE_WEIGHT, RecommendationQuery, SearchOptions, SimilarQuery
 from recsys.telemetry import database_span, record_ef_search
 
 __all__ = [
@@ -57,9 +57,6 @@ DEFAULT_EF_SEARCH = 100
 #: sql/070_query_filters.sql and README, Queries): a visited tuple costs a few distance computations
 #: to graph neighbours plus a heap fetch, a scored row one distance (about 1.7 µs here).
 INDEX_COST_RATIO = 2.0
-
-#: alpha of the recommendation query vector: q = mean(positives) - alpha * mean(negatives).
-NEGATIVE_WEIGHT = 0.5
 
 #: Seconds a request waits for the database beyond its statement timeout before giving up:
 #: past that, the statement never reached PostgreSQL (which would have cancelled it).
