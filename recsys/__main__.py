@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "maintain": ("recsys.maintenance", "maintain_main", "run housekeeping once (what the timer function does)"),
     "replay": ("recsys.ingest.replay", "replay_main", "send failed batches' messages from the poison queue again"),
     "calibrate": ("recsys.search.calibration", "calibrate_main", "measure recall per ef_search, store it"),
+    "filter-index": ("recsys.search.filter_indexes", "filter_index_main",
+                     "partial HNSW index for one category or tag (create|drop|list)"),
     "bench": ("recsys.bench.cli", "bench_main", "run benchmarks on ephemeral stacks, write bench/results"),
     "package": ("recsys.local.package", "package_main", "the files a publish uploads; --zip, --doctor"),
 }

@@ -1,0 +1,35 @@
+"""Filter index names and values (recsys.search.filter_indexes), without a database."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from recsys.search.filter_indexes import KINDS, filter_index_name
+
+#: The CHECK constraint of filter_indexes.index_name (sql/090_filter_indexes.sql).
+NAME = re.compile(r"^items_filter_[a-z]+_[0-9a-f]{16}$")
+
+
+@pytest.mark.parametrize("value", ["books", "it's {odd}, \"quoted\"; DROP TABLE items", "ü" * 256, "x"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_name_is_a_safe_identifier_whatever_the_value(kind: str, value: str) -> None:
+    name = filter_index_name(kind, value)
+    assert NAME.match(name) and len(name) < 63  # PostgreSQL truncates identifiers at 63 bytes
+    assert name == filter_index_name(kind, value)
+
+
+def test_names_differ_by_kind_and_value() -> None:
+    names = {filter_index_name(kind, value) for kind in KINDS for value in ("a", "b", "A")}
+    assert len(names) == 2 * 3
+
+
+@pytest.mark.parametrize(("kind", "value", "says"), [
+    ("colour", "red", "kind must be one of"),
+    ("tag", "", "1 to 256 characters"),
+    ("category", "x" * 257, "1 to 256 characters"),
+])
+def test_bad_kinds_and_values_are_refused(kind: str, value: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        filter_index_name(kind, value)
