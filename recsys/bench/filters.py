@@ -26,6 +26,7 @@ from recsys.bench.stats import ratio, recall_at_k, summarize
 from recsys.config import Settings
 from recsys.datasets import SELECTIVITIES, Catalogue, clustered_catalogue, selectivity_tag, selectivity_tags
 from recsys.db.pool import configure_connection, connection_kwargs
+from recsys.search.filter_indexes import create_filter_index, drop_filter_index
 from recsys.search.params import SimilarQuery
 from recsys.search.service import INDEX_COST_RATIO, similar_items
 
@@ -90,7 +91,7 @@ async def _series(conn: psycopg.AsyncConnection[Any], catalogue: Catalogue, quer
     }
 
 
-async def _run(url: str, catalogue: Catalogue, tags: list[list[str]], queries: list[int],
+async def _run(url: str, admin: str, catalogue: Catalogue, tags: list[list[str]], queries: list[int],
                seconds: float) -> dict[str, Any]:
     conn = await psycopg.AsyncConnection.connect(url, **connection_kwargs(Settings()))
     await configure_connection(conn)
@@ -110,6 +111,18 @@ async def _run(url: str, catalogue: Catalogue, tags: list[list[str]], queries: l
                 figures[name] = await _series(conn, catalogue, queries, SimilarQuery(k=K, tags_any=(tag,)),
                                               truth, deadline)
                 log.info("%s: %s", name, figures[name])
+                # The same filter with a filter index on its tag, built here and dropped after.
+                with psycopg.connect(admin, autocommit=True) as owner:
+                    started = time.perf_counter()
+                    index = create_filter_index(owner, "tag", tag)
+                    built = round(time.perf_counter() - started, 1)
+                    try:
+                        indexed = await _series(conn, catalogue, queries, SimilarQuery(k=K, tags_any=(tag,)),
+                                                truth, deadline)
+                    finally:
+                        drop_filter_index(owner, "tag", tag)
+                figures[f"{name}/filter_index"] = {**indexed, "build_s": built, "index_bytes": index.size_bytes}
+                log.info("%s with a filter index: %s", name, figures[f"{name}/filter_index"])
     finally:
         await conn.close()
     return figures
@@ -128,25 +141,29 @@ def run(options: BenchOptions) -> BenchResult:
     with bench_stack(options, "filters", embedding_dim=dim) as stack:
         loaded = _load(stack, catalogue, tags)
         servers = server_versions(stack)
-        figures = asyncio.run(_run(stack.bouncer_url(), catalogue, tags, queries, seconds))
+        figures = asyncio.run(_run(stack.bouncer_url(), stack.admin_conninfo(), catalogue, tags, queries, seconds))
     figures["load"] = loaded
 
     base = figures["unfiltered"]
     percent = [100 * s for s in SELECTIVITIES]
     series = {"unfiltered": (percent, [base["p95_ms"]] * len(percent))}
     for kind in ("anti", "correlated"):
-        series[f"{kind}-correlated filter" if kind == "anti" else "correlated filter"] = (
-            percent, [figures[f"{kind}/{s:g}"]["p95_ms"] for s in SELECTIVITIES]
-        )
+        label = "anti-correlated filter" if kind == "anti" else "correlated filter"
+        series[label] = (percent, [figures[f"{kind}/{s:g}"]["p95_ms"] for s in SELECTIVITIES])
+        series[f"{label}, filter index"] = (percent, [figures[f"{kind}/{s:g}/filter_index"]["p95_ms"]
+                                                      for s in SELECTIVITIES])
     plot = "filters.png"
     line_plot(options.out_dir / plot, series, title=f"p95 of filtered /similar, {items:,} × {dim}, k={K}",
               xlabel="selectivity of the filter (% of the catalogue, log)", ylabel="p95 latency (ms, log)",
               logx=True, logy=True)
     headlines = [Headline(f"unfiltered p95 (p50 {base['p50_ms']} ms, recall@10 {base['recall']})",
                           base["p95_ms"], "ms")]
-    for kind, label in (("anti", "anti-correlated"), ("correlated", "correlated")):
+    for kind, label in (("anti", "anti-correlated"), ("correlated", "correlated"),
+                        ("anti", "anti-correlated, filter index on the tag"),
+                        ("correlated", "correlated, filter index on the tag")):
         for selectivity in SELECTIVITIES:
-            point = figures[f"{kind}/{selectivity:g}"]
+            key = f"{kind}/{selectivity:g}" + ("/filter_index" if "filter index" in label else "")
+            point = figures[key]
             share = ratio(point["p95_ms"], base["p95_ms"])
             met = share <= 3 and point["recall"] >= 0.95
             searches = ", ".join(f"{k} {v}" for k, v in sorted(point["searches"].items()))
@@ -167,6 +184,7 @@ def run(options: BenchOptions) -> BenchResult:
             "selectivities": list(SELECTIVITIES), "index_cost_ratio": INDEX_COST_RATIO,
             "hnsw": {"m": 16, "ef_construction": 64}, "ef_search": 100,
             "service": "recsys.search.service.similar_items (recsys_query / recsys_nearest)",
+            "filter_index": "each filter again with python -m recsys filter-index on its tag (built, then dropped)",
         },
         figures=figures,
         headlines=headlines,

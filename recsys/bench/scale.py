@@ -45,6 +45,7 @@ from recsys.bench.results import BenchResult, Headline
 from recsys.bench.stats import percentile, ratio
 from recsys.datasets import subspace_vectors
 from recsys.local.stack import Stack, free_port
+from recsys.search.filter_indexes import create_filter_index, drop_filter_index
 from recsys.search.service import DEFAULT_EF_SEARCH
 
 __all__ = ["run"]
@@ -153,12 +154,14 @@ class Series:
 def _similar_series(client: Client, ids: Sequence[str], **params: Any) -> Series:
     query = "&".join(f"{key}={quote(str(value))}" for key, value in params.items())
     latencies, found, efs = [], [], set()
+    searches: dict[str, int] = {}
     for item_id in ids:
         elapsed, body = client.request("GET", f"/api/items/{quote(item_id)}/similar?k={K}&{query}")
         latencies.append(elapsed)
         found.append([r["id"] for r in body["results"]])
         efs.add(body.get("ef_search"))
-    return Series(latencies, found, {"ef_search_used": sorted(e for e in efs if e is not None)})
+        searches[body.get("search", "none")] = searches.get(body.get("search", "none"), 0) + 1
+    return Series(latencies, found, {"ef_search_used": sorted(e for e in efs if e is not None), "searches": searches})
 
 
 def _recommend_series(client: Client, bodies: Sequence[dict[str, Any]]) -> Series:
@@ -382,8 +385,28 @@ def _measure(base: str, work: Workload, stack: Stack, *, full: bool, restart: Ca
                 query_ids, truth = work.filtered[category]
                 series = _similar_series(client, query_ids, ef_search=DEFAULT_EF_SEARCH, category=category)
                 figures[label] = series.figures(truth)
+            figures["filter_indexes"] = _with_filter_indexes(client, work, stack)
     finally:
         client.close()
+    return figures
+
+
+def _with_filter_indexes(client: Client, work: Workload, stack: Stack) -> dict[str, Any]:
+    """The filtered series again with a filter index on each category, built and dropped here."""
+    figures: dict[str, Any] = {}
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        for category, label in ((RARE, "filtered_1pct"), (COMMON, "filtered_10pct")):
+            started = time.perf_counter()
+            index = create_filter_index(conn, "category", category, maintenance_work_mem=MAINTENANCE_WORK_MEM)
+            built = round(time.perf_counter() - started, 1)
+            query_ids, truth = work.filtered[category]
+            try:
+                series = _similar_series(client, query_ids, ef_search=DEFAULT_EF_SEARCH, category=category)
+            finally:
+                drop_filter_index(conn, "category", category)
+            figures[label] = {**series.figures(truth), "build_s": built, "index_bytes": index.size_bytes,
+                              "members": index.members}
+            log.info("scale: %s with a filter index: %s", label, figures[label])
     return figures
 
 
@@ -535,6 +558,15 @@ def _result(out: Path, size: Sizes, figures: dict[str, Any], servers: dict[str, 
         headlines.append(Headline(
             f"filtered {name}: p95 ÷ unfiltered p95 ({f['p95_ms']} ms vs {warm['p95_ms']} ms; recall@10 "
             f"{f['recall_at_10']}, {f['results_per_query']} results per query)",
+            round(ratio(f["p95_ms"], warm["p95_ms"]), 2), "×", "≤ 3×", ratio(f["p95_ms"], warm["p95_ms"]) <= 3))
+    for label, name in (("filtered_1pct", "1%"), ("filtered_10pct", "10%")):
+        f = vector.get("filter_indexes", {}).get(label)
+        if f is None:
+            continue
+        headlines.append(Headline(
+            f"filtered {name} with a filter index on the category: p95 ÷ unfiltered p95 ({f['p95_ms']} ms; p50 "
+            f"{f['p50_ms']} ms; recall@10 {f['recall_at_10']}; index of {f['members']:,} items, "
+            f"{_gib(f['index_bytes'])} GiB, built in {f['build_s']} s)",
             round(ratio(f["p95_ms"], warm["p95_ms"]), 2), "×", "≤ 3×", ratio(f["p95_ms"], warm["p95_ms"]) <= 3))
     cal = figures["calibration"]
     headlines.append(Headline(f"python -m recsys calibrate on {size.items:,} items ({cal['sample']} sampled)",
