@@ -117,8 +117,16 @@ class Client:
         headers = {"content-type": "application/json"} if data is not None else {}
         for attempt in range(20):
             started = time.perf_counter()
-            self.connection.request(method, path, body=data, headers=headers)
-            response = self.connection.getresponse()
+            try:
+                self.connection.request(method, path, body=data, headers=headers)
+                response = self.connection.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError):
+                # The host closes a keep-alive connection left idle (here during an index build):
+                # the request is sent again on a new one, and timed from there.
+                self.connection.close()
+                if attempt == 19:
+                    raise
+                continue
             payload = response.read()
             elapsed = time.perf_counter() - started
             # Right after a PostgreSQL restart the pool may answer 503 until it has reconnected.
