@@ -16,6 +16,7 @@ from recsys.datasets import clustered_catalogue, selectivity_tag
 from recsys.db.pool import configure_connection
 from recsys.local.stack import Stack, StackConfig
 from recsys.search import service
+from recsys.search.filter_indexes import create_filter_index
 from recsys.search.params import RecommendationQuery, SimilarQuery
 
 pytestmark = pytest.mark.integration
@@ -80,6 +81,19 @@ async def test_the_functions_serve_a_halfvec_catalogue_above_2000_dimensions(tmp
                 )
                 assert body["search"] == strategy
                 assert [r["id"] for r in body["results"]] == truth
+            # A filter index on a halfvec column: built on the column's type with its dimension.
+            category = catalogue.categories[0]
+            members = [i for i, c in enumerate(catalogue.categories) if c == category and i != 0]
+            with psycopg.connect(big.admin_conninfo(), autocommit=True) as admin:
+                index = create_filter_index(admin, "category", category, maintenance_work_mem="64MB")
+            assert index.valid and index.members == len(members) + 1
+            body = await service.similar_items(
+                conn, catalogue.ids[0], SimilarQuery(k=20, ef_search=20, categories=(category,)), timeout_ms=5000,
+                cost_ratio=0.0,
+            )
+            assert body["search"] == "filter_index"
+            in_category = [catalogue.ids[i] for i in sorted(members, key=lambda i: -scores[i])[:20]]
+            assert len({r["id"] for r in body["results"]} & set(in_category)) >= 19
             recommended = await service.recommend(
                 conn,
                 RecommendationQuery(positive=(catalogue.ids[0],), negative=(catalogue.ids[1],),
