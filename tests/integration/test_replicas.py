@@ -152,14 +152,24 @@ def test_the_standby_streams_and_refuses_writes(replicated: Stack) -> None:
     replica = _standby(replicated)
     assert replica.streaming()
     assert replicated.status()["replica-1.postgres"] and replicated.status()["replica-1.pgbouncer"]
+    with psycopg.connect(replicated.admin_conninfo(), autocommit=True) as conn:
+        written = conn.execute("SELECT count(*), pg_current_wal_lsn()::text FROM items").fetchone()
+    assert written is not None
     with psycopg.connect(replica.admin_conninfo(), autocommit=True) as conn:
         assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             conn.execute("DELETE FROM items")
-        seen = conn.execute("SELECT count(*), pg_last_wal_replay_lsn()::text FROM items").fetchone()
-    with psycopg.connect(replicated.admin_conninfo(), autocommit=True) as conn:
-        written = conn.execute("SELECT count(*), pg_current_wal_lsn()::text FROM items").fetchone()
-    assert seen is not None and written is not None
+        # Streaming is asynchronous: the standby shows the rows once it has replayed the WAL
+        # the primary had written when they were counted there.
+        deadline = time.monotonic() + 30
+        while True:
+            seen = conn.execute("SELECT count(*), pg_last_wal_replay_lsn()::text,"
+                                " pg_last_wal_replay_lsn() >= %s::pg_lsn FROM items", [written[1]]).fetchone()
+            assert seen is not None
+            if seen[2] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert seen[2], f"the standby did not replay up to {written[1]} in 30 s: {seen}"
     assert seen[0] == written[0] == SIZE, f"standby {seen}, primary {written}"
 
 
