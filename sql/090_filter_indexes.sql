@@ -121,7 +121,17 @@ DECLARE
 BEGIN
     p_exclude := coalesce(p_exclude, '{}');
     IF NOT coalesce(p_exact, false) THEN
-        SELECT greatest(c.reltuples, 1) INTO catalogue FROM pg_class c WHERE c.oid = 'items'::regclass;
+        -- The catalogue's size as the planner reckons it: the density of the last VACUUM or ANALYZE
+        -- times the pages the table has now, so that rows loaded since count. A table never
+        -- analysed (reltuples -1, e.g. just after TRUNCATE and COPY, before autovacuum) is asked
+        -- of the planner, which then estimates from its pages and row width.
+        SELECT c.reltuples / c.relpages * (pg_relation_size(c.oid) / current_setting('block_size')::double precision)
+        INTO catalogue FROM pg_class c WHERE c.oid = 'items'::regclass AND c.reltuples >= 0 AND c.relpages > 0;
+        IF catalogue IS NULL THEN
+            EXECUTE 'EXPLAIN (FORMAT JSON) SELECT 1 FROM items' INTO plan;
+            catalogue := (plan -> 0 -> 'Plan' ->> 'Plan Rows')::double precision;
+        END IF;
+        catalogue := greatest(catalogue, 1);
         budget := ceil(sqrt(greatest(p_cost_ratio, 0) * (ef + p_n) * catalogue));
         IF filtered THEN
             EXECUTE 'EXPLAIN (FORMAT JSON) SELECT 1 FROM items i WHERE @explain_filter@'
