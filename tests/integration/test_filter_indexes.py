@@ -157,8 +157,8 @@ def test_a_probe_too_short_to_tell_reads_on_until_it_can(
 ) -> None:
     # At ef_search 10, about one member of the 11 % category is to be expected among the nearest
     # ten, and none is found for about a third of the queries: too common to mean that the filter
-    # avoids the query. The probe reads on until three members were to be expected (the nearest
-    # 28), where none is found for about 4 % of the queries (0.89^28), and the filter index
+    # avoids the query. The probe reads on until five members were to be expected (the nearest
+    # 46), where none is found for about 0.5 % of the queries (0.89^46), and the filter index
     # answers the others as it does when the nearest ten hold a member.
     members = {i for i, c in enumerate(catalogue.categories) if c == CATEGORY}
     methods: dict[str, int] = {}
@@ -175,7 +175,7 @@ def test_a_probe_too_short_to_tell_reads_on_until_it_can(
             found = {catalogue.ids.index(r[0]) for r in rows}
             assert len(found) == K and found <= members
             recalls.append(len(found & set(truth(catalogue, catalogue.vectors[q], K, members.__contains__, {q}))) / K)
-    assert methods.get("filter_index", 0) >= RECALL_QUERIES - 4 and set(methods) <= {"filter_index", "exact"}, methods
+    assert methods.get("filter_index", 0) >= RECALL_QUERIES - 2 and set(methods) <= {"filter_index", "exact"}, methods
     # At the ef_search asked, the filtered search keeps the recall of the unfiltered one (measured:
     # 0.92 against 0.895; 0.03 allows for the graphs, built anew in every session).
     unfiltered = []
