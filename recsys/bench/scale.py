@@ -390,13 +390,21 @@ def _measure(base: str, work: Workload, stack: Stack, *, full: bool, restart: Ca
         if full:
             figures["recommend_warm"] = _recommend_series(client, work.bodies).figures(work.recommend_truth)
             for category, label in ((RARE, "filtered_1pct"), (COMMON, "filtered_10pct")):
-                query_ids, truth = work.filtered[category]
-                series = _similar_series(client, query_ids, ef_search=DEFAULT_EF_SEARCH, category=category)
-                figures[label] = series.figures(truth)
+                figures[label] = _filtered(client, work, category)
             figures["filter_indexes"] = _with_filter_indexes(client, work, stack)
     finally:
         client.close()
     return figures
+
+
+def _filtered(client: Client, work: Workload, category: str) -> dict[str, Any]:
+    """A filtered series measured warm, as the unfiltered figure it is compared with: the queries
+    are asked once (the first pass, reported beside: it reads the members' pages from disk) and
+    measured the second time."""
+    query_ids, truth = work.filtered[category]
+    first = _similar_series(client, query_ids, ef_search=DEFAULT_EF_SEARCH, category=category).figures(truth)
+    warm = _similar_series(client, query_ids, ef_search=DEFAULT_EF_SEARCH, category=category).figures(truth)
+    return {**warm, "first_pass": {key: first[key] for key in ("p50_ms", "p95_ms", "recall_at_10")}}
 
 
 def _with_filter_indexes(client: Client, work: Workload, stack: Stack) -> dict[str, Any]:
@@ -407,12 +415,11 @@ def _with_filter_indexes(client: Client, work: Workload, stack: Stack) -> dict[s
             started = time.perf_counter()
             index = create_filter_index(conn, "category", category, maintenance_work_mem=MAINTENANCE_WORK_MEM)
             built = round(time.perf_counter() - started, 1)
-            query_ids, truth = work.filtered[category]
             try:
-                series = _similar_series(client, query_ids, ef_search=DEFAULT_EF_SEARCH, category=category)
+                measured = _filtered(client, work, category)
             finally:
                 drop_filter_index(conn, "category", category)
-            figures[label] = {**series.figures(truth), "build_s": built, "index_bytes": index.size_bytes,
+            figures[label] = {**measured, "build_s": built, "index_bytes": index.size_bytes,
                               "members": index.members}
             log.info("scale: %s with a filter index: %s", label, figures[label])
     return figures
@@ -494,6 +501,11 @@ def run(options: BenchOptions) -> BenchResult:
     return _result(options.out_dir, size, figures, servers)
 
 
+def _first_pass(figures: dict[str, Any]) -> str:
+    first = figures.get("first_pass")
+    return f"; first pass p50 {first['p50_ms']} ms, p95 {first['p95_ms']} ms" if first else ""
+
+
 def _halfvec_headlines(figures: dict[str, Any], load: dict[str, Any], warm: dict[str, Any]) -> list[Headline]:
     found: list[Headline] = []
     vs, hs = figures["vector_sizes"], figures["halfvec_sizes"]
@@ -565,7 +577,7 @@ def _result(out: Path, size: Sizes, figures: dict[str, Any], servers: dict[str, 
         f = vector[label]
         headlines.append(Headline(
             f"filtered {name}: p95 ÷ unfiltered p95 ({f['p95_ms']} ms vs {warm['p95_ms']} ms; recall@10 "
-            f"{f['recall_at_10']}, {f['results_per_query']} results per query)",
+            f"{f['recall_at_10']}, {f['results_per_query']} results per query{_first_pass(f)})",
             round(ratio(f["p95_ms"], warm["p95_ms"]), 2), "×", "≤ 3×", ratio(f["p95_ms"], warm["p95_ms"]) <= 3))
     for label, name in (("filtered_1pct", "1%"), ("filtered_10pct", "10%")):
         f = vector.get("filter_indexes", {}).get(label)
@@ -574,7 +586,7 @@ def _result(out: Path, size: Sizes, figures: dict[str, Any], servers: dict[str, 
         headlines.append(Headline(
             f"filtered {name} with a filter index on the category: p95 ÷ unfiltered p95 ({f['p95_ms']} ms; p50 "
             f"{f['p50_ms']} ms; recall@10 {f['recall_at_10']}; index of {f['members']:,} items, "
-            f"{_gib(f['index_bytes'])} GiB, built in {f['build_s']} s)",
+            f"{_gib(f['index_bytes'])} GiB, built in {f['build_s']} s{_first_pass(f)})",
             round(ratio(f["p95_ms"], warm["p95_ms"]), 2), "×", "≤ 3×", ratio(f["p95_ms"], warm["p95_ms"]) <= 3))
     cal = figures["calibration"]
     headlines.append(Headline(f"python -m recsys calibrate on {size.items:,} items ({cal['sample']} sampled)",
