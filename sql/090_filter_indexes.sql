@@ -31,9 +31,10 @@ $grants$;
 -- filter, the nearest 500), unless that reads more tuples than the widest search below:
 -- * k passing among the ef nearest answer at once; some passing, the filter index finds the rest;
 -- * none passing, where at least five were to be expected at random (which happens by chance to
---   0.7 % of queries), says that the filter avoids the query's neighbourhood. The members are then about equally far from the query, which a
---   graph search ranks poorly (recall@10 0.69 at ef_search 100 for a 5 % tag on 200,000 items,
---   0.82 at 1000 for a 50 % tag), so 073's choice stands: the exact scan up to `reach` budgets;
+--   0.7 % of queries), says that the filter avoids the query's neighbourhood. The members are
+--   then about equally far from the query, which a graph search ranks poorly (recall@10 0.69 at
+--   ef_search 100 for a 5 % tag on 200,000 items, 0.82 at 1000 for a 50 % tag), so 073's choice
+--   stands: the exact scan up to `reach` budgets;
 --   beyond them the widest search of the filter index (ten times ef_search, at most 1000), which
 --   ranks them better than a walk through the shared index and reads less;
 -- * none passing where fewer were to be expected, the probe cut short (a rare value) says little:
@@ -98,8 +99,9 @@ DECLARE
     index_value text;
     index_rows double precision;
     use_index boolean := false;
-    -- How much wider an anti-correlated query searches a filter index.
+    -- How much wider an anti-correlated query searches a filter index, and that widest search.
     widen constant integer := 10;
+    widest integer := greatest(ef, least(ef * widen, 1000));
     -- Members expected among the tuples probed (at random) for their absence to mean anything:
     -- none of them is found with probability exp(-5), 0.7 %. A query misjudged so gets the exact
     -- scan: right, but slow, and with exp(-3) (5 %) the misjudged set the p95 (1 % category at
@@ -177,7 +179,7 @@ BEGIN
             IF filtered THEN
                 allowance := greatest(ef, passing / greatest(p_cost_ratio, 1e-9));
                 decide := greatest(ef, ceil(significant * catalogue / greatest(passing, 1)));
-                IF decide > least(greatest(ef, least(ef * widen, 1000)), allowance) THEN
+                IF decide > least(widest, allowance) THEN
                     decide := ef;
                 END IF;
                 FOR candidate IN
@@ -215,12 +217,12 @@ BEGIN
                     -- expected (a probe as long as that would have read more than the widest
                     -- search): that says little of where the members lie, so the filter index is
                     -- searched as for a query outside them, unless the exact scan costs less.
-                    index_ef := greatest(ef, least(ef * widen, 1000));
+                    index_ef := widest;
                     IF p_cost_ratio * (index_ef + p_n) * greatest(index_rows / greatest(passing, 1), 1) >= passing THEN
                         index_ef := NULL;
                     END IF;
                 ELSIF walk THEN
-                    index_ef := greatest(ef, least(ef * widen, 1000));
+                    index_ef := widest;
                 END IF;
                 -- Otherwise the filter avoids the query's neighbourhood, within `reach` budgets:
                 -- the exact scan answers, as the members are about equally far from the query.
