@@ -8,16 +8,18 @@ reuses the rows if nothing has touched the table since.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import numpy as np
 import psycopg
 from pgvector import HalfVector
 from pgvector.psycopg import register_vector
+from psycopg.types.json import Jsonb
 
 from recsys.datasets import Catalogue, clustered_catalogue, selectivity_tag, selectivity_tags
 from recsys.local.stack import Stack
 
-__all__ = ["QUERY_CLUSTER", "RARE_CATEGORY", "SIZE", "ensure_catalogue", "item_metadata", "item_tags",
+__all__ = ["QUERY_CLUSTER", "RARE_CATEGORY", "SIZE", "copy_items", "ensure_catalogue", "item_metadata", "item_tags",
            "make_catalogue"]
 
 SIZE = 20_000
@@ -55,6 +57,19 @@ def _fingerprint(conn: psycopg.Connection) -> object:
     return conn.execute("SELECT count(*), max(updated_at), max(xmin::text::bigint) FROM items").fetchone()
 
 
+def copy_items(conn: psycopg.Connection, catalogue: Catalogue, rows: Iterable[int], *, halfvec: bool = False) -> None:
+    """The catalogue's items at positions ``rows`` into ``items``, with their tags and metadata, by
+    binary COPY (``conn`` has the pgvector types registered)."""
+    tags = item_tags(catalogue)
+    statement = "COPY items (id, embedding, category, tags, metadata) FROM STDIN WITH (FORMAT BINARY)"
+    with conn.cursor().copy(statement) as copy:
+        copy.set_types(["text", "halfvec" if halfvec else "vector", "text", "text[]", "jsonb"])
+        for i in rows:
+            vector = catalogue.vectors[i]
+            copy.write_row((catalogue.ids[i], HalfVector(vector) if halfvec else vector, catalogue.categories[i],
+                            tags[i], Jsonb(item_metadata(i, tags[i]))))
+
+
 def ensure_catalogue(stack: Stack) -> Catalogue:
     """The test catalogue, loaded into the stack's ``items`` table unless it is there already.
 
@@ -76,14 +91,7 @@ def ensure_catalogue(stack: Stack) -> Catalogue:
         with conn.transaction():
             conn.execute("TRUNCATE items")
             conn.execute("DROP INDEX items_embedding_cosine")
-            statement = "COPY items (id, embedding, category, tags, metadata) FROM STDIN WITH (FORMAT BINARY)"
-            with conn.cursor().copy(statement) as copy:
-                copy.set_types(["text", "halfvec" if halfvec else "vector", "text", "text[]", "jsonb"])
-                for i, (item_id, vector, category, tags) in enumerate(
-                    zip(catalogue.ids, catalogue.vectors, catalogue.categories, item_tags(catalogue), strict=True)
-                ):
-                    value = HalfVector(vector) if halfvec else vector
-                    copy.write_row((item_id, value, category, tags, psycopg.types.json.Jsonb(item_metadata(i, tags))))
+            copy_items(conn, catalogue, range(len(catalogue.ids)), halfvec=halfvec)
             conn.execute(index[0])
         conn.execute("ANALYZE items")
         # The app reads as recsys_query (sql/030_roles.sql); some tests read as the login

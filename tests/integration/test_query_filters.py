@@ -13,8 +13,7 @@ import numpy as np
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector
-from psycopg.types.json import Jsonb
-from query_catalogue import QUERY_CLUSTER, ensure_catalogue, item_metadata, item_tags
+from query_catalogue import QUERY_CLUSTER, copy_items, ensure_catalogue, item_metadata, item_tags
 from query_http import call
 
 from recsys.datasets import SELECTIVITIES, Catalogue, selectivity_tag
@@ -341,7 +340,7 @@ async def test_http_takes_repeated_categories_and_names_bad_fields(
 
 
 async def test_a_catalogue_not_yet_analysed_is_searched_as_once_it_is(
-    stack: Stack, catalogue: Catalogue, tags: list[list[str]], conn: psycopg.AsyncConnection
+    stack: Stack, catalogue: Catalogue, conn: psycopg.AsyncConnection
 ) -> None:
     """Right after TRUNCATE and COPY, before autovacuum has analysed the table, pg_class holds no
     row count (reltuples -1). The choice between the index and an exact scan still goes by the
@@ -361,12 +360,7 @@ async def test_a_catalogue_not_yet_analysed_is_searched_as_once_it_is(
             admin.execute("ALTER TABLE items SET (autovacuum_enabled = off)")
             with admin.transaction():
                 admin.execute("TRUNCATE items")
-                statement = "COPY items (id, embedding, category, tags, metadata) FROM STDIN WITH (FORMAT BINARY)"
-                with admin.cursor().copy(statement) as copy:
-                    copy.set_types(["text", "vector", "text", "text[]", "jsonb"])
-                    for i in subset:
-                        copy.write_row((catalogue.ids[i], catalogue.vectors[i], catalogue.categories[i], tags[i],
-                                        Jsonb(item_metadata(i, tags[i]))))
+                copy_items(admin, catalogue, subset)
             assert admin.execute("SELECT reltuples FROM pg_class WHERE oid = 'items'::regclass").fetchone() == (-1,)
             before = {name: await service.similar_items(conn, catalogue.ids[q], query, timeout_ms=TIMEOUT_MS)
                       for name, query in queries.items()}
