@@ -24,6 +24,7 @@ from recsys.local import tools
 from recsys.local.stack import Stack, StackConfig
 
 __all__ = [
+    "SERVER_SIZED_FOR_CATALOGUE",
     "BenchOptions",
     "Deadline",
     "app_environment",
@@ -38,6 +39,11 @@ __all__ = [
 log = logging.getLogger("recsys")
 
 HNSW_INDEX = "items_embedding_cosine"
+
+#: PostgreSQL memory for the benchmarks whose catalogue is large (200,000 items and more): the
+#: table and its graph stay in shared buffers, as on a server sized for its catalogue, instead of
+#: being read back from the page cache through the stack's default 256 MB.
+SERVER_SIZED_FOR_CATALOGUE: Mapping[str, str] = {"shared_buffers": "'4GB'", "effective_cache_size": "'16GB'"}
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,14 @@ import numpy.typing as npt
 import psycopg
 from psycopg import sql
 
-from recsys.bench.harness import BenchOptions, bench_stack, grant_app_role, local_host, server_versions
+from recsys.bench.harness import (
+    SERVER_SIZED_FOR_CATALOGUE,
+    BenchOptions,
+    bench_stack,
+    grant_app_role,
+    local_host,
+    server_versions,
+)
 from recsys.bench.plots import line_plot
 from recsys.bench.results import BenchResult, Headline
 from recsys.bench.stats import percentile, ratio
@@ -470,7 +477,7 @@ def run(options: BenchOptions) -> BenchResult:
         vectors_path, items_path = _write_files(folder, vectors, ids, categories)
         generated_s = time.perf_counter() - started
         log.info("scale: %d × %d generated in %.0f s", size.items, size.dim, generated_s)
-        pg = {"shared_buffers": "'4GB'", "effective_cache_size": "'16GB'", "max_parallel_maintenance_workers": "2"}
+        pg = {**SERVER_SIZED_FOR_CATALOGUE, "max_parallel_maintenance_workers": "2"}
         with bench_stack(options, "scale", embedding_dim=size.dim, pg_settings=pg) as stack:
             servers = server_versions(stack)
             figures: dict[str, Any] = {"generate_s": round(generated_s, 1)}
