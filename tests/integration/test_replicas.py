@@ -87,10 +87,10 @@ def _load_catalogue(stack: Stack) -> None:
 
 
 def _wait_replayed(stack: Stack) -> float:
-    """Seconds until the standby has replayed everything the primary has written so far."""
+    """Seconds until the standby has replayed everything the primary has inserted into its WAL so far."""
     started = time.monotonic()
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as primary:
-        row = primary.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        row = primary.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
     assert row is not None
     with psycopg.connect(_standby(stack).admin_conninfo(), autocommit=True) as standby:
         while True:
@@ -153,14 +153,16 @@ def test_the_standby_streams_and_refuses_writes(replicated: Stack) -> None:
     assert replica.streaming()
     assert replicated.status()["replica-1.postgres"] and replicated.status()["replica-1.pgbouncer"]
     with psycopg.connect(replicated.admin_conninfo(), autocommit=True) as conn:
-        written = conn.execute("SELECT count(*), pg_current_wal_lsn()::text FROM items").fetchone()
+        written = conn.execute("SELECT count(*), pg_current_wal_insert_lsn()::text FROM items").fetchone()
     assert written is not None
     with psycopg.connect(replica.admin_conninfo(), autocommit=True) as conn:
         assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             conn.execute("DELETE FROM items")
         # Streaming is asynchronous: the standby shows the rows once it has replayed the WAL
-        # the primary had written when they were counted there. The rows are counted in a
+        # the primary had inserted when they were counted there: its insert position, as the local
+        # stack commits asynchronously (synchronous_commit off), and the write position can still
+        # lie before the commit records. The rows are counted in a
         # statement of their own, after the replay position was seen: a statement's snapshot is
         # taken when it starts, so one that also read the position could count before the replay
         # it then reports.
