@@ -254,17 +254,22 @@ async def test_a_record_without_a_usable_index_is_ignored(
 ) -> None:
     tag = selectivity_tag(0.5, correlated=True)
     members = {i for i, t in enumerate(tags) if tag in t}
+    q = query_items(catalogue)[2]
+    query = SimilarQuery(k=K, tags_all=(tag,))
+    # The same query without the record: the shared index's answer, which the record must not change
+    # (an approximate answer: the graph is built anew in every session).
+    plain = await service.similar_items(conn, catalogue.ids[q], query, timeout_ms=TIMEOUT_MS)
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
         admin.execute("INSERT INTO filter_indexes (kind, value, index_name) VALUES ('tag', %s, %s)",
                       [tag, filter_index_name("tag", tag)])
         try:
-            q = query_items(catalogue)[2]
-            body = await service.similar_items(conn, catalogue.ids[q], SimilarQuery(k=K, tags_all=(tag,)),
-                                               timeout_ms=TIMEOUT_MS)
+            body = await service.similar_items(conn, catalogue.ids[q], query, timeout_ms=TIMEOUT_MS)
         finally:
             admin.execute("DELETE FROM filter_indexes WHERE kind = 'tag' AND value = %s", [tag])
-    assert body["search"] != "filter_index"
-    assert positions(catalogue, body) == truth(catalogue, catalogue.vectors[q], K, members.__contains__, {q})
+    assert body["search"] == plain["search"] != "filter_index"
+    assert positions(catalogue, body) == positions(catalogue, plain)
+    expected = truth(catalogue, catalogue.vectors[q], K, members.__contains__, {q})
+    assert len(set(positions(catalogue, body)) & set(expected)) >= 0.9 * K
 
 
 async def test_without_its_filter_index_the_filter_goes_back_to_the_shared_index(
