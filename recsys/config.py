@@ -8,6 +8,7 @@ instead of failing on its first request.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import re
@@ -23,8 +24,10 @@ __all__ = [
     "SettingsError",
     "StorageAccount",
     "default_vector_type",
+    "forget_settings",
     "get_settings",
     "load_settings",
+    "pin_settings",
     "redact",
     "settings_environment",
     "storage_account",
@@ -423,10 +426,35 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-@functools.cache
+#: Settings fixed for one context (a local host in a thread: see :func:`pin_settings`).
+_pinned: contextvars.ContextVar[Settings | None] = contextvars.ContextVar("recsys_settings", default=None)
+
+
 def get_settings() -> Settings:
-    """The process's settings, loaded from the environment on first use."""
+    """The settings the app runs with: those pinned for the current context, if any, else the
+    process's, loaded from the environment on first use."""
+    pinned = _pinned.get()
+    return pinned if pinned is not None else _environment_settings()
+
+
+@functools.cache
+def _environment_settings() -> Settings:
     return load_settings()
+
+
+def forget_settings() -> None:
+    """Load the process's settings from the environment again at next use."""
+    _environment_settings.cache_clear()
+
+
+def pin_settings(settings: Settings) -> None:
+    """Fix :func:`get_settings` to ``settings`` in the current context and the tasks it starts.
+
+    A Functions host reads its app settings once, at start; a local host that shares its process
+    with other code (tests, benchmarks) pins them, so that code pointing the environment at another
+    queue or database does not redirect the functions the host is running.
+    """
+    _pinned.set(settings)
 
 
 @contextlib.contextmanager
@@ -437,7 +465,7 @@ def settings_environment(values: Mapping[str, str]) -> Iterator[None]:
     """
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
-    get_settings.cache_clear()
+    forget_settings()
     try:
         yield
     finally:
@@ -446,4 +474,4 @@ def settings_environment(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        get_settings.cache_clear()
+        forget_settings()

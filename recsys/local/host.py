@@ -793,9 +793,23 @@ def serve_in_thread(asgi_app: Any, port: int, host: str = "127.0.0.1") -> Iterat
     """
     import uvicorn
 
+    from recsys.config import SettingsError, get_settings, pin_settings
+
     config = uvicorn.Config(asgi_app, host=host, port=port, lifespan="on", log_level="warning", access_log=False)
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)
+    try:
+        settings = get_settings()
+    except SettingsError:
+        settings = None  # the functions that read them fail with the same error
+
+    def run() -> None:
+        # The functions keep the settings the host started with, whatever the rest of the
+        # process does to the environment afterwards (as app settings in Azure).
+        if settings is not None:
+            pin_settings(settings)
+        server.run()
+
+    thread = threading.Thread(target=run, name=f"uvicorn:{port}", daemon=True)
     thread.start()
     while not server.started:
         if not thread.is_alive():

@@ -31,7 +31,7 @@ from identity_endpoint import ManagedIdentityEndpoint
 from psycopg import sql
 from psycopg_pool import PoolTimeout
 
-from recsys.config import Settings, get_settings, load_settings
+from recsys.config import Settings, forget_settings, load_settings
 from recsys.db.credentials import ENTRA_SCOPE
 from recsys.db.pool import close_pools, get_pool
 from recsys.http.health import health_get
@@ -154,7 +154,7 @@ def entra_env(entra_stack: Stack, endpoint: IdentityEndpoint, monkeypatch: pytes
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
+    forget_settings()
     return env
 
 
@@ -162,7 +162,7 @@ def entra_env(entra_stack: Stack, endpoint: IdentityEndpoint, monkeypatch: pytes
 async def entra_settings(entra_env: dict[str, str]) -> AsyncIterator[Settings]:
     yield load_settings(entra_env)
     await close_pools()
-    get_settings.cache_clear()
+    forget_settings()
 
 
 async def test_tokens_rotate_under_continuous_requests(

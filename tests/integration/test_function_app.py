@@ -90,16 +90,16 @@ async def test_the_local_host_enforces_a_configured_function_key_on_the_app(
 ) -> None:
     import httpx
 
-    from recsys.config import get_settings
+    from recsys.config import forget_settings
     from recsys.local.cli import build_host
 
     monkeypatch.setenv("RECSYS_FUNCTION_KEY", "local-test-key")
-    get_settings.cache_clear()
+    forget_settings()
     try:
         host = build_host(run_queues=False)
     finally:
         monkeypatch.delenv("RECSYS_FUNCTION_KEY")
-        get_settings.cache_clear()
+        forget_settings()
     transport = httpx.ASGITransport(app=host)  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         assert (await client.get("/api/items/nope")).status_code == 401

@@ -8,6 +8,7 @@ queue; the loader's own delayed retries carry every message over it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 import uuid
@@ -16,14 +17,16 @@ from typing import Any
 
 import psycopg
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueClient
 from ingest_support import raw_items
 
 from recsys.config import settings_environment
 from recsys.local import tools
-from recsys.local.host import load_host_config
-from recsys.local.stack import Stack
+from recsys.local.cli import build_host
+from recsys.local.host import load_host_config, serve_in_thread
+from recsys.local.stack import Stack, free_port
 
 #: Generous bound for every message to load once PostgreSQL is back (the retry delay is capped
 #: at 3 s in this test; PgBouncer's server_login_retry adds up to 15 s after a restart).
@@ -31,9 +34,16 @@ RECOVERY_BOUND = 90.0
 
 
 @pytest.fixture
-def short_retries(stack_env: dict[str, str]) -> Iterator[None]:
-    with settings_environment({"RECSYS_LOADER_RETRY_MAX_DELAY": "3"}):
-        yield
+def short_retry_host(stack_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """A local host of the test's own, started with the loader's retry delay capped at 3 s and
+    listening on a queue of its own; yields its app settings."""
+    private = {"RECSYS_LOADER_RETRY_MAX_DELAY": "3", "RECSYS_QUEUE_NAME": f"outage-{uuid.uuid4().hex[:10]}"}
+    with settings_environment(private), serve_in_thread(build_host(), free_port()):
+        yield {**stack_env, **private}
+    for name in (private["RECSYS_QUEUE_NAME"], f"{private['RECSYS_QUEUE_NAME']}-poison"):
+        with QueueClient.from_connection_string(stack_env["AzureWebJobsStorage"], name) as queue, \
+                contextlib.suppress(ResourceNotFoundError):
+            queue.delete_queue()
 
 
 @pytest.fixture
@@ -77,30 +87,31 @@ def wait_for(check: Any, bound: float) -> Any:
 
 
 def test_an_outage_longer_than_the_hosts_retries_loses_nothing_and_needs_no_manual_step(
-    stack: Stack, stack_env: dict[str, str], local_host: str, short_retries: None, prefix: str
+    stack: Stack, short_retry_host: dict[str, str], prefix: str
 ) -> None:
+    app_settings = short_retry_host
     queues = load_host_config(tools.project_root() / "host.json").queues
     host_gives_up_after = queues.max_dequeue_count * queues.visibility_timeout
     outage = host_gives_up_after + 5
 
     blob_container = f"outage-{uuid.uuid4().hex[:8]}"
-    blobs = BlobServiceClient.from_connection_string(stack_env["AzureWebJobsStorage"])
+    blobs = BlobServiceClient.from_connection_string(app_settings["AzureWebJobsStorage"])
     blobs.create_container(blob_container)
     stack.stop_postgres()
     stopped = time.monotonic()
     try:
         # Sent while the database is down: inline parts, a claim-check part, a delete-only part.
-        send(stack_env, {"batch_id": f"{prefix}a", "items": raw_items(3, f"{prefix}a")})
-        send(stack_env, {"batch_id": f"{prefix}b", "part": 0, "items": raw_items(2, f"{prefix}b", b64=False)})
+        send(app_settings, {"batch_id": f"{prefix}a", "items": raw_items(3, f"{prefix}a")})
+        send(app_settings, {"batch_id": f"{prefix}b", "part": 0, "items": raw_items(2, f"{prefix}b", b64=False)})
         blobs.get_blob_client(blob_container, "b1.json").upload_blob(
             json.dumps({"items": raw_items(200, f"{prefix}b1")}).encode()
         )
-        send(stack_env, {"batch_id": f"{prefix}b", "part": 1, "blob": f"{blob_container}/b1.json"})
-        send(stack_env, {"batch_id": f"{prefix}c", "delete": [f"{prefix}gone"]})
+        send(app_settings, {"batch_id": f"{prefix}b", "part": 1, "blob": f"{blob_container}/b1.json"})
+        send(app_settings, {"batch_id": f"{prefix}c", "delete": [f"{prefix}gone"]})
         while time.monotonic() - stopped < outage:
             time.sleep(1)
             # Nothing reaches the poison queue during the outage, whatever its length.
-            assert poisoned(stack_env, prefix) == []
+            assert poisoned(app_settings, prefix) == []
     finally:
         stack.start_postgres()
 
@@ -109,7 +120,7 @@ def test_an_outage_longer_than_the_hosts_retries_loses_nothing_and_needs_no_manu
         return len(rows) == 4 and all(status == "loaded" for status, _, _ in rows.values())
 
     assert wait_for(all_loaded, RECOVERY_BOUND), ledger(stack, prefix)
-    assert poisoned(stack_env, prefix) == []
+    assert poisoned(app_settings, prefix) == []
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
         count = conn.execute("SELECT count(*) FROM items WHERE starts_with(id, %s)", [prefix]).fetchone()
     assert count == (205,)

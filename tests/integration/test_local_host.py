@@ -149,3 +149,27 @@ def test_a_message_delivered_too_often_goes_to_poison_without_running(stack: Sta
         poison = QueueClient.from_connection_string(stack.storage_connection_string(), f"{QUEUE}-poison")
         wait_for(lambda: poison.peek_messages())
         assert recorder.seen == []
+
+
+def test_the_functions_keep_the_settings_the_host_started_with() -> None:
+    """As app settings in Azure: code sharing the process that points the environment at another
+    queue (tests, benchmarks) does not redirect the functions of a host already running."""
+    from recsys.config import get_settings, settings_environment
+
+    app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+
+    @app.route(route="queue/async", methods=["GET"])
+    async def queue_async(req: func.HttpRequest) -> func.HttpResponse:
+        return func.HttpResponse(get_settings().queue_name)
+
+    @app.route(route="queue/sync", methods=["GET"])
+    def queue_sync(req: func.HttpRequest) -> func.HttpResponse:  # runs in a worker thread
+        return func.HttpResponse(get_settings().queue_name)
+
+    host = FunctionHost(app, HostConfig(route_prefix="api"))
+    with settings_environment({"RECSYS_QUEUE_NAME": "started-with"}), serve_in_thread(host, free_port()) as url, \
+            settings_environment({"RECSYS_QUEUE_NAME": "changed-later"}):
+        assert get_settings().queue_name == "changed-later"
+        for kind in ("async", "sync"):
+            answer = httpx.get(f"{url}/api/queue/{kind}", timeout=10)
+            assert (answer.status_code, answer.text) == (200, "started-with"), kind

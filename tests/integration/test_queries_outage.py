@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from query_http import call
 
-from recsys.config import get_settings
+from recsys.config import forget_settings, get_settings
 from recsys.datasets import Catalogue
 from recsys.db.pool import close_pools, get_pool
 from recsys.local.stack import Stack
@@ -31,10 +31,10 @@ def app_settings(monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]) -> 
     def apply(**values: str) -> None:
         for name, value in values.items():
             monkeypatch.setenv(name, value)
-        get_settings.cache_clear()
+        forget_settings()
 
     yield apply
-    get_settings.cache_clear()
+    forget_settings()
 
 
 @pytest.fixture

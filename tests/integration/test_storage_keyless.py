@@ -28,7 +28,7 @@ from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueClient
 from identity_endpoint import ManagedIdentityEndpoint
 
-from recsys.config import Settings, get_settings, load_settings
+from recsys.config import Settings, forget_settings, load_settings
 from recsys.ingest import storage
 from recsys.ingest.loader import process_message
 from recsys.ingest.messages import BlobRef
@@ -105,9 +105,9 @@ def keyless_env(
     monkeypatch.delenv("AzureWebJobsStorage", raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
+    forget_settings()
     yield env
-    get_settings.cache_clear()
+    forget_settings()
 
 
 @pytest.fixture

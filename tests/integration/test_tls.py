@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from cryptography import x509
 
-from recsys.config import get_settings
+from recsys.config import forget_settings
 from recsys.db.pool import close_pools, get_pool
 from recsys.http.health import health_get
 from recsys.local.certs import write_ca, write_tls_files
@@ -103,10 +103,10 @@ async def tls_env(tls_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> AsyncIte
     env = {**tls_stack.app_environment(), "RECSYS_POOL_TIMEOUT": "2", "RECSYS_CONNECT_TIMEOUT": "2"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
+    forget_settings()
     yield env
     await close_pools()
-    get_settings.cache_clear()
+    forget_settings()
 
 
 async def health() -> tuple[int, dict[str, Any]]:
@@ -126,6 +126,6 @@ async def test_the_pool_fails_closed_with_a_wrong_ca(
     tls_env: dict[str, str], other_ca: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RECSYS_SSLROOTCERT", str(other_ca))
-    get_settings.cache_clear()
+    forget_settings()
     status, body = await health()
     assert status == 503 and body["database"] == "unreachable"
