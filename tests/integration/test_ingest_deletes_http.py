@@ -9,6 +9,7 @@ nothing, and their answers are checked against ``openapi.json``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +21,7 @@ from ingest_support import id_prefix, raw_items
 from query_http import call
 
 from recsys.config import get_settings
-from recsys.db.pool import close_pools
+from recsys.db.pool import RECONNECT_MAX_DELAY, close_pools
 from recsys.ingest.messages import MAX_BATCH_ENTRIES, MAX_VERSION
 from recsys.local.stack import Stack
 
@@ -176,12 +177,13 @@ async def test_enqueue_answers_202_while_the_loader_is_saturated(stack: Stack, l
         assert settled(local_host, f"{prefix}small-{n}")["status"] == "loaded"
 
 
-async def test_enqueue_answers_503_within_the_pool_timeout_while_the_database_is_down(
-    stack: Stack, prefix: str, app_pools: None
+async def test_enqueue_answers_503_within_the_pool_timeout_while_the_database_is_down_then_recovers(
+    stack: Stack, local_host: str, prefix: str, app_pools: None
 ) -> None:
     timeout = get_settings().pool_timeout
     body = {"batch_id": f"{prefix}outage", "items": _items(prefix)}
     assert (await call("batches_post", method="POST", json_body=body)).status == 202  # pools warm
+    assert httpx.post(f"{local_host}{BATCHES}", json=body, timeout=30).status_code == 202
     stack.stop_postgres()
     try:
         for name, kwargs in (
@@ -197,5 +199,22 @@ async def test_enqueue_answers_503_within_the_pool_timeout_while_the_database_is
             # Bounded by the pool timeout (3 s here), not PgBouncer's query_wait_timeout; a
             # generous margin for a loaded machine.
             assert elapsed < timeout + 2.0, (name, elapsed)
+        through_host = httpx.post(f"{local_host}{BATCHES}", json=body, timeout=30)
+        assert through_host.status_code == 503 and through_host.headers["retry-after"].isdigit()
     finally:
         stack.start_postgres()
+
+    # Both the pools of this test and the host's, whose connection attempts failed during the
+    # outage, reconnect by themselves: within one reconnection delay and one pool timeout.
+    bound = RECONNECT_MAX_DELAY + timeout + 5.0
+    started = time.monotonic()
+    for n in itertools.count():
+        again = {"batch_id": f"{prefix}back-{n}", "items": _items(prefix)}
+        direct = (await call("batches_post", method="POST", json_body=again)).status
+        hosted = httpx.post(f"{local_host}{BATCHES}", json={**again, "batch_id": f"{prefix}back-host-{n}"},
+                            timeout=30).status_code
+        if (direct, hosted) == (202, 202):
+            break
+        assert {direct, hosted} <= {202, 503}, (direct, hosted)
+        assert time.monotonic() - started < bound, f"not recovered after {bound:.0f} s: {(direct, hosted)}"
+        await asyncio.sleep(0.5)
