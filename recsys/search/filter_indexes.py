@@ -1,4 +1,4 @@
-"""Filter indexes: a partial HNSW index over the items of one category or of one tag.
+"""Filter indexes: a partial HNSW index over the items of one category or of one tag, and its copy.
 
 The shared HNSW index serves every filter by reading on past the items that fail it
 (``recsys_nearest``). Two kinds of filter make that costly: a rare value spread across the
@@ -6,12 +6,16 @@ catalogue (a 1 % category: about a hundred tuples read for each one that passes)
 that avoids the query's neighbourhood (anti-correlated: no passing item among the nearest, so the
 exact scan of every passing item answers). A filter index is a graph of the members alone, so its
 search reads passing items only; ``recsys_nearest`` uses it when the request's filter requires its
-value and its search costs less than the exact scan (``sql/090_filter_indexes.sql``).
+value and its search costs less than the exact scan (``sql/090_filter_indexes.sql``). Beside the
+graph, an exact copy: a partial IVFFlat index with a single list over the same members, whose scan
+orders every member exactly, from packed index pages instead of a heap page per member; where
+``recsys_nearest`` answers a covered filter by the exact scan, it reads the copy
+(``sql/091_filter_index_copies.sql``).
 
-``python -m recsys filter-index create --category books`` builds one with ``CREATE INDEX
+``python -m recsys filter-index create --category books`` builds both with ``CREATE INDEX
 CONCURRENTLY`` (writes go on meanwhile) and the catalogue's HNSW parameters and operator class,
-then records it in ``filter_indexes``, which the query function reads. The value becomes the
-index predicate, so it is quoted by psycopg as a literal; the index name is derived from a hash
+then records them in ``filter_indexes``, which the query function reads. The value becomes the
+index predicate, so it is quoted by psycopg as a literal; the index names are derived from a hash
 of kind and value, never from the value's text.
 """
 
@@ -32,6 +36,7 @@ from psycopg import sql
 __all__ = [
     "KINDS",
     "FilterIndex",
+    "copy_index_name",
     "create_filter_index",
     "drop_filter_index",
     "filter_index_main",
@@ -47,6 +52,9 @@ KINDS = {"category": "category", "tag": "tags"}
 #: of cosine distance: an ORDER BY that the shared cosine index cannot serve, so that the planner
 #: never takes the shared index for a filter index's search.
 _OPERATOR_CLASSES = {"vector": "vector_ip_ops", "halfvec": "halfvec_ip_ops"}
+#: The copy orders the unit vectors by Euclidean distance, the same order again, served by neither
+#: graph.
+_COPY_OPERATOR_CLASSES = {"vector": "vector_l2_ops", "halfvec": "halfvec_l2_ops"}
 _PREDICATES = {
     # The forms recsys_nearest writes, so that the planner proves the index applies.
     "category": sql.SQL("category = {value}"),
@@ -63,13 +71,25 @@ class FilterIndex:
     members: int
     size_bytes: int
     valid: bool
+    #: The exact copy (None for a filter index recorded before copies existed: ``create`` adds it).
+    copy_name: str | None
+    copy_size_bytes: int
+    copy_valid: bool
 
 
 def filter_index_name(kind: str, value: str) -> str:
     """The index's name: the kind and a hash of the value (any text is a valid value)."""
+    return f"items_filter_{kind}_{_digest(kind, value)}"
+
+
+def copy_index_name(kind: str, value: str) -> str:
+    """The name of the index's exact copy."""
+    return f"items_copy_{kind}_{_digest(kind, value)}"
+
+
+def _digest(kind: str, value: str) -> str:
     _check(kind, value)
-    digest = hashlib.sha256(f"{kind}\0{value}".encode()).hexdigest()[:16]
-    return f"items_filter_{kind}_{digest}"
+    return hashlib.sha256(f"{kind}\0{value}".encode()).hexdigest()[:16]
 
 
 def _check(kind: str, value: str) -> None:
@@ -80,13 +100,16 @@ def _check(kind: str, value: str) -> None:
 
 
 def list_filter_indexes(conn: psycopg.Connection[Any]) -> list[FilterIndex]:
-    """The recorded filter indexes, with their member count (the index's tuples) and size."""
+    """The recorded filter indexes, with their member count (the index's tuples) and sizes."""
     rows = conn.execute(
         "SELECT f.kind, f.value, f.index_name, coalesce(greatest(c.reltuples, 0), 0)::bigint,"
-        " coalesce(pg_relation_size(c.oid), 0), coalesce(x.indisvalid, false)"
+        " coalesce(pg_relation_size(c.oid), 0), coalesce(x.indisvalid, false),"
+        " f.copy_name, coalesce(pg_relation_size(cc.oid), 0), coalesce(cx.indisvalid, false)"
         " FROM filter_indexes f"
         " LEFT JOIN pg_class c ON c.relname = f.index_name AND c.relnamespace = 'public'::regnamespace"
         " LEFT JOIN pg_index x ON x.indexrelid = c.oid"
+        " LEFT JOIN pg_class cc ON cc.relname = f.copy_name AND cc.relnamespace = 'public'::regnamespace"
+        " LEFT JOIN pg_index cx ON cx.indexrelid = cc.oid"
         " ORDER BY f.kind, f.value"
     ).fetchall()
     return [FilterIndex(*row) for row in rows]
@@ -101,79 +124,90 @@ def create_filter_index(
     ef_construction: int = 64,
     maintenance_work_mem: str = "1GB",
 ) -> FilterIndex:
-    """Build the filter index of ``kind`` = ``value`` unless a valid one exists, and record it.
+    """Build the filter index of ``kind`` = ``value`` and its exact copy, each unless a valid one
+    exists, and record them.
 
     ``conn``: a direct autocommit connection of the table's owner (``CREATE INDEX CONCURRENTLY``
     cannot run in a transaction, nor through PgBouncer in transaction mode). A build that fails
     leaves no index behind.
     """
-    _check(kind, value)
-    name = filter_index_name(kind, value)
+    name, copy = filter_index_name(kind, value), copy_index_name(kind, value)
     row = conn.execute(
-        "SELECT t.typname, format_type(a.atttypid, a.atttypmod), x.indisvalid"
+        "SELECT t.typname, format_type(a.atttypid, a.atttypmod)"
         " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
-        " LEFT JOIN pg_class c ON c.relname = %s AND c.relnamespace = 'public'::regnamespace"
-        " LEFT JOIN pg_index x ON x.indexrelid = c.oid"
-        " WHERE a.attrelid = 'public.items'::regclass AND a.attname = 'embedding'",
-        [name],
+        " WHERE a.attrelid = 'public.items'::regclass AND a.attname = 'embedding'"
     ).fetchone()
     if row is None:
         raise psycopg.ProgrammingError("the items table has no embedding column")
-    vector_type, column_type, valid = row
-    if valid is False:
+    vector_type, column_type = str(row[0]), str(row[1])
+    # The column's own type from the catalogue, e.g. vector(384): an index on an expression
+    # needs its dimension.
+    normalized = sql.SQL("(l2_normalize(embedding)::{})").format(sql.SQL(column_type))
+    predicate = _PREDICATES[kind].format(value=sql.Literal(value))
+    graph = sql.SQL("hnsw ({normalized} {opclass}) WITH (m = {m}, ef_construction = {ef})").format(
+        normalized=normalized, opclass=sql.SQL(_OPERATOR_CLASSES[vector_type]),
+        m=sql.Literal(int(m)), ef=sql.Literal(int(ef_construction)),
+    )
+    # One list, searched with one probe: every member, in exact order of distance.
+    exact_copy = sql.SQL("ivfflat ({normalized} {opclass}) WITH (lists = 1)").format(
+        normalized=normalized, opclass=sql.SQL(_COPY_OPERATOR_CLASSES[vector_type]),
+    )
+    built = False
+    for index, method in ((name, graph), (copy, exact_copy)):
+        if _valid(conn, index):
+            continue
         # What a failed concurrent build leaves: an invalid index that writes still maintain.
-        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
-    if not valid:
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(index)))
         conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", [maintenance_work_mem])
-        statement = sql.SQL(
-            "CREATE INDEX CONCURRENTLY {name} ON items USING hnsw ((l2_normalize(embedding)::{column}) {opclass})"
-            " WITH (m = {m}, ef_construction = {ef}) WHERE {predicate}"
-        ).format(
-            name=sql.Identifier(name),
-            # The column's own type from the catalogue, e.g. vector(384): an HNSW index on an
-            # expression needs its dimension.
-            column=sql.SQL(str(column_type)),
-            opclass=sql.SQL(_OPERATOR_CLASSES[str(vector_type)]),
-            m=sql.Literal(int(m)),
-            ef=sql.Literal(int(ef_construction)),
-            predicate=_PREDICATES[kind].format(value=sql.Literal(value)),
-        )
-        log.info("building %s for %s %r", name, kind, value)
+        log.info("building %s for %s %r", index, kind, value)
         try:
-            conn.execute(statement)
+            conn.execute(sql.SQL("CREATE INDEX CONCURRENTLY {index} ON items USING {method} WHERE {predicate}").format(
+                index=sql.Identifier(index), method=method, predicate=predicate,
+            ))
         except psycopg.Error:
-            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(index)))
             raise
         finally:
             conn.execute("RESET maintenance_work_mem")
+        built = True
+    if built:
         conn.execute("ANALYZE items")
     conn.execute(
-        "INSERT INTO filter_indexes (kind, value, index_name) VALUES (%s, %s, %s)"
-        " ON CONFLICT (kind, value) DO NOTHING",
-        [kind, value, name],
+        "INSERT INTO filter_indexes (kind, value, index_name, copy_name) VALUES (%s, %s, %s, %s)"
+        " ON CONFLICT (kind, value) DO UPDATE SET copy_name = EXCLUDED.copy_name",
+        [kind, value, name, copy],
     )
     return next(i for i in list_filter_indexes(conn) if i.index_name == name)
 
 
+def _valid(conn: psycopg.Connection[Any], index: str) -> bool:
+    row = conn.execute(
+        "SELECT x.indisvalid FROM pg_class c JOIN pg_index x ON x.indexrelid = c.oid"
+        " WHERE c.relname = %s AND c.relnamespace = 'public'::regnamespace",
+        [index],
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def drop_filter_index(conn: psycopg.Connection[Any], kind: str, value: str) -> bool:
-    """Forget the filter index of ``kind`` = ``value`` and drop it; False when there was none.
+    """Forget the filter index of ``kind`` = ``value`` and drop it and its copy; False when there was none.
 
     The record goes first, so that no query is planned for an index about to go.
     """
-    _check(kind, value)
-    name = filter_index_name(kind, value)
     forgotten = conn.execute("DELETE FROM filter_indexes WHERE kind = %s AND value = %s", [kind, value]).rowcount
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f"public.{name}"]).fetchone()
-    if exists and exists[0]:
-        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
-        return True
-    return forgotten > 0
+    dropped = False
+    for index in (filter_index_name(kind, value), copy_index_name(kind, value)):
+        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f"public.{index}"]).fetchone()
+        if exists and exists[0]:
+            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(index)))
+            dropped = True
+    return dropped or forgotten > 0
 
 
 def filter_index_main(argv: list[str]) -> int:
     """``python -m recsys filter-index create|drop|list``."""
     parser = argparse.ArgumentParser(prog="python -m recsys filter-index",
-                                     description="partial HNSW indexes for a category or a tag")
+                                     description="partial HNSW indexes for a category or a tag, and exact copies")
     parser.add_argument("action", choices=["create", "drop", "list"])
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--category", help="the category whose items the index holds")

@@ -17,14 +17,21 @@ from collections.abc import AsyncIterator, Iterator
 import numpy as np
 import psycopg
 import pytest
-from query_catalogue import QUERY_CLUSTER, item_tags
+from psycopg import sql
+from query_catalogue import QUERY_CLUSTER, RARE_CATEGORY, item_tags
 from test_query_filters import RECALL_QUERIES, positions, query_items, truth
 
 from recsys.datasets import Catalogue, selectivity_tag
 from recsys.db.pool import configure_connection
 from recsys.local.stack import Stack
 from recsys.search import service
-from recsys.search.filter_indexes import create_filter_index, drop_filter_index, filter_index_name, list_filter_indexes
+from recsys.search.filter_indexes import (
+    copy_index_name,
+    create_filter_index,
+    drop_filter_index,
+    filter_index_name,
+    list_filter_indexes,
+)
 from recsys.search.params import SimilarQuery
 
 pytestmark = pytest.mark.integration
@@ -224,31 +231,76 @@ def test_a_member_estimated_far_beyond_the_probe_means_the_filter_avoids_the_que
     assert recall >= 0.95, (recall, methods)
 
 
+def _scans(admin: psycopg.Connection, name: str) -> int:
+    """How many scans of the index ``name`` the statistics have counted."""
+    row = admin.execute("SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = %s", [name]).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def _scanned(admin: psycopg.Connection, conn: psycopg.AsyncConnection, name: str, before: int) -> int:
+    """The scans of ``name`` counted since ``before``, once ``conn``'s backend has flushed its statistics."""
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    for _ in range(50):
+        if _scans(admin, name) > before:
+            break
+        await asyncio.sleep(0.1)
+    return _scans(admin, name) - before
+
+
 async def test_the_planner_reads_the_filter_index(
     stack: Stack, catalogue: Catalogue, indexed: list[tuple[str, str]]
 ) -> None:
     name = filter_index_name("category", CATEGORY)
-
-    def scans(conn: psycopg.Connection) -> int:
-        row = conn.execute("SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = %s", [name]).fetchone()
-        assert row is not None
-        return int(row[0])
-
     # A direct connection, so that the backend that ran the search also flushes its statistics.
     async with await psycopg.AsyncConnection.connect(stack.direct_url(), autocommit=True) as conn:
         await configure_connection(conn)
         with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
-            before = scans(admin)
+            before = _scans(admin, name)
             q = catalogue.ids[query_items(catalogue)[1]]
             body = await service.similar_items(conn, q, SimilarQuery(k=30, categories=(CATEGORY,)),
                                                timeout_ms=TIMEOUT_MS)
             assert body["search"] == "filter_index"
-            await conn.execute("SELECT pg_stat_force_next_flush()")
-            for _ in range(50):
-                if scans(admin) > before:
-                    break
-                await asyncio.sleep(0.1)
-            assert scans(admin) == before + 1
+            assert await _scanned(admin, conn, name, before) == 1
+
+
+@pytest.mark.parametrize("categories", [None, [CATEGORY], [RARE_CATEGORY]], ids=["tag", "and-11%", "and-1%"])
+async def test_the_exact_scan_of_a_covered_filter_reads_the_copy_and_answers_as_the_table(
+    stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]],
+    categories: list[str] | None,
+) -> None:
+    # The 5 % tag avoids the query's neighbourhood: the exact scan answers (see above), from the
+    # filter index's exact copy, and with the rest of the filter applied to the copy's members
+    # (with the 1 % category, fewer than k of them pass: all of them are the answer).
+    members = [i for i, t in enumerate(tags)
+               if NARROW in t and (categories is None or catalogue.categories[i] in categories)]
+    copy = copy_index_name("tag", NARROW)
+    statement = ("SELECT id, distance, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s),"
+                 " %s, 100, %s, ARRAY[%s], NULL, NULL, ARRAY[%s], false, 2)")
+    queries = [catalogue.ids[q] for q in query_items(catalogue, RECALL_QUERIES)]
+
+    async def answers(conn: psycopg.AsyncConnection) -> list[list[tuple[str, float, str]]]:
+        return [await (await conn.execute(statement, [q, K, categories, NARROW, q])).fetchall() for q in queries]
+
+    async with await psycopg.AsyncConnection.connect(stack.direct_url(), autocommit=True) as conn:
+        await configure_connection(conn)
+        with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+            before = _scans(admin, copy)
+            from_copy = await answers(conn)
+            assert await _scanned(admin, conn, copy, before) >= RECALL_QUERIES - 2
+            admin.execute("UPDATE filter_indexes SET copy_name = NULL WHERE kind = 'tag' AND value = %s", [NARROW])
+            try:
+                from_table = await answers(conn)
+            finally:
+                admin.execute("UPDATE filter_indexes SET copy_name = %s WHERE kind = 'tag' AND value = %s",
+                              [copy, NARROW])
+    exact = sum(1 for rows in from_copy if rows[0][2] == "exact")
+    assert exact >= RECALL_QUERIES - 2
+    # Where the exact scan answered, the same rows in the same order at the same distances.
+    for rows, plain in zip(from_copy, from_table, strict=True):
+        assert len(rows) == min(K, len(members))
+        if rows[0][2] == "exact":
+            assert [(r[0], r[1]) for r in rows] == [(r[0], r[1]) for r in plain]
 
 
 async def test_a_record_without_a_usable_index_is_ignored(
@@ -318,9 +370,20 @@ def test_the_command_line_builds_lists_and_drops_any_value(stack: Stack, catalog
             [value], prepare=False,
         ).fetchall()
         assert created["index_name"] in "\n".join(r[0] for r in plan)
+        # The exact copy: one list over the same members, ordered by a distance of its own.
+        assert created["copy_name"] == copy_index_name("tag", value) and created["copy_valid"] is True
+        copy = conn.execute("SELECT pg_get_indexdef(%s::regclass)", [created["copy_name"]]).fetchone()
+        assert copy is not None and "USING ivfflat" in copy[0] and "lists='1'" in copy[0]
+        assert copy[0].split(" WHERE ")[1] == definition[0].split(" WHERE ")[1]
         assert conn.execute("SELECT count(*) FROM items").fetchone() == (len(catalogue.ids),)
+        # A record from before copies existed (090) gains its copy when created again.
+        conn.execute("UPDATE filter_indexes SET copy_name = NULL WHERE index_name = %s", [created["index_name"]])
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(created["copy_name"])))
     again = _cli("create", "--tag", value, "--url", url)
-    assert again.returncode == 0 and json.loads(again.stdout)["index_name"] == created["index_name"]
+    assert again.returncode == 0
+    assert {k: v for k, v in json.loads(again.stdout).items() if k.endswith(("_name", "valid"))} == {
+        "index_name": created["index_name"], "valid": True, "copy_name": created["copy_name"], "copy_valid": True,
+    }
     listed = _cli("list", "--url", url)
     assert listed.returncode == 0
     assert [i["value"] for i in json.loads(listed.stdout) if i["kind"] == "tag" and i["value"] == value] == [value]
@@ -329,6 +392,7 @@ def test_the_command_line_builds_lists_and_drops_any_value(stack: Stack, catalog
     with psycopg.connect(url, autocommit=True) as conn:
         assert value not in [i.value for i in list_filter_indexes(conn)]
         assert conn.execute("SELECT to_regclass(%s)", [created["index_name"]]).fetchone() == (None,)
+        assert conn.execute("SELECT to_regclass(%s)", [created["copy_name"]]).fetchone() == (None,)
 
 
 @pytest.mark.parametrize(("args", "says"), [

@@ -94,6 +94,13 @@ async def test_the_functions_serve_a_halfvec_catalogue_above_2000_dimensions(tmp
             assert body["search"] == "filter_index"
             in_category = [catalogue.ids[i] for i in sorted(members, key=lambda i: -scores[i])[:20]]
             assert len({r["id"] for r in body["results"]} & set(in_category)) >= 19
+            # Its exact copy, on the same type: the exact scan of the category reads it.
+            assert index.copy_valid
+            exact = await service.similar_items(
+                conn, catalogue.ids[0], SimilarQuery(k=5, categories=(category,)), timeout_ms=5000, cost_ratio=1e9
+            )
+            assert exact["search"] == "exact"
+            assert [r["id"] for r in exact["results"]] == in_category[:5]
             recommended = await service.recommend(
                 conn,
                 RecommendationQuery(positive=(catalogue.ids[0],), negative=(catalogue.ids[1],),

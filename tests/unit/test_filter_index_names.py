@@ -6,18 +6,22 @@ import re
 
 import pytest
 
-from recsys.search.filter_indexes import KINDS, filter_index_name
+from recsys.search.filter_indexes import KINDS, copy_index_name, filter_index_name
 
-#: The CHECK constraint of filter_indexes.index_name (sql/090_filter_indexes.sql).
+#: The CHECK constraints of filter_indexes.index_name (sql/090_filter_indexes.sql) and copy_name
+#: (sql/091_filter_index_copies.sql).
 NAME = re.compile(r"^items_filter_[a-z]+_[0-9a-f]{16}$")
+COPY_NAME = re.compile(r"^items_copy_[a-z]+_[0-9a-f]{16}$")
 
 
 @pytest.mark.parametrize("value", ["books", "it's {odd}, \"quoted\"; DROP TABLE items", "ü" * 256, "x"])
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_a_name_is_a_safe_identifier_whatever_the_value(kind: str, value: str) -> None:
-    name = filter_index_name(kind, value)
+    name, copy = filter_index_name(kind, value), copy_index_name(kind, value)
     assert NAME.match(name) and len(name) < 63  # PostgreSQL truncates identifiers at 63 bytes
-    assert name == filter_index_name(kind, value)
+    assert COPY_NAME.match(copy) and len(copy) < 63
+    assert name == filter_index_name(kind, value) and copy == copy_index_name(kind, value)
+    assert name.removeprefix("items_filter_") == copy.removeprefix("items_copy_")
 
 
 def test_names_differ_by_kind_and_value() -> None:
@@ -33,3 +37,5 @@ def test_names_differ_by_kind_and_value() -> None:
 def test_bad_kinds_and_values_are_refused(kind: str, value: str, says: str) -> None:
     with pytest.raises(ValueError, match=says):
         filter_index_name(kind, value)
+    with pytest.raises(ValueError, match=says):
+        copy_index_name(kind, value)
