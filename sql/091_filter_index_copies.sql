@@ -12,8 +12,12 @@ ALTER TABLE filter_indexes
 -- recsys_nearest (090) with the exact copies: where its exact scan answers a filter that a filter
 -- index covers and that index has a valid copy, the copy is read instead of the table: its nearest
 -- members, a margin more than asked, are ordered again by their distance and id, as the exact
--- scan orders them (so that rounding in the index's order changes nothing). The copy changes which
--- rows the exact scan reads, not when it answers. `exact` requests still scan the table.
+-- scan orders them (so that rounding in the index's order changes nothing). The exact scan then
+-- costs a quarter of a table row per member, and that cost is what the budget and the filter
+-- index's search are weighed against: a covered filter whose copy's scan fits the budget is
+-- answered by it at once, without the probe (a 5 % tag on 200,000 items, a 1 % category on
+-- 1,000,000). `reach`, the bound on the exact scan of an anti-correlated filter, still counts its
+-- members: a copy's scan sorts every member it reads. `exact` requests still scan the table.
 DO $migration$
 DECLARE
     vec text := (
@@ -78,6 +82,11 @@ DECLARE
     use_copy boolean := false;
     -- Rows more than asked that the copy's scan returns, to be ordered again as the exact scan does.
     margin constant integer := 16;
+    -- A member read from the copy costs about a quarter of a row of the table's exact scan (10,000
+    -- members of a 5 % tag on 200,000 items: 4.6 ms against 17 ms), and the cost of the exact scan
+    -- (in rows of the table) is what the budget and the filter index's search are weighed against.
+    copy_cost constant double precision := 0.25;
+    exact_cost double precision;
     -- How much wider an anti-correlated query searches a filter index, and that widest search.
     widen constant integer := 10;
     widest integer := greatest(ef, least(ef * widen, 1000));
@@ -166,10 +175,14 @@ BEGIN
                                        OR (cardinality(p_tags_any) = 1 AND f.value = p_tags_any[1])))
             ORDER BY c.reltuples, f.kind, f.value
             LIMIT 1;
-            use_index := index_kind IS NOT NULL
-                AND passing > p_cost_ratio * (ef + p_n) * greatest(index_rows / greatest(passing, 1), 1);
+            use_copy := coalesce(use_copy, false);
         END IF;
-        IF passing > budget OR use_index THEN
+        exact_cost := passing * CASE WHEN use_copy THEN copy_cost ELSE 1 END;
+        use_index := index_kind IS NOT NULL
+            AND exact_cost > p_cost_ratio * (ef + p_n) * greatest(index_rows / greatest(passing, 1), 1);
+        -- With the copy, an exact scan within the budget answers at once: its cost is known, where
+        -- the filter index's search comes after the probe of the shared index.
+        IF exact_cost > budget OR (use_index AND NOT use_copy) THEN
             PERFORM set_config('hnsw.ef_search', ef::text, true);
             -- Only the index can then give the rows in distance order without a sort: the planner
             -- cannot trade it for a scan of the filter indexes followed by a sort of every row.
@@ -177,7 +190,7 @@ BEGIN
             PERFORM set_config('enable_sort', 'off', true);
             PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
             IF filtered THEN
-                allowance := greatest(ef, passing / greatest(p_cost_ratio, 1e-9));
+                allowance := greatest(ef, exact_cost / greatest(p_cost_ratio, 1e-9));
                 spacing := catalogue / greatest(passing, 1);
                 expected := significant * spacing;
                 decide := greatest(ef, ceil(expected));
@@ -310,7 +323,7 @@ BEGIN
         END IF;
     END IF;
 
-    IF coalesce(use_copy, false) THEN
+    IF use_copy THEN
         -- The copy's scan: every member in order of distance, one list and one probe; the sort
         -- over the whole table is what it replaces, so the planner must not choose it.
         PERFORM set_config('ivfflat.probes', '1', true);
