@@ -111,7 +111,11 @@ async def test_similar_recall_at_10_is_high_at_ef_100_and_lower_at_ef_10(
 ) -> None:
     pool = await get_pool()
     rng = np.random.default_rng(3)
-    picks = rng.choice(len(catalogue.ids), 60, replace=False)
+    # 300 query items: across eight builds of the halfvec catalogue's graph, recall@10 at ef_search
+    # 100 over 60 items ranged 0.973-0.990 and once came out at 0.947 in a test run; over 400 items
+    # 0.960-0.989. The graph's levels are random: the larger sample keeps the item-to-item spread
+    # out of the figure, which is checked against the same bound.
+    picks = rng.choice(len(catalogue.ids), 300, replace=False)
     recall: dict[int, float] = {}
     for ef in (10, 100):
         hits = 0
