@@ -13,8 +13,9 @@ ALTER TABLE filter_indexes
 -- index covers and that index has a valid copy, the copy is read instead of the table: its nearest
 -- members, a margin more than asked, are ordered again by their distance and id, as the exact
 -- scan orders them (so that rounding in the index's order changes nothing). The exact scan then
--- costs about a quarter of a table row per member, and that is the cost the filter index's search
--- is weighed against: a covered filter whose copy's scan costs less than that search is answered
+-- costs about a quarter of a table row per member, and that is the cost the filter index's way is
+-- weighed against: the probe of the shared index's ef nearest (which 090 left out of it, copy or
+-- not) and the filter index's search. A covered filter whose copy's scan costs less is answered
 -- by the copy at once, without the probe. The budget, which decides between the exact scan and
 -- the probe of the shared index, still counts table rows: the probe is cheaper than a copy's scan
 -- of a common value, and answers a filter that surrounds the query by itself (a 5 % tag around
@@ -183,8 +184,11 @@ BEGIN
             use_copy := coalesce(use_copy, false) AND index_rows * copy_cost < passing;
         END IF;
         exact_cost := CASE WHEN use_copy THEN index_rows * copy_cost ELSE passing END;
+        -- The filter index's way: the probe of the shared index's ef nearest, then its own search
+        -- (090 counted the search alone, and a 0.5 % tag answered by that way took 4.4 ms at p95
+        -- where the exact scan took 3.3 ms, 2026-12-04 20:12).
         use_index := index_kind IS NOT NULL
-            AND exact_cost > p_cost_ratio * (ef + p_n) * greatest(index_rows / greatest(passing, 1), 1);
+            AND exact_cost > p_cost_ratio * (ef + (ef + p_n) * greatest(index_rows / greatest(passing, 1), 1));
         IF passing > budget OR use_index THEN
             PERFORM set_config('hnsw.ef_search', ef::text, true);
             -- Only the index can then give the rows in distance order without a sort: the planner

@@ -213,6 +213,29 @@ async def test_a_copy_that_costs_less_than_the_filter_index_search_answers_at_on
         assert [(r["id"], r["score"]) for r in answer["results"]] == [(r["id"], r["score"]) for r in table["results"]]
 
 
+async def test_the_probe_counts_in_the_cost_of_the_filter_index_way(
+    stack: Stack, catalogue: Catalogue, indexed: list[tuple[str, str]], conn: psycopg.AsyncConnection
+) -> None:
+    # Without a copy, the 1 % category's ~200 members are scored exactly at once where the probe
+    # (ef tuples) and the filter index's search (ef + k) cost more, 2 × (60 + 70) at ef_search 60,
+    # and the filter index's way is taken where they cost less, 2 × (20 + 30) at ef_search 20.
+    queries = [catalogue.ids[q] for q in query_items(catalogue, RECALL_QUERIES)]
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        create_filter_index(admin, "category", RARE_CATEGORY, maintenance_work_mem="64MB")
+        try:
+            with _graph_only(stack, "category", RARE_CATEGORY):
+                searches = {
+                    ef: [(await service.similar_items(conn, q, SimilarQuery(k=K, ef_search=ef,
+                                                                            categories=(RARE_CATEGORY,)),
+                                                      timeout_ms=TIMEOUT_MS))["search"] for q in queries]
+                    for ef in (20, 60)
+                }
+        finally:
+            drop_filter_index(admin, "category", RARE_CATEGORY)
+    assert set(searches[60]) == {"exact"}, searches[60]
+    assert searches[20].count("filter_index") >= RECALL_QUERIES // 2, searches[20]
+
+
 def _nearest(conn: psycopg.Connection, catalogue: Catalogue, members: set[int] | None, *, ef: int,
              categories: list[str] | None = None, tags_any: list[str] | None = None) -> tuple[dict[str, int], float]:
     """``recsys_nearest`` for each query item (itself excluded) at ``ef``, with the filter given, or
