@@ -1,8 +1,15 @@
-"""The migrations runner: applies ``sql/NNN_name.sql`` in order, once each.
+"""The migrations runner: applies ``sql/NNN_name.sql`` in order, once each, then the function
+definitions of ``sql/functions/`` whenever their text has changed.
 
 It talks to PostgreSQL directly (not through PgBouncer) as the schema owner. Each file runs
 in its own transaction together with the row that records it, under an advisory lock, so
 concurrent runners apply every file exactly once.
+
+A function that keeps being revised (``recsys_nearest``) lives in one file of ``sql/functions/``
+instead of being restated by every migration that changes it. Such a file replaces its
+function (``CREATE OR REPLACE``), against the schema of the latest migration, and is recorded in
+``schema_migrations`` under ``fn:<name>:<hash of its text>``: a file whose text is not the one
+applied last is applied again (changed, or changed back), an unchanged one never again.
 
 Migrations may read ``current_setting('recsys.embedding_dim')``, ``recsys.vector_type``,
 ``recsys.hnsw_m`` and ``recsys.hnsw_ef_construction``: the runner sets them, transaction-locally,
@@ -11,6 +18,7 @@ from the validated settings, so the SQL files never need formatting.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -19,7 +27,7 @@ import psycopg
 
 from recsys.config import default_vector_type
 
-__all__ = ["MIGRATIONS_DIR", "applied_versions", "apply_migrations", "pending_migrations"]
+__all__ = ["MIGRATIONS_DIR", "applied_versions", "apply_migrations", "function_definitions", "pending_migrations"]
 
 log = logging.getLogger("recsys")
 
@@ -40,6 +48,16 @@ def pending_migrations(directory: Path = MIGRATIONS_DIR) -> list[tuple[str, Path
     if len(versions) != len(set(versions)):
         raise ValueError(f"two migration files share a version in {directory}")
     return sorted(found)
+
+
+def function_definitions(directory: Path = MIGRATIONS_DIR) -> list[tuple[str, Path]]:
+    """The files of ``directory/functions`` as ``(version, path)`` in name order, where the version
+    names the file and the text it holds now."""
+    found = []
+    for path in sorted((directory / "functions").glob("*.sql")):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        found.append((f"fn:{path.stem}:{digest}", path))
+    return found
 
 
 def applied_versions(conn: psycopg.Connection) -> set[str]:
@@ -72,19 +90,38 @@ def apply_migrations(
         "recsys.hnsw_ef_construction": str(int(hnsw_ef_construction)),
     }
     applied: list[str] = []
-    for version, path in pending_migrations(directory):
+    files = [(version, path, path.name) for version, path in pending_migrations(directory)]
+    files += [(version, path, f"functions/{path.name}") for version, path in function_definitions(directory)]
+    for version, path, name in files:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_KEY])
-            if version in applied_versions(conn):
+            if version.startswith("fn:"):
+                # The text applied last is the one in force: a file changed back is applied again.
+                if _last_applied(conn, name) == version:
+                    continue
+            elif version in applied_versions(conn):
                 continue
-            for name, value in values.items():
-                conn.execute("SELECT set_config(%s, %s, true)", [name, value])
+            for setting, value in values.items():
+                conn.execute("SELECT set_config(%s, %s, true)", [setting, value])
             conn.execute(path.read_text())  # type: ignore[arg-type]  # a file of ours, not user input
-            conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", [version, path.name])
-        log.info("applied migration %s", path.name)
-        applied.append(path.name)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)"
+                " ON CONFLICT (version) DO UPDATE SET applied_at = now()",
+                [version, name],
+            )
+        log.info("applied migration %s", name)
+        applied.append(name)
     _warn_if_different(conn, values["recsys.vector_type"], embedding_dim)
     return applied
+
+
+def _last_applied(conn: psycopg.Connection, name: str) -> str | None:
+    """The version of ``name`` (a function definition) applied last, if any."""
+    applied_versions(conn)  # creates the table on a new database
+    row = conn.execute(
+        "SELECT version FROM schema_migrations WHERE name = %s ORDER BY applied_at DESC, version LIMIT 1", [name]
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def _warn_if_different(conn: psycopg.Connection, vector_type: str, embedding_dim: int) -> None:

@@ -10,7 +10,7 @@ value and its search costs less than the exact scan (``sql/090_filter_indexes.sq
 graph, an exact copy: a partial IVFFlat index with a single list over the same members, whose scan
 orders every member exactly, from packed index pages instead of a heap page per member; where
 ``recsys_nearest`` answers a covered filter by the exact scan, it reads the copy
-(``sql/091_filter_index_copies.sql``).
+(``sql/091_filter_index_copies.sql``, ``sql/functions/recsys_nearest.sql``).
 
 ``python -m recsys filter-index create --category books`` builds both with ``CREATE INDEX
 CONCURRENTLY`` (writes go on meanwhile) and the catalogue's HNSW parameters and operator class,

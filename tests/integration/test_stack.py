@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import psycopg
 import pytest
 from azure.storage.queue import QueueClient
 
+from recsys.db.migrations import MIGRATIONS_DIR, apply_migrations, function_definitions
 from recsys.local.stack import LOCAL_PASSWORD, Stack, StackConfig, _port_open
 
 pytestmark = pytest.mark.integration
@@ -94,6 +96,27 @@ def test_migrations_are_recorded_once(stack: Stack) -> None:
         versions = [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
     assert versions[:2] == ["001", "002"]
     assert len(versions) == len(set(versions))
+
+
+def test_a_function_definition_is_applied_again_when_its_file_changes(stack: Stack, tmp_path: Path) -> None:
+    sql = tmp_path / "sql"
+    shutil.copytree(MIGRATIONS_DIR, sql)
+    definition = sql / "functions" / "recsys_nearest.sql"
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        recorded = conn.execute("SELECT version, name FROM schema_migrations WHERE version LIKE 'fn:%'").fetchall()
+        assert [name for _, name in recorded] == ["functions/recsys_nearest.sql"]
+        assert [version for version, _ in recorded] == [v for v, _ in function_definitions(MIGRATIONS_DIR)]
+        definition.write_text(definition.read_text() + "-- revised\n")
+        try:
+            dim = stack.config.embedding_dim
+            assert apply_migrations(conn, embedding_dim=dim, directory=sql) == ["functions/recsys_nearest.sql"]
+            assert apply_migrations(conn, embedding_dim=dim, directory=sql) == []
+        finally:
+            # The project's file again: the text applied before is applied once more, being no
+            # longer the one applied last.
+            assert stack.migrate() == ["functions/recsys_nearest.sql"]
+            conn.execute("DELETE FROM schema_migrations WHERE version = %s", [function_definitions(sql)[0][0]])
+    assert stack.migrate() == []
 
 
 def test_pgbouncer_runs_in_transaction_mode_with_a_readable_admin_console(stack: Stack) -> None:

@@ -1,0 +1,370 @@
+-- recsys_nearest: the search of every query function (010, 070), defined here once and applied
+-- by the migrations runner after the numbered migrations whenever this file changes. Its earlier
+-- revisions were migrations, whose comments give the reasons for its rules: 070 (filters), 071
+-- and 072 (the estimate of the passing items and the budget), 073 (the walk), 090 (filter
+-- indexes and the judgement of rare filters). Numbered migrations no longer restate it.
+--
+-- The filter indexes' exact copies (091): where the exact scan answers a filter that a filter
+-- index covers and that index has a valid copy, the copy is read instead of the table. Its nearest
+-- members, a margin more than asked, are ordered again by their distance and id, as the exact scan
+-- orders them, so that rounding in the index's order changes nothing. The exact scan then costs
+-- about a quarter of a table row per member, and that is the cost the filter index's way is
+-- weighed against: the probe of the shared index's ef nearest (which 090 left out of it, copy or
+-- not) and the filter index's search. A covered filter whose copy's scan costs less is answered by
+-- the copy at once, without the probe. The budget, which decides between the exact scan and the
+-- probe of the shared index, still counts table rows: the probe is cheaper than a copy's scan of a
+-- common value, and answers by itself a filter that surrounds the query (a 5 % tag around the
+-- query on 200,000 items, answered by the copy at once: 9.3 ms at p95, by the probe: 5.1 ms, in
+-- two runs of `bench filters`); so does `reach`, the bound on the exact scan of an anti-correlated
+-- filter. `exact` requests still scan the table.
+DO $definition$
+DECLARE
+    vec text := (
+        SELECT t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+        WHERE a.attrelid = 'items'::regclass AND a.attname = 'embedding'
+    );
+    -- The filter, fixed text: the values are the function's parameters (072).
+    filter text := $filter$
+            (p_categories IS NULL OR i.category = ANY (p_categories))
+            AND (p_tags_any IS NULL OR i.tags && p_tags_any)
+            AND (p_tags_all IS NULL OR i.tags @> p_tags_all)
+            AND (p_metadata IS NULL OR i.metadata @> p_metadata)
+            AND i.id <> ALL (p_exclude)$filter$;
+    -- The column's type with its dimension, e.g. vector(384): a filter index is built on an
+    -- expression, which an HNSW index accepts only with a dimension.
+    col text := (
+        SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+        WHERE a.attrelid = 'items'::regclass AND a.attname = 'embedding'
+    );
+    explain_filter text;
+    template text;
+BEGIN
+    explain_filter := replace(replace(replace(replace(replace(filter,
+        'p_categories', '$1'), 'p_tags_any', '$2'), 'p_tags_all', '$3'), 'p_metadata', '$4'), 'p_exclude', '$5');
+
+    -- recsys_nearest: the p_n items nearest to p_query (cosine distance) among those that pass the
+    -- filters, nearest first, and how they were found (method): 'hnsw', 'filter_index', 'exact', or 'hnsw+exact'
+    -- when the index was read and the exact scan answered. The estimate of the passing items and
+    -- the budget are 072's.
+    template := $template$
+CREATE OR REPLACE FUNCTION recsys_nearest(
+    p_query @vec@,
+    p_n integer,
+    p_ef_search integer,
+    p_categories text[],
+    p_tags_any text[],
+    p_tags_all text[],
+    p_metadata jsonb,
+    p_exclude text[],
+    p_exact boolean,
+    p_cost_ratio double precision
+) RETURNS TABLE (id text, distance double precision, method text)
+LANGUAGE plpgsql VOLATILE
+SET plan_cache_mode = force_custom_plan
+AS $function$
+#variable_conflict use_column
+DECLARE
+    catalogue double precision;
+    budget bigint;
+    passing bigint;
+    ef integer := least(greatest(p_ef_search, p_n), 1000);
+    filtered boolean := NOT (p_categories IS NULL AND p_tags_any IS NULL AND p_tags_all IS NULL AND p_metadata IS NULL);
+    -- How far past the budget an exact scan still answers a filter that avoids the query's
+    -- neighbourhood (072).
+    reach constant integer := 10;
+    -- A filter index that covers the filter (090), its size, and the cost of its search.
+    index_kind text;
+    index_value text;
+    index_rows double precision;
+    use_index boolean := false;
+    -- The filter index's exact copy (091) is valid: the exact scan reads it instead of the table.
+    use_copy boolean := false;
+    -- Rows more than asked that the copy's scan returns, to be ordered again as the exact scan does.
+    margin constant integer := 16;
+    -- A member read from the copy costs about a quarter of a row of the table's exact scan (10,000
+    -- members of a 5 % tag on 200,000 items: 4.6 ms against 17 ms): the exact scan's cost in rows
+    -- of the table, against which the filter index's search is weighed.
+    copy_cost constant double precision := 0.25;
+    exact_cost double precision;
+    -- How much wider an anti-correlated query searches a filter index, and that widest search.
+    widen constant integer := 10;
+    widest integer := greatest(ef, least(ef * widen, 1000));
+    -- Members expected among the tuples probed (at random) for their absence to mean anything:
+    -- none of them is found with probability exp(-5), 0.7 %. A query misjudged so gets the exact
+    -- scan: right, but slow, and with exp(-3) (5 %) the misjudged set the p95 (1 % category at
+    -- 1,000,000 items: p95 9.4-11.1 ms against 8.2-8.4 ms, the same recall).
+    significant constant double precision := 5;
+    index_ef integer;
+    -- Tuples the walk may visit before the exact scan is the cheaper way to finish.
+    allowance double precision;
+    -- Tuples the probe reads before finding no member says that the filter avoids the query's
+    -- neighbourhood: the ef nearest; without a filter index, more where fewer than `significant`
+    -- members were to be expected among them, as long as that reads fewer tuples than the widest
+    -- search.
+    decide double precision;
+    -- The rank below which `significant` members were to be expected at random (with a filter
+    -- index, when it lies beyond the probe), and the rank estimated for the filter index's nearest
+    -- member from the probe's distances: how many positive distances it read, the largest, and the
+    -- sum of their logarithms.
+    expected double precision;
+    -- Tuples of the catalogue per passing item: how far apart members are to be expected at random.
+    spacing double precision;
+    positives integer := 0;
+    farthest double precision := 0;
+    log_sum double precision := 0;
+    dimension double precision;
+    rank_estimate double precision;
+    -- The filter index's search at ef is to be judged by its nearest member's estimated rank.
+    judge boolean := false;
+    searched boolean := false;
+    visited integer := 0;
+    -- Nothing passed among the ef nearest: the filter avoids the query's neighbourhood.
+    anti boolean := false;
+    -- An iterative scan of the passing items: for an unfiltered query, and for an anti-correlated
+    -- filter beyond `reach` budgets.
+    walk boolean;
+    candidate record;
+    plan json;
+    estimate double precision;
+    found_ids text[] := '{}';
+    found_distances double precision[] := '{}';
+    chosen text := 'exact';
+    answered text := 'hnsw';
+    sort_setting text;
+BEGIN
+    p_exclude := coalesce(p_exclude, '{}');
+    IF NOT coalesce(p_exact, false) THEN
+        -- The catalogue's size as the planner reckons it: the density of the last VACUUM or ANALYZE
+        -- times the pages the table has now, so that rows loaded since count. A table never
+        -- analysed (reltuples -1, e.g. just after TRUNCATE and COPY, before autovacuum) is asked
+        -- of the planner, which then estimates from its pages and row width.
+        SELECT c.reltuples / c.relpages * (pg_relation_size(c.oid) / current_setting('block_size')::double precision)
+        INTO catalogue FROM pg_class c WHERE c.oid = 'items'::regclass AND c.reltuples >= 0 AND c.relpages > 0;
+        IF catalogue IS NULL THEN
+            EXECUTE 'EXPLAIN (FORMAT JSON) SELECT 1 FROM items' INTO plan;
+            catalogue := (plan -> 0 -> 'Plan' ->> 'Plan Rows')::double precision;
+        END IF;
+        catalogue := greatest(catalogue, 1);
+        budget := ceil(sqrt(greatest(p_cost_ratio, 0) * (ef + p_n) * catalogue));
+        IF filtered THEN
+            EXECUTE 'EXPLAIN (FORMAT JSON) SELECT 1 FROM items i WHERE @explain_filter@'
+                INTO plan USING p_categories, p_tags_any, p_tags_all, p_metadata, p_exclude;
+            estimate := (plan -> 0 -> 'Plan' ->> 'Plan Rows')::double precision;
+        ELSE
+            estimate := catalogue;
+        END IF;
+        IF p_metadata IS NOT NULL AND estimate <= 2 * budget THEN
+            SELECT count(*) INTO passing FROM (SELECT 1 FROM items i WHERE @filter@ LIMIT budget + 1) s;
+        ELSE
+            passing := ceil(estimate);
+        END IF;
+        IF filtered THEN
+            SELECT f.kind, f.value, CASE WHEN c.reltuples < 0 THEN passing ELSE c.reltuples END,
+                   EXISTS (
+                       SELECT FROM pg_class cc
+                       JOIN pg_index cx ON cx.indexrelid = cc.oid AND cx.indisvalid AND cx.indisready
+                       WHERE cc.relname = f.copy_name AND cc.relnamespace = 'public'::regnamespace
+                   )
+            INTO index_kind, index_value, index_rows, use_copy
+            FROM filter_indexes f
+            JOIN pg_class c ON c.relname = f.index_name AND c.relnamespace = 'public'::regnamespace
+            JOIN pg_index x ON x.indexrelid = c.oid AND x.indisvalid AND x.indisready
+            WHERE (f.kind = 'category' AND cardinality(p_categories) = 1 AND f.value = p_categories[1])
+               OR (f.kind = 'tag' AND (f.value = ANY (p_tags_all)
+                                       OR (cardinality(p_tags_any) = 1 AND f.value = p_tags_any[1])))
+            ORDER BY c.reltuples, f.kind, f.value
+            LIMIT 1;
+            -- The copy's scan reads every member, whatever else the filter asks: the table is read
+            -- instead where the rest of the filter leaves fewer rows than that costs.
+            use_copy := coalesce(use_copy, false) AND index_rows * copy_cost < passing;
+        END IF;
+        exact_cost := CASE WHEN use_copy THEN index_rows * copy_cost ELSE passing END;
+        -- The filter index's way: the probe of the shared index's ef nearest, then its own search
+        -- (090 counted the search alone, and a 0.5 % tag answered by that way took 4.4 ms at p95
+        -- where the exact scan took 3.3 ms, 2026-12-04 20:12).
+        use_index := index_kind IS NOT NULL
+            AND exact_cost > p_cost_ratio * (ef + (ef + p_n) * greatest(index_rows / greatest(passing, 1), 1));
+        IF passing > budget OR use_index THEN
+            PERFORM set_config('hnsw.ef_search', ef::text, true);
+            -- Only the index can then give the rows in distance order without a sort: the planner
+            -- cannot trade it for a scan of the filter indexes followed by a sort of every row.
+            sort_setting := current_setting('enable_sort');
+            PERFORM set_config('enable_sort', 'off', true);
+            PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
+            IF filtered THEN
+                allowance := greatest(ef, exact_cost / greatest(p_cost_ratio, 1e-9));
+                spacing := catalogue / greatest(passing, 1);
+                expected := significant * spacing;
+                decide := greatest(ef, ceil(expected));
+                IF use_index OR decide > least(widest, allowance) THEN
+                    decide := ef;
+                END IF;
+                FOR candidate IN
+                    SELECT i.id, i.embedding <=> p_query AS distance, (@filter@) AS passes
+                    FROM items i
+                    ORDER BY i.embedding <=> p_query
+                LOOP
+                    visited := visited + 1;
+                    IF candidate.distance > 0 AND candidate.distance <> 'NaN'::double precision THEN
+                        positives := positives + 1;
+                        farthest := greatest(farthest, candidate.distance);
+                        log_sum := log_sum + ln(candidate.distance);
+                    END IF;
+                    IF candidate.passes THEN
+                        found_ids := found_ids || candidate.id;
+                        found_distances := found_distances || candidate.distance;
+                    END IF;
+                    IF visited = decide THEN
+                        anti := cardinality(found_ids) = 0;
+                        EXIT WHEN anti;
+                    END IF;
+                    -- Among the ef nearest, or past them: pgvector's iterative scan returns batches
+                    -- each in order and, as a whole, farther than the batch before (relaxed order),
+                    -- so the first p_n passing rows answer. (Reading on until 2 p_n passed gave the
+                    -- same recall at 1,000,000 items, 0.983 against 0.982, for p95 14 ms against 9 ms.)
+                    EXIT WHEN visited >= ef AND cardinality(found_ids) >= p_n;
+                    -- With a filter index, the shared index reads on past the ef nearest only
+                    -- while the members still missing are to be expected within as many more
+                    -- tuples as the filter index's search reads (ef + p_n): a common value (10 %)
+                    -- finds them there sooner, a rare one (1 %) would read hundreds in vain.
+                    EXIT WHEN use_index AND visited >= ef
+                        AND (visited >= 2 * ef + p_n
+                             OR (p_n - cardinality(found_ids)) * spacing > 2 * ef + p_n - visited);
+                    EXIT WHEN visited >= allowance;
+                END LOOP;
+            END IF;
+            -- Beyond `reach` budgets an exact scan would cost more than walking past the
+            -- neighbourhood.
+            walk := NOT filtered OR (anti AND estimate > budget * reach);
+            IF use_index AND cardinality(found_ids) < p_n THEN
+                IF NOT anti THEN
+                    index_ef := ef;
+                ELSIF expected > ef THEN
+                    -- No member among the ef nearest, where fewer than `significant` were to be
+                    -- expected: the search at ef, judged by where its nearest member lies.
+                    index_ef := ef;
+                    judge := true;
+                ELSIF walk THEN
+                    index_ef := widest;
+                END IF;
+                -- Otherwise the filter avoids the query's neighbourhood, within `reach` budgets:
+                -- the exact scan answers, as the members are about equally far from the query.
+            END IF;
+            WHILE index_ef IS NOT NULL LOOP
+                walk := false;
+                searched := true;
+                PERFORM set_config('hnsw.ef_search', index_ef::text, true);
+                answered := 'filter_index';
+                -- The constant kind folds one of the two predicates away and leaves the other,
+                -- the partial index's own. The index orders the unit vectors by inner product (the
+                -- order of cosine distance), an ORDER BY that the shared index cannot serve: the
+                -- planner's estimates of the two graphs are close, and it must not pick the other.
+                SELECT array_agg(r.id ORDER BY r.distance, r.id), array_agg(r.distance ORDER BY r.distance, r.id)
+                INTO found_ids, found_distances
+                FROM (
+                    SELECT i.id, i.embedding <=> p_query AS distance
+                    FROM items i
+                    WHERE (index_kind <> 'category' OR i.category = index_value)
+                      AND (index_kind <> 'tag' OR i.tags && ARRAY[index_value])
+                      AND @filter@
+                      AND (i.embedding <=> p_query) <> 'NaN'::double precision
+                    ORDER BY l2_normalize(i.embedding)::@column@ <#> l2_normalize(p_query)::@column@
+                    LIMIT p_n
+                ) r;
+                index_ef := NULL;
+                IF judge THEN
+                    judge := false;
+                    -- The rank of its nearest member: positives * (d / farthest)^(dimension / 2),
+                    -- the distance being cosine, the square of a chord's length over two.
+                    IF positives >= 2 AND positives * ln(farthest) - log_sum > 0 THEN
+                        dimension := (positives - 1) / (0.5 * (positives * ln(farthest) - log_sum));
+                    END IF;
+                    IF coalesce(cardinality(found_ids), 0) > 0 THEN
+                        IF found_distances[1] <= farthest THEN
+                            rank_estimate := positives;
+                        ELSIF dimension IS NOT NULL THEN
+                            rank_estimate := positives * exp(dimension / 2 * ln(found_distances[1] / farthest));
+                        END IF;
+                    END IF;
+                    IF rank_estimate IS NULL OR rank_estimate > 2 * expected THEN
+                        -- The filter avoids the query's neighbourhood: as for a probe that found
+                        -- no member where five were to be expected.
+                        found_ids := '{}';
+                        found_distances := '{}';
+                        IF estimate > budget * reach THEN
+                            index_ef := widest;
+                        ELSE
+                            searched := false;
+                        END IF;
+                    END IF;
+                END IF;
+            END LOOP;
+            IF walk THEN
+                SELECT array_agg(r.id ORDER BY r.distance, r.id), array_agg(r.distance ORDER BY r.distance, r.id)
+                INTO found_ids, found_distances
+                FROM (
+                    SELECT i.id, i.embedding <=> p_query AS distance
+                    FROM items i
+                    WHERE @filter@
+                    ORDER BY i.embedding <=> p_query
+                    LIMIT CASE WHEN filtered THEN ef ELSE p_n END
+                ) r;
+            END IF;
+            PERFORM set_config('enable_sort', sort_setting, true);
+            IF coalesce(cardinality(found_ids), 0) >= p_n THEN
+                RETURN QUERY
+                    SELECT u.item_id, u.distance, answered
+                    FROM unnest(found_ids, found_distances) AS u(item_id, distance)
+                    ORDER BY u.distance, u.item_id
+                    LIMIT p_n;
+                RETURN;
+            END IF;
+            IF walk OR searched OR NOT anti THEN
+                chosen := 'hnsw+exact';
+            END IF;
+        END IF;
+    END IF;
+
+    IF use_copy THEN
+        -- The copy's scan: every member in order of distance, one list and one probe; the sort
+        -- over the whole table is what it replaces, so the planner must not choose it.
+        PERFORM set_config('ivfflat.probes', '1', true);
+        sort_setting := current_setting('enable_sort');
+        PERFORM set_config('enable_sort', 'off', true);
+        RETURN QUERY
+            SELECT r.id, r.distance, chosen
+            FROM (
+                SELECT i.id, i.embedding <=> p_query AS distance
+                FROM items i
+                WHERE (index_kind <> 'category' OR i.category = index_value)
+                  AND (index_kind <> 'tag' OR i.tags && ARRAY[index_value])
+                  AND @filter@
+                  AND (i.embedding <=> p_query) <> 'NaN'::double precision
+                ORDER BY l2_normalize(i.embedding)::@column@ <-> l2_normalize(p_query)::@column@
+                LIMIT p_n + margin
+            ) r
+            ORDER BY r.distance, r.id
+            LIMIT p_n;
+        PERFORM set_config('enable_sort', sort_setting, true);
+        RETURN;
+    END IF;
+
+    -- MATERIALIZED keeps the planner from answering the ORDER BY ... LIMIT from the HNSW index:
+    -- every passing item is scored. Zero vectors (distance NaN) have no cosine similarity.
+    RETURN QUERY
+        WITH scored AS MATERIALIZED (
+            SELECT i.id, i.embedding <=> p_query AS distance
+            FROM items i
+            WHERE @filter@
+        )
+        SELECT s.id, s.distance, chosen
+        FROM scored s
+        WHERE s.distance <> 'NaN'::double precision
+        ORDER BY s.distance, s.id
+        LIMIT p_n;
+END
+$function$
+$template$;
+    EXECUTE replace(replace(replace(replace(template, '@column@', col), '@vec@', vec), '@explain_filter@', explain_filter), '@filter@', filter);
+END
+$definition$;
