@@ -36,6 +36,13 @@ DECLARE
         SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
         WHERE a.attrelid = 'items'::regclass AND a.attname = 'embedding'
     );
+    -- The filter among the members of the covering filter index, whose graph or copy is read:
+    -- the constant kind folds one of the two predicates away and leaves the other, the partial
+    -- indexes' own. Zero vectors (distance NaN) have no cosine similarity.
+    members text := $members$(index_kind <> 'category' OR i.category = index_value)
+                  AND (index_kind <> 'tag' OR i.tags && ARRAY[index_value])
+                  AND @filter@
+                  AND (i.embedding <=> p_query) <> 'NaN'::double precision$members$;
     explain_filter text;
     template text;
 BEGIN
@@ -255,19 +262,15 @@ BEGIN
                 searched := true;
                 PERFORM set_config('hnsw.ef_search', index_ef::text, true);
                 answered := 'filter_index';
-                -- The constant kind folds one of the two predicates away and leaves the other,
-                -- the partial index's own. The index orders the unit vectors by inner product (the
-                -- order of cosine distance), an ORDER BY that the shared index cannot serve: the
-                -- planner's estimates of the two graphs are close, and it must not pick the other.
+                -- The index orders the unit vectors by inner product (the order of cosine
+                -- distance), an ORDER BY that the shared index cannot serve: the planner's
+                -- estimates of the two graphs are close, and it must not pick the other.
                 SELECT array_agg(r.id ORDER BY r.distance, r.id), array_agg(r.distance ORDER BY r.distance, r.id)
                 INTO found_ids, found_distances
                 FROM (
                     SELECT i.id, i.embedding <=> p_query AS distance
                     FROM items i
-                    WHERE (index_kind <> 'category' OR i.category = index_value)
-                      AND (index_kind <> 'tag' OR i.tags && ARRAY[index_value])
-                      AND @filter@
-                      AND (i.embedding <=> p_query) <> 'NaN'::double precision
+                    WHERE @members@
                     ORDER BY l2_normalize(i.embedding)::@column@ <#> l2_normalize(p_query)::@column@
                     LIMIT p_n
                 ) r;
@@ -336,10 +339,7 @@ BEGIN
             FROM (
                 SELECT i.id, i.embedding <=> p_query AS distance
                 FROM items i
-                WHERE (index_kind <> 'category' OR i.category = index_value)
-                  AND (index_kind <> 'tag' OR i.tags && ARRAY[index_value])
-                  AND @filter@
-                  AND (i.embedding <=> p_query) <> 'NaN'::double precision
+                WHERE @members@
                 ORDER BY l2_normalize(i.embedding)::@column@ <-> l2_normalize(p_query)::@column@
                 LIMIT p_n + margin
             ) r
@@ -365,6 +365,7 @@ BEGIN
 END
 $function$
 $template$;
-    EXECUTE replace(replace(replace(replace(template, '@column@', col), '@vec@', vec), '@explain_filter@', explain_filter), '@filter@', filter);
+    EXECUTE replace(replace(replace(replace(replace(template, '@column@', col), '@vec@', vec),
+        '@explain_filter@', explain_filter), '@members@', members), '@filter@', filter);
 END
 $definition$;
