@@ -61,11 +61,15 @@ def function_definitions(directory: Path = MIGRATIONS_DIR) -> list[tuple[str, Pa
 
 
 def applied_versions(conn: psycopg.Connection) -> set[str]:
+    _ensure_record(conn)
+    return {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+
+
+def _ensure_record(conn: psycopg.Connection) -> None:
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " version text PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
     )
-    return {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
 
 
 def apply_migrations(
@@ -90,16 +94,15 @@ def apply_migrations(
         "recsys.hnsw_ef_construction": str(int(hnsw_ef_construction)),
     }
     applied: list[str] = []
-    files = [(version, path, path.name) for version, path in pending_migrations(directory)]
-    files += [(version, path, f"functions/{path.name}") for version, path in function_definitions(directory)]
-    for version, path, name in files:
+    files = [(version, path, path.name, False) for version, path in pending_migrations(directory)]
+    files += [(version, path, f"functions/{path.name}", True) for version, path in function_definitions(directory)]
+    for version, path, name, repeatable in files:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_KEY])
-            if version.startswith("fn:"):
-                # The text applied last is the one in force: a file changed back is applied again.
-                if _last_applied(conn, name) == version:
-                    continue
-            elif version in applied_versions(conn):
+            # A function definition: the text applied last is the one in force, so a file
+            # changed back is applied again.
+            done = _last_applied(conn, name) == version if repeatable else version in applied_versions(conn)
+            if done:
                 continue
             for setting, value in values.items():
                 conn.execute("SELECT set_config(%s, %s, true)", [setting, value])
@@ -117,7 +120,7 @@ def apply_migrations(
 
 def _last_applied(conn: psycopg.Connection, name: str) -> str | None:
     """The version of ``name`` (a function definition) applied last, if any."""
-    applied_versions(conn)  # creates the table on a new database
+    _ensure_record(conn)
     row = conn.execute(
         "SELECT version FROM schema_migrations WHERE name = %s ORDER BY applied_at DESC, version LIMIT 1", [name]
     ).fetchone()
