@@ -84,6 +84,16 @@ async def _recall(conn: psycopg.AsyncConnection, catalogue: Catalogue, members: 
     return float(np.mean(recalls)), searches
 
 
+@pytest.fixture
+def rare_indexed(stack: Stack, indexed: list[tuple[str, str]]) -> Iterator[None]:
+    """A filter index on the 1 % category (about 200 members) for one test."""
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        create_filter_index(admin, "category", RARE_CATEGORY, maintenance_work_mem="64MB")
+    yield
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        drop_filter_index(admin, "category", RARE_CATEGORY)
+
+
 @contextlib.contextmanager
 def _graph_only(stack: Stack, kind: str, value: str) -> Iterator[None]:
     """The filter index of ``kind`` = ``value`` without its exact copy, as recorded before copies
@@ -176,35 +186,31 @@ async def test_a_filter_index_answers_its_category_and_what_else_the_filter_asks
 
 
 async def test_a_copy_that_costs_less_than_the_filter_index_search_answers_at_once(
-    stack: Stack, catalogue: Catalogue, indexed: list[tuple[str, str]]
+    stack: Stack, catalogue: Catalogue, rare_indexed: None
 ) -> None:
-    # The 1 % category's ~200 members at ef_search 20: the filter index's search (about 2 × 30
-    # tuples' worth) costs less than their exact scan from the table, so without the copy the
-    # shared index is probed and the filter index searched; from the copy they cost a quarter of
-    # that, less than the search, so the copy answers at once, exactly: the shared index is not read.
+    # The 1 % category's ~200 members at ef_search 20: the probe and the filter index's search,
+    # 2 × (20 + 30) tuples' worth, cost less than their exact scan from the table, so without the
+    # copy the shared index is probed and the filter index searched; from the copy they cost a
+    # quarter of that, less than the probe and the search, so the copy answers at once, exactly:
+    # the shared index is not read.
     members = {i for i, c in enumerate(catalogue.categories) if c == RARE_CATEGORY}
     assert 150 <= len(members) <= 240
     copy, shared = copy_index_name("category", RARE_CATEGORY), "items_embedding_cosine"
     queries = [catalogue.ids[q] for q in query_items(catalogue, RECALL_QUERIES)]
     query = SimilarQuery(k=K, ef_search=20, categories=(RARE_CATEGORY,))
-    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
-        create_filter_index(admin, "category", RARE_CATEGORY, maintenance_work_mem="64MB")
-        try:
-            async with await psycopg.AsyncConnection.connect(stack.direct_url(), autocommit=True) as conn:
-                await configure_connection(conn)
-                probed = _scans(admin, shared)
-                with _graph_only(stack, "category", RARE_CATEGORY):
-                    without = [await service.similar_items(conn, q, query, timeout_ms=TIMEOUT_MS) for q in queries]
-                assert await _scanned(admin, conn, shared, probed) >= RECALL_QUERIES // 2
-                before = {name: _scans(admin, name) for name in (copy, shared)}
-                answers = [await service.similar_items(conn, q, query, timeout_ms=TIMEOUT_MS) for q in queries]
-                assert await _scanned(admin, conn, copy, before[copy]) == RECALL_QUERIES
-                assert _scans(admin, shared) == before[shared]
-                tables = [await service.similar_items(conn, q, SimilarQuery(k=K, categories=(RARE_CATEGORY,),
-                                                                            exact=True), timeout_ms=TIMEOUT_MS)
-                          for q in queries]
-        finally:
-            drop_filter_index(admin, "category", RARE_CATEGORY)
+    async with await psycopg.AsyncConnection.connect(stack.direct_url(), autocommit=True) as conn:
+        await configure_connection(conn)
+        with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+            probed = _scans(admin, shared)
+            with _graph_only(stack, "category", RARE_CATEGORY):
+                without = [await service.similar_items(conn, q, query, timeout_ms=TIMEOUT_MS) for q in queries]
+            assert await _scanned(admin, conn, shared, probed) >= RECALL_QUERIES // 2
+            before = {name: _scans(admin, name) for name in (copy, shared)}
+            answers = [await service.similar_items(conn, q, query, timeout_ms=TIMEOUT_MS) for q in queries]
+            assert await _scanned(admin, conn, copy, before[copy]) == RECALL_QUERIES
+            assert _scans(admin, shared) == before[shared]
+        tables = [await service.similar_items(conn, q, SimilarQuery(k=K, categories=(RARE_CATEGORY,), exact=True),
+                                              timeout_ms=TIMEOUT_MS) for q in queries]
     searched = [a["search"] for a in without]
     assert searched.count("filter_index") >= RECALL_QUERIES // 2, searched
     assert set(searched) <= {"filter_index", "exact"}, searched
@@ -214,24 +220,18 @@ async def test_a_copy_that_costs_less_than_the_filter_index_search_answers_at_on
 
 
 async def test_the_probe_counts_in_the_cost_of_the_filter_index_way(
-    stack: Stack, catalogue: Catalogue, indexed: list[tuple[str, str]], conn: psycopg.AsyncConnection
+    stack: Stack, catalogue: Catalogue, rare_indexed: None, conn: psycopg.AsyncConnection
 ) -> None:
     # Without a copy, the 1 % category's ~200 members are scored exactly at once where the probe
     # (ef tuples) and the filter index's search (ef + k) cost more, 2 × (60 + 70) at ef_search 60,
     # and the filter index's way is taken where they cost less, 2 × (20 + 30) at ef_search 20.
     queries = [catalogue.ids[q] for q in query_items(catalogue, RECALL_QUERIES)]
-    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
-        create_filter_index(admin, "category", RARE_CATEGORY, maintenance_work_mem="64MB")
-        try:
-            with _graph_only(stack, "category", RARE_CATEGORY):
-                searches = {
-                    ef: [(await service.similar_items(conn, q, SimilarQuery(k=K, ef_search=ef,
-                                                                            categories=(RARE_CATEGORY,)),
-                                                      timeout_ms=TIMEOUT_MS))["search"] for q in queries]
-                    for ef in (20, 60)
-                }
-        finally:
-            drop_filter_index(admin, "category", RARE_CATEGORY)
+    with _graph_only(stack, "category", RARE_CATEGORY):
+        searches = {
+            ef: [(await service.similar_items(conn, q, SimilarQuery(k=K, ef_search=ef, categories=(RARE_CATEGORY,)),
+                                              timeout_ms=TIMEOUT_MS))["search"] for q in queries]
+            for ef in (20, 60)
+        }
     assert set(searches[60]) == {"exact"}, searches[60]
     assert searches[20].count("filter_index") >= RECALL_QUERIES // 2, searches[20]
 
