@@ -24,6 +24,7 @@ from test_query_filters import RECALL_QUERIES, positions, query_items, truth
 
 from recsys.datasets import CATEGORIES, Catalogue, selectivity_tag
 from recsys.db.pool import configure_connection
+from recsys.ingest.bulk import INDEX_NAME
 from recsys.local.stack import Stack
 from recsys.search import service
 from recsys.search.filter_indexes import (
@@ -382,6 +383,30 @@ async def test_the_exact_scan_of_a_covered_filter_reads_the_copy_and_answers_as_
         assert len(rows) == min(K, len(members))
         if rows[0][2] == "exact":
             assert [(r[0], r[1]) for r in rows] == [(r[0], r[1]) for r in plain]
+
+
+@pytest.mark.parametrize("ef", [20, 40])
+def test_the_probe_reads_no_tuple_of_the_shared_index_past_those_it_weighs(
+    stack: Stack, catalogue: Catalogue, indexed: list[tuple[str, str]], ef: int
+) -> None:
+    # At these ef the 5 % tag's filter index costs less than its copy's scan: the probe weighs the
+    # shared index's ef nearest, and no member among them sends the tag to the filter index's
+    # judgement or the exact scan, neither of which reads the shared index. The index scan returns
+    # those ef tuples, not the rows a loop fetches ahead of its need (10, then 50 at a time), whose
+    # first past the ef starts the iterative scan's next search.
+    statement = ("SELECT method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s),"
+                 " %s, %s, NULL, ARRAY[%s], NULL, NULL, ARRAY[%s], false, 2)")
+    returned = "SELECT pg_stat_get_xact_tuples_returned(%s::regclass)"
+    read = []
+    with psycopg.connect(stack.bouncer_url(), prepare_threshold=None) as conn:
+        for q in query_items(catalogue, 10):
+            with conn.transaction():
+                (before,) = conn.execute(returned, [INDEX_NAME]).fetchone() or (0,)
+                methods = {m for (m,) in conn.execute(statement, [catalogue.ids[q], K, ef, NARROW, catalogue.ids[q]])}
+                (after,) = conn.execute(returned, [INDEX_NAME]).fetchone() or (0,)
+            assert methods <= {"exact", "filter_index"}, methods
+            read.append(after - before)
+    assert read == [ef] * len(read)
 
 
 async def test_a_record_without_a_usable_index_is_ignored(
