@@ -167,6 +167,10 @@ BEGIN
             passing := ceil(estimate);
         END IF;
         IF filtered THEN
+            -- The covering filter index: a plan made once per session (the statement reads the
+            -- filter_indexes records and the catalogue, whatever the values), where planning it
+            -- anew cost 0.3-0.5 ms of each filtered query (100 queries on 200,000 items, side by side).
+            PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
             SELECT f.kind, f.value, CASE WHEN c.reltuples < 0 THEN passing ELSE c.reltuples END,
                    EXISTS (
                        SELECT FROM pg_class cc
@@ -184,6 +188,7 @@ BEGIN
             LIMIT 1;
             -- The copy's scan reads every member, whatever else the filter asks: the table is read
             -- instead where the rest of the filter leaves fewer rows than that costs.
+            PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);
             use_copy := coalesce(use_copy, false) AND index_rows * copy_cost < passing;
         END IF;
         exact_cost := CASE WHEN use_copy THEN index_rows * copy_cost ELSE passing END;

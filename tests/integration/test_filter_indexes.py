@@ -237,6 +237,31 @@ async def test_the_probe_counts_in_the_cost_of_the_filter_index_way(
     assert searches[20].count("filter_index") >= RECALL_QUERIES // 2, searches[20]
 
 
+def test_a_session_sees_the_filter_indexes_made_and_dropped_after_its_first_queries(
+    stack: Stack, catalogue: Catalogue, indexed: list[tuple[str, str]]
+) -> None:
+    # The covering filter index is looked up by a plan the session keeps: the plan, not its answer.
+    # The 1 % category at ef_search 20 is answered by its filter index's graph where there is one
+    # (see above), and otherwise never by a filter index.
+    statement = ("SELECT method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s),"
+                 " %s, 20, ARRAY[%s], NULL, NULL, NULL, ARRAY[%s], false, 2) LIMIT 1")
+    queries = [catalogue.ids[q] for q in query_items(catalogue, 12)]
+    with psycopg.connect(stack.direct_url(), autocommit=True) as conn:
+        def methods() -> list[str]:
+            return [(conn.execute(statement, [q, K, RARE_CATEGORY, q]).fetchone() or ("",))[0] for q in queries]
+
+        assert "filter_index" not in methods()
+        with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+            create_filter_index(admin, "category", RARE_CATEGORY, maintenance_work_mem="64MB")
+            try:
+                with _graph_only(stack, "category", RARE_CATEGORY):
+                    indexed_methods = methods()
+            finally:
+                drop_filter_index(admin, "category", RARE_CATEGORY)
+        assert indexed_methods.count("filter_index") >= len(queries) // 2, indexed_methods
+        assert "filter_index" not in methods()
+
+
 def _nearest(conn: psycopg.Connection, catalogue: Catalogue, members: set[int] | None, *, ef: int,
              categories: list[str] | None = None, tags_any: list[str] | None = None) -> tuple[dict[str, int], float]:
     """``recsys_nearest`` for each query item (itself excluded) at ``ef``, with the filter given, or
