@@ -7,10 +7,11 @@ that avoids the query's neighbourhood (anti-correlated: no passing item among th
 exact scan of every passing item answers). A filter index is a graph of the members alone, so its
 search reads passing items only; ``recsys_nearest`` uses it when the request's filter requires its
 value and its search costs less than the exact scan (``sql/090_filter_indexes.sql``). Beside the
-graph, an exact copy: a partial IVFFlat index with a single list over the same members, whose scan
-orders every member exactly, from packed index pages instead of a heap page per member; where
-``recsys_nearest`` answers a covered filter by the exact scan, it reads the copy
-(``sql/091_filter_index_copies.sql``, ``sql/functions/recsys_nearest.sql``).
+graph, an exact copy: a partial IVFFlat index with a single list over the same members' unit
+vectors in half precision, whose scan orders every member, from packed index pages instead of a
+heap page per member; where ``recsys_nearest`` answers a covered filter by the exact scan, it reads
+the copy, and orders its nearest again by the table's distances (``sql/091_filter_index_copies.sql``,
+``sql/functions/recsys_nearest.sql``).
 
 ``python -m recsys filter-index create --category books`` builds both with ``CREATE INDEX
 CONCURRENTLY`` (writes go on meanwhile) and the catalogue's HNSW parameters and operator class,
@@ -52,9 +53,10 @@ KINDS = {"category": "category", "tag": "tags"}
 #: of cosine distance: an ORDER BY that the shared cosine index cannot serve, so that the planner
 #: never takes the shared index for a filter index's search.
 _OPERATOR_CLASSES = {"vector": "vector_ip_ops", "halfvec": "halfvec_ip_ops"}
-#: The copy orders the unit vectors by Euclidean distance, the same order again, served by neither
-#: graph.
-_COPY_OPERATOR_CLASSES = {"vector": "vector_l2_ops", "halfvec": "halfvec_l2_ops"}
+#: The copy orders the unit vectors, in half precision whatever the column's type (half the pages
+#: to read), by Euclidean distance: the same order again, served by neither graph. A copy of
+#: another operator class (single precision, made before) is not valid: ``create`` replaces it.
+COPY_OPERATOR_CLASS = "halfvec_l2_ops"
 _PREDICATES = {
     # The forms recsys_nearest writes, so that the planner proves the index applies.
     "category": sql.SQL("category = {value}"),
@@ -71,7 +73,8 @@ class FilterIndex:
     members: int
     size_bytes: int
     valid: bool
-    #: The exact copy (None for a filter index recorded before copies existed: ``create`` adds it).
+    #: The exact copy (None for a filter index recorded before copies existed, not valid for one in
+    #: single precision: ``create`` adds or replaces it).
     copy_name: str | None
     copy_size_bytes: int
     copy_valid: bool
@@ -104,13 +107,16 @@ def list_filter_indexes(conn: psycopg.Connection[Any]) -> list[FilterIndex]:
     rows = conn.execute(
         "SELECT f.kind, f.value, f.index_name, coalesce(greatest(c.reltuples, 0), 0)::bigint,"
         " coalesce(pg_relation_size(c.oid), 0), coalesce(x.indisvalid, false),"
-        " f.copy_name, coalesce(pg_relation_size(cc.oid), 0), coalesce(cx.indisvalid, false)"
+        " f.copy_name, coalesce(pg_relation_size(cc.oid), 0),"
+        " coalesce(cx.indisvalid AND co.opcname = %s, false)"
         " FROM filter_indexes f"
         " LEFT JOIN pg_class c ON c.relname = f.index_name AND c.relnamespace = 'public'::regnamespace"
         " LEFT JOIN pg_index x ON x.indexrelid = c.oid"
         " LEFT JOIN pg_class cc ON cc.relname = f.copy_name AND cc.relnamespace = 'public'::regnamespace"
         " LEFT JOIN pg_index cx ON cx.indexrelid = cc.oid"
-        " ORDER BY f.kind, f.value"
+        " LEFT JOIN pg_opclass co ON co.oid = cx.indclass[0]"
+        " ORDER BY f.kind, f.value",
+        [COPY_OPERATOR_CLASS],
     ).fetchall()
     return [FilterIndex(*row) for row in rows]
 
@@ -133,13 +139,13 @@ def create_filter_index(
     """
     name, copy = filter_index_name(kind, value), copy_index_name(kind, value)
     row = conn.execute(
-        "SELECT t.typname, format_type(a.atttypid, a.atttypmod)"
+        "SELECT t.typname, format_type(a.atttypid, a.atttypmod), a.atttypmod"
         " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
         " WHERE a.attrelid = 'public.items'::regclass AND a.attname = 'embedding'"
     ).fetchone()
     if row is None:
         raise psycopg.ProgrammingError("the items table has no embedding column")
-    vector_type, column_type = str(row[0]), str(row[1])
+    vector_type, column_type, dimension = str(row[0]), str(row[1]), int(row[2])
     # The column's own type from the catalogue, e.g. vector(384): an index on an expression
     # needs its dimension.
     normalized = sql.SQL("(l2_normalize(embedding)::{})").format(sql.SQL(column_type))
@@ -148,13 +154,13 @@ def create_filter_index(
         normalized=normalized, opclass=sql.SQL(_OPERATOR_CLASSES[vector_type]),
         m=sql.Literal(int(m)), ef=sql.Literal(int(ef_construction)),
     )
-    # One list, searched with one probe: every member, in exact order of distance.
-    exact_copy = sql.SQL("ivfflat ({normalized} {opclass}) WITH (lists = 1)").format(
-        normalized=normalized, opclass=sql.SQL(_COPY_OPERATOR_CLASSES[vector_type]),
+    # One list, searched with one probe: every member, in order of distance.
+    exact_copy = sql.SQL("ivfflat ((l2_normalize(embedding)::halfvec({dimension})) {opclass}) WITH (lists = 1)").format(
+        dimension=sql.Literal(dimension), opclass=sql.SQL(COPY_OPERATOR_CLASS),
     )
     built = False
-    for index, method in ((name, graph), (copy, exact_copy)):
-        if _valid(conn, index):
+    for index, method, operator_class in ((name, graph, None), (copy, exact_copy, COPY_OPERATOR_CLASS)):
+        if _valid(conn, index, operator_class):
             continue
         # What a failed concurrent build leaves: an invalid index that writes still maintain.
         conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(index)))
@@ -180,11 +186,13 @@ def create_filter_index(
     return next(i for i in list_filter_indexes(conn) if i.index_name == name)
 
 
-def _valid(conn: psycopg.Connection[Any], index: str) -> bool:
+def _valid(conn: psycopg.Connection[Any], index: str, operator_class: str | None) -> bool:
+    """``index`` exists, is valid and, if ``operator_class`` is given, orders by it."""
     row = conn.execute(
-        "SELECT x.indisvalid FROM pg_class c JOIN pg_index x ON x.indexrelid = c.oid"
+        "SELECT x.indisvalid AND (%s::text IS NULL OR o.opcname = %s)"
+        " FROM pg_class c JOIN pg_index x ON x.indexrelid = c.oid JOIN pg_opclass o ON o.oid = x.indclass[0]"
         " WHERE c.relname = %s AND c.relnamespace = 'public'::regnamespace",
-        [index],
+        [operator_class, operator_class, index],
     ).fetchone()
     return bool(row and row[0])
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
@@ -434,6 +435,91 @@ def test_the_probe_reads_no_tuple_of_the_shared_index_past_those_it_weighs(
     assert read == [ef] * len(read)
 
 
+def test_members_that_tie_across_the_copys_margin_are_answered_from_the_table(
+    stack: Stack, catalogue: Catalogue, indexed: list[tuple[str, str]]
+) -> None:
+    # 100 members share the query item's vector (distance 0), inserted in descending order of id,
+    # and 50 other items share their tag. The exact scan orders ties by id; the copy reads its
+    # nearest 10 + 32 in an order of its own, and what it read cannot prove that the ten smallest
+    # ids among the ties are among them: the table answers, tie for tie.
+    q = query_items(catalogue, 1)[0]
+    tag = "tied-members"
+    others = [int(i) for i in np.flatnonzero(catalogue.clusters != QUERY_CLUSTER)[:50]]
+    ties = [f"tie-{n:03d}" for n in reversed(range(100))]
+    statement = ("SELECT id, distance, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s),"
+                 " %s, 40, NULL, ARRAY[%s], NULL, NULL, ARRAY[%s], %s, 2)")
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        admin.execute("INSERT INTO items (id, embedding, category, tags, metadata)"
+                      " SELECT t, i.embedding, i.category, ARRAY[%s], '{}' FROM items i, unnest(%s::text[]) t"
+                      " WHERE i.id = %s", [tag, ties, catalogue.ids[q]])
+        admin.execute("UPDATE items SET tags = tags || ARRAY[%s] WHERE id = ANY(%s)",
+                      [tag, [catalogue.ids[i] for i in others]])
+        try:
+            create_filter_index(admin, "tag", tag, maintenance_work_mem="64MB")
+            with psycopg.connect(stack.direct_url(), autocommit=True) as conn:
+                copy = copy_index_name("tag", tag)
+                before = _scans(admin, copy)
+                rows = conn.execute(statement, [catalogue.ids[q], K, tag, catalogue.ids[q], False]).fetchall()
+                table = conn.execute(statement, [catalogue.ids[q], K, tag, catalogue.ids[q], True]).fetchall()
+                conn.execute("SELECT pg_stat_force_next_flush()")
+            for _ in range(50):
+                if _scans(admin, copy) > before:
+                    break
+                time.sleep(0.1)
+            assert _scans(admin, copy) == before + 1
+        finally:
+            drop_filter_index(admin, "tag", tag)
+            admin.execute("DELETE FROM items WHERE id = ANY(%s)", [ties])
+            admin.execute("UPDATE items SET tags = array_remove(tags, %s) WHERE id = ANY(%s)",
+                          [tag, [catalogue.ids[i] for i in others]])
+    assert {r[2] for r in rows} == {"exact"}
+    assert [r[0] for r in rows] == [r[0] for r in table] == sorted(ties)[:K]
+
+
+def test_a_copy_in_single_precision_is_ignored_until_create_replaces_it(
+    stack: Stack, catalogue: Catalogue, indexed: list[tuple[str, str]]
+) -> None:
+    # The copies of the first version held the unit vectors in single precision and ordered by
+    # another expression: the query path reads the table instead, `list` calls such a copy not
+    # valid, and `create` replaces it with one in half precision that the query path reads.
+    copy = copy_index_name("tag", NARROW)
+    statement = ("SELECT id, distance, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s),"
+                 " %s, 100, NULL, ARRAY[%s], NULL, NULL, ARRAY[%s], false, 2)")
+    queries = [catalogue.ids[q] for q in query_items(catalogue, 5)]
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        column = admin.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+                               " WHERE attrelid = 'items'::regclass AND attname = 'embedding'").fetchone()
+        assert column is not None
+        single = "vector" + column[0][column[0].index("("):]
+        admin.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(copy)))
+        admin.execute(sql.SQL(
+            "CREATE INDEX {} ON items USING ivfflat ((l2_normalize(embedding::vector)::{}) vector_l2_ops)"
+            " WITH (lists = 1) WHERE tags && ARRAY[{}]::text[]"
+        ).format(sql.Identifier(copy), sql.SQL(single), sql.Literal(NARROW)))
+        listed = {i.value: i for i in list_filter_indexes(admin)}[NARROW]
+        assert listed.copy_name == copy and listed.copy_valid is False
+        with psycopg.connect(stack.direct_url(), autocommit=True) as conn:
+            before = _scans(admin, copy)
+            old = [conn.execute(statement, [q, K, NARROW, q]).fetchall() for q in queries]
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            time.sleep(0.5)
+            assert _scans(admin, copy) == before
+            replaced = create_filter_index(admin, "tag", NARROW, maintenance_work_mem="64MB")
+            assert replaced.copy_valid is True
+            definition = admin.execute("SELECT pg_get_indexdef(%s::regclass)", [copy]).fetchone()
+            assert definition is not None and "halfvec_l2_ops" in definition[0]
+            before = _scans(admin, copy)
+            new = [conn.execute(statement, [q, K, NARROW, q]).fetchall() for q in queries]
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            for _ in range(50):
+                if _scans(admin, copy) > before:
+                    break
+                time.sleep(0.1)
+            assert _scans(admin, copy) > before
+    assert {r[2] for rows in old + new for r in rows} == {"exact"}
+    assert [[r[:2] for r in rows] for rows in new] == [[r[:2] for r in rows] for rows in old]
+
+
 async def test_a_record_without_a_usable_index_is_ignored(
     stack: Stack, catalogue: Catalogue, tags: list[list[str]], conn: psycopg.AsyncConnection
 ) -> None:
@@ -505,6 +591,7 @@ def test_the_command_line_builds_lists_and_drops_any_value(stack: Stack, catalog
         assert created["copy_name"] == copy_index_name("tag", value) and created["copy_valid"] is True
         copy = conn.execute("SELECT pg_get_indexdef(%s::regclass)", [created["copy_name"]]).fetchone()
         assert copy is not None and "USING ivfflat" in copy[0] and "lists='1'" in copy[0]
+        assert "::halfvec(" in copy[0] and "halfvec_l2_ops" in copy[0]
         assert copy[0].split(" WHERE ")[1] == definition[0].split(" WHERE ")[1]
         assert conn.execute("SELECT count(*) FROM items").fetchone() == (len(catalogue.ids),)
         # A record from before copies existed (090) gains its copy when created again.
