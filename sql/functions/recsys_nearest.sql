@@ -155,6 +155,9 @@ DECLARE
     estimate double precision;
     found_ids text[] := '{}';
     found_distances double precision[] := '{}';
+    -- found_ids hold the answer: p_n found by a search, or the copy's rows, proven to be the exact
+    -- scan's.
+    settled boolean := false;
     chosen text := 'exact';
     answered text := 'hnsw';
     sort_setting text;
@@ -348,21 +351,14 @@ BEGIN
                 ) r;
             END IF;
             PERFORM set_config('enable_sort', sort_setting, true);
-            IF coalesce(cardinality(found_ids), 0) >= p_n THEN
-                RETURN QUERY
-                    SELECT u.item_id, u.distance, answered
-                    FROM unnest(found_ids, found_distances) AS u(item_id, distance)
-                    ORDER BY u.distance, u.item_id
-                    LIMIT p_n;
-                RETURN;
-            END IF;
-            IF walk OR searched OR NOT anti THEN
+            settled := coalesce(cardinality(found_ids), 0) >= p_n;
+            IF NOT settled AND (walk OR searched OR NOT anti) THEN
                 chosen := 'hnsw+exact';
             END IF;
         END IF;
     END IF;
 
-    IF use_copy THEN
+    IF use_copy AND NOT settled THEN
         -- The copy's scan: every member in order of distance, one list and one probe; the sort
         -- over the whole table is what it replaces, so the planner must not choose it.
         PERFORM set_config('ivfflat.probes', '1', true);
@@ -383,16 +379,18 @@ BEGIN
         -- be. Unit vectors a cosine distance d apart lie sqrt(2 d) apart. The copy read its rows
         -- in order of their rounded distances, each within `rounding` of the true one: an unread
         -- member lies no nearer than the farthest row read, less twice that.
-        IF copy_read < p_n + margin
-           OR sqrt(2 * greatest(found_distances[p_n], 0))
-              < sqrt(2 * greatest(copy_farthest, 0)) - 2 * rounding THEN
-            RETURN QUERY
-                SELECT u.item_id, u.distance, chosen
-                FROM unnest(found_ids, found_distances) AS u(item_id, distance)
-                ORDER BY u.distance, u.item_id
-                LIMIT p_n;
-            RETURN;
-        END IF;
+        settled := copy_read < p_n + margin
+            OR sqrt(2 * greatest(found_distances[p_n], 0)) < sqrt(2 * greatest(copy_farthest, 0)) - 2 * rounding;
+        answered := chosen;
+    END IF;
+
+    IF settled THEN
+        RETURN QUERY
+            SELECT u.item_id, u.distance, answered
+            FROM unnest(found_ids, found_distances) AS u(item_id, distance)
+            ORDER BY u.distance, u.item_id
+            LIMIT p_n;
+        RETURN;
     END IF;
 
     -- MATERIALIZED keeps the planner from answering the ORDER BY ... LIMIT from the HNSW index:
