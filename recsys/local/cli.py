@@ -8,8 +8,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +152,26 @@ def build_host(
     )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM interrupts as Ctrl-C does (``KeyboardInterrupt``), so that the
+    ``finally`` clauses that stop the stack run: by default SIGTERM ends the process at once, and
+    uvicorn, which handles it while it serves, raises it again once it has shut down. Only the
+    main thread can set a handler; elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
@@ -174,8 +196,8 @@ def serve(
         timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
-    # uvicorn re-raises the Ctrl-C it handled once it has shut down gracefully.
-    with contextlib.suppress(KeyboardInterrupt):
+    # uvicorn raises the Ctrl-C or SIGTERM it handled again once it has shut down gracefully.
+    with contextlib.suppress(KeyboardInterrupt), sigterm_interrupts():
         server.run()
     return 0 if server.started else 1
 
@@ -218,6 +240,13 @@ def run_main(argv: list[str]) -> int:
         return 2
     settings = load_settings()
     stack = Stack(StackConfig.local(**_schema_options(settings), replicas=args.replicas))
+    # A SIGTERM while the stack starts stops it too, not only one while the host serves.
+    with contextlib.suppress(KeyboardInterrupt), sigterm_interrupts():
+        return _run(stack, args)
+    return 130
+
+
+def _run(stack: Stack, args: argparse.Namespace) -> int:
     try:
         stack.up()
         for key, value in stack.app_environment().items():

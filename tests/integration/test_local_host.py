@@ -6,9 +6,14 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import azure.functions as func
 import httpx
@@ -173,3 +178,44 @@ def test_the_functions_keep_the_settings_the_host_started_with() -> None:
         for kind in ("async", "sync"):
             answer = httpx.get(f"{url}/api/queue/{kind}", timeout=10)
             assert (answer.status_code, answer.text) == (200, "started-with"), kind
+
+
+# The shape of `python -m recsys run`: the host serves in the main thread, and the code that
+# stopped the stack (here: writes a file) runs once serve() returns.
+_SERVE_THEN_CLEAN_UP = """
+import sys
+from pathlib import Path
+from recsys.local.cli import serve
+try:
+    code = serve("127.0.0.1", int(sys.argv[1]))
+finally:
+    Path(sys.argv[2]).write_text("stopped")
+sys.exit(code)
+"""
+
+
+def test_sigterm_stops_the_host_and_lets_the_stack_stop_after_it(stack: Stack, tmp_path: Path) -> None:
+    # uvicorn shuts down on SIGTERM, then raises it again; without a handler of ours that ended
+    # the process there, before `python -m recsys run` stopped PostgreSQL, PgBouncer and Azurite.
+    port, marker = free_port(), tmp_path / "cleaned-up"
+    environment = {**os.environ, **stack.app_environment(), "RECSYS_LOG_LEVEL": "WARNING"}
+    process = subprocess.Popen([sys.executable, "-c", _SERVE_THEN_CLEAN_UP, str(port), str(marker)],
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            assert process.poll() is None, process.communicate()[0]
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the host did not start")
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    assert marker.read_text() == "stopped"
