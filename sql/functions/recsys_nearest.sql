@@ -22,10 +22,12 @@
 -- filter. `exact` requests still scan the table.
 DO $definition$
 DECLARE
-    vec text := (
-        SELECT t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-        WHERE a.attrelid = 'items'::regclass AND a.attname = 'embedding'
-    );
+    -- The column's type (vector or halfvec); with its dimension, e.g. vector(384): a filter index
+    -- is built on an expression, which an HNSW index accepts only with a dimension; and the
+    -- copies' type, half precision of that dimension.
+    vec text;
+    col text;
+    copy_col text;
     -- The filter, fixed text: the values are the function's parameters (072).
     filter text := $filter$
             (p_categories IS NULL OR i.category = ANY (p_categories))
@@ -33,17 +35,6 @@ DECLARE
             AND (p_tags_all IS NULL OR i.tags @> p_tags_all)
             AND (p_metadata IS NULL OR i.metadata @> p_metadata)
             AND i.id <> ALL (p_exclude)$filter$;
-    -- The column's type with its dimension, e.g. vector(384): a filter index is built on an
-    -- expression, which an HNSW index accepts only with a dimension.
-    col text := (
-        SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
-        WHERE a.attrelid = 'items'::regclass AND a.attname = 'embedding'
-    );
-    -- The copies' type: half precision of the column's dimension.
-    copy_col text := (
-        SELECT format('halfvec(%s)', a.atttypmod) FROM pg_attribute a
-        WHERE a.attrelid = 'items'::regclass AND a.attname = 'embedding'
-    );
     -- The filter among the members of the covering filter index, whose graph or copy is read:
     -- the constant kind folds one of the two predicates away and leaves the other, the partial
     -- indexes' own. Zero vectors (distance NaN) have no cosine similarity.
@@ -54,6 +45,10 @@ DECLARE
     explain_filter text;
     template text;
 BEGIN
+    SELECT t.typname, format_type(a.atttypid, a.atttypmod), format('halfvec(%s)', a.atttypmod)
+    INTO vec, col, copy_col
+    FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+    WHERE a.attrelid = 'items'::regclass AND a.attname = 'embedding';
     explain_filter := replace(replace(replace(replace(replace(filter,
         'p_categories', '$1'), 'p_tags_any', '$2'), 'p_tags_all', '$3'), 'p_metadata', '$4'), 'p_exclude', '$5');
 
