@@ -43,6 +43,7 @@ __all__ = [
     "partition_proxy",
     "run_load",
     "served_app",
+    "wait_until_healthy",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,6 +167,20 @@ def load_catalogue(stack: Stack, n: int, *, seed: int = 11) -> Catalogue:
     return catalogue
 
 
+def wait_until_healthy(process: subprocess.Popen[Any], base: str, log_path: Path, timeout: float = 60) -> None:
+    """Until the host ``process`` (its output in ``log_path``) answers ``GET /api/health`` with 200."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the host exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/api/health", timeout=5).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the host did not become healthy: {log_path.read_text()[-2000:]}")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def served_app(env: dict[str, str], log_path: Path) -> Iterator[str]:
     """``python -m recsys serve`` on a free port with ``env``; yields its base URL, stops it after."""
@@ -179,16 +194,7 @@ def served_app(env: dict[str, str], log_path: Path) -> Iterator[str]:
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the host exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/api/health", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the host did not become healthy: {log_path.read_text()[-2000:]}")
-            time.sleep(0.1)
+        wait_until_healthy(process, base, log_path)
         yield base
     finally:
         process.terminate()

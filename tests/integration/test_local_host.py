@@ -19,6 +19,7 @@ import azure.functions as func
 import httpx
 import pytest
 from azure.storage.queue import QueueClient
+from faults_support import wait_until_healthy
 
 from recsys.local.host import FunctionHost, HostConfig, QueueOptions, serve_in_thread
 from recsys.local.stack import Stack, free_port
@@ -197,25 +198,17 @@ sys.exit(code)
 def test_sigterm_stops_the_host_and_lets_the_stack_stop_after_it(stack: Stack, tmp_path: Path) -> None:
     # uvicorn shuts down on SIGTERM, then raises it again; without a handler of ours that ended
     # the process there, before `python -m recsys run` stopped PostgreSQL, PgBouncer and Azurite.
-    port, marker = free_port(), tmp_path / "cleaned-up"
-    environment = {**os.environ, **stack.app_environment(), "RECSYS_LOG_LEVEL": "WARNING"}
-    process = subprocess.Popen([sys.executable, "-c", _SERVE_THEN_CLEAN_UP, str(port), str(marker)],
-                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port, marker, log_path = free_port(), tmp_path / "cleaned-up", tmp_path / "host.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-c", _SERVE_THEN_CLEAN_UP, str(port), str(marker)],
+                                   env={**os.environ, **stack.app_environment()}, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            assert process.poll() is None, process.communicate()[0]
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the host did not start")
+        wait_until_healthy(process, f"http://127.0.0.1:{port}", log_path)
         process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=30)[0]
+        process.wait(30)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 0, output
+    assert process.returncode == 0, log_path.read_text()
     assert marker.read_text() == "stopped"
