@@ -7,11 +7,13 @@ that avoids the query's neighbourhood (anti-correlated: no passing item among th
 exact scan of every passing item answers). A filter index is a graph of the members alone, so its
 search reads passing items only; ``recsys_nearest`` uses it when the request's filter requires its
 value and its search costs less than the exact scan (``sql/090_filter_indexes.sql``). Beside the
-graph, an exact copy: a partial IVFFlat index with a single list over the same members' unit
-vectors in half precision, whose scan orders every member, from packed index pages instead of a
-heap page per member; where ``recsys_nearest`` answers a covered filter by the exact scan, it reads
-the copy, and orders its nearest again by the table's distances (``sql/091_filter_index_copies.sql``,
-``sql/functions/recsys_nearest.sql``).
+graph, a copy: a partial IVFFlat index over the same members' unit vectors in half precision,
+in about sqrt(members) lists. Probing every list orders every member, from packed index pages
+instead of a heap page per member: where ``recsys_nearest`` answers a covered filter by the exact
+scan, it reads the copy, and orders its nearest again by the table's distances
+(``sql/091_filter_index_copies.sql``, ``sql/functions/recsys_nearest.sql``). Probing the lists
+nearest the query is the sweep, which answers a filter that avoids the query's neighbourhood,
+where the graph's search finds the members' nearest poorly.
 
 ``python -m recsys filter-index create --category books`` builds both with ``CREATE INDEX
 CONCURRENTLY`` (writes go on meanwhile) and the catalogue's HNSW parameters and operator class,
@@ -26,6 +28,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +41,7 @@ __all__ = [
     "KINDS",
     "FilterIndex",
     "copy_index_name",
+    "copy_lists",
     "create_filter_index",
     "drop_filter_index",
     "filter_index_main",
@@ -54,9 +58,11 @@ KINDS = {"category": "category", "tag": "tags"}
 #: never takes the shared index for a filter index's search.
 _OPERATOR_CLASSES = {"vector": "vector_ip_ops", "halfvec": "halfvec_ip_ops"}
 #: The copy orders the unit vectors, in half precision whatever the column's type (half the pages
-#: to read), by Euclidean distance: the same order again, served by neither graph. A copy of
-#: another operator class (single precision, made before) is not valid: ``create`` replaces it.
-COPY_OPERATOR_CLASS = "halfvec_l2_ops"
+#: to read), by inner product, and its lists by their centres' inner product with the query (the
+#: centres of unit length, where Euclidean distance would favour the shortest centres). A copy of
+#: another operator class (single precision or Euclidean, made before) is not valid: ``create``
+#: replaces it.
+COPY_OPERATOR_CLASS = "halfvec_ip_ops"
 _PREDICATES = {
     # The forms recsys_nearest writes, so that the planner proves the index applies.
     "category": sql.SQL("category = {value}"),
@@ -78,6 +84,8 @@ class FilterIndex:
     copy_name: str | None
     copy_size_bytes: int
     copy_valid: bool
+    #: The copy's lists (0 without a copy).
+    copy_lists: int
 
 
 def filter_index_name(kind: str, value: str) -> str:
@@ -108,7 +116,9 @@ def list_filter_indexes(conn: psycopg.Connection[Any]) -> list[FilterIndex]:
         "SELECT f.kind, f.value, f.index_name, coalesce(greatest(c.reltuples, 0), 0)::bigint,"
         " coalesce(pg_relation_size(c.oid), 0), coalesce(x.indisvalid, false),"
         " f.copy_name, coalesce(pg_relation_size(cc.oid), 0),"
-        " coalesce(cx.indisvalid AND co.opcname = %s, false)"
+        " coalesce(cx.indisvalid AND co.opcname = %s, false),"
+        " coalesce((SELECT o.option_value::integer FROM pg_options_to_table(cc.reloptions) o"
+        "           WHERE o.option_name = 'lists'), 0)"
         " FROM filter_indexes f"
         " LEFT JOIN pg_class c ON c.relname = f.index_name AND c.relnamespace = 'public'::regnamespace"
         " LEFT JOIN pg_index x ON x.indexrelid = c.oid"
@@ -154,10 +164,11 @@ def create_filter_index(
         normalized=normalized, opclass=sql.SQL(_OPERATOR_CLASSES[vector_type]),
         m=sql.Literal(int(m)), ef=sql.Literal(int(ef_construction)),
     )
-    # One list, searched with one probe: every member, in order of distance.
-    exact_copy = sql.SQL("ivfflat ((l2_normalize(embedding)::halfvec({dimension})) {opclass}) WITH (lists = 1)").format(
-        dimension=sql.Literal(dimension), opclass=sql.SQL(COPY_OPERATOR_CLASS),
-    )
+    counted = conn.execute(sql.SQL("SELECT count(*) FROM items WHERE {}").format(predicate)).fetchone()
+    lists = copy_lists(int(counted[0]) if counted else 0)
+    copy_method = sql.SQL("ivfflat ((l2_normalize(embedding)::halfvec({dimension})) {opclass}) WITH (lists = {lists})")
+    exact_copy = copy_method.format(dimension=sql.Literal(dimension), opclass=sql.SQL(COPY_OPERATOR_CLASS),
+                                    lists=sql.Literal(lists))
     built = False
     for index, method, operator_class in ((name, graph, None), (copy, exact_copy, COPY_OPERATOR_CLASS)):
         if _valid(conn, index, operator_class):
@@ -184,6 +195,12 @@ def create_filter_index(
         [kind, value, name, copy],
     )
     return next(i for i in list_filter_indexes(conn) if i.index_name == name)
+
+
+def copy_lists(members: int) -> int:
+    """The copy's lists for ``members`` items: about sqrt(members), so that a list holds as many
+    members as there are lists (1 to 32,768, IVFFlat's bounds)."""
+    return max(1, min(32_768, round(math.sqrt(max(members, 0)))))
 
 
 def _valid(conn: psycopg.Connection[Any], index: str, operator_class: str | None) -> bool:
