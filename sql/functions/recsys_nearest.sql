@@ -301,6 +301,7 @@ BEGIN
                     judge := true;
                 ELSIF walk AND use_copy AND sweep_probes < copy_lists THEN
                     sweep := true;
+                    walk := false;
                 ELSIF walk THEN
                     index_ef := widest;
                 END IF;
@@ -354,30 +355,6 @@ BEGIN
                     END IF;
                 END IF;
             END LOOP;
-            IF sweep THEN
-                -- The sweep: the members of the copy's lists nearest the query, scored exactly
-                -- (half precision) and ordered; lists further on when fewer than p_n pass the
-                -- rest of the filter. A graph's search wanders when every member lies about as far
-                -- as the next, as for a filter that avoids the query's neighbourhood (a 50 % tag
-                -- on 200,000 items: recall@10 0.70 at ef 1,000), where lists of members ranked by
-                -- their centre find the nearest (0.985 from the 11 of its 316 lists nearest the
-                -- query, 3,200 of its 100,000 members).
-                walk := false;
-                searched := true;
-                answered := 'filter_index';
-                PERFORM set_config('ivfflat.probes', sweep_probes::text, true);
-                PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
-                SELECT array_agg(r.id ORDER BY r.distance, r.id), array_agg(r.distance ORDER BY r.distance, r.id)
-                INTO found_ids, found_distances
-                FROM (
-                    SELECT i.id, i.embedding <=> p_query AS distance
-                    FROM items i
-                    WHERE @members@
-                    ORDER BY l2_normalize(i.embedding)::@copy_column@ <#> l2_normalize(p_query)::@copy_column@
-                    LIMIT p_n
-                ) r;
-                PERFORM set_config('ivfflat.iterative_scan', 'off', true);
-            END IF;
             IF walk THEN
                 SELECT array_agg(r.id ORDER BY r.distance, r.id), array_agg(r.distance ORDER BY r.distance, r.id)
                 INTO found_ids, found_distances
@@ -399,8 +376,20 @@ BEGIN
 
     IF use_copy AND NOT settled THEN
         -- The copy's scan: every member in order of distance, every list probed; the sort over
-        -- the whole table is what it replaces, so the planner must not choose it.
-        PERFORM set_config('ivfflat.probes', copy_lists::text, true);
+        -- the whole table is what it replaces, so the planner must not choose it. Or the sweep:
+        -- the members of the lists nearest the query, and of lists further on while fewer than
+        -- p_n of them pass the rest of the filter, until every list is read. A graph's search
+        -- wanders when every member lies about as far as the next, as for a filter that avoids
+        -- the query's neighbourhood (a 50 % tag on 200,000 items: recall@10 0.70 at ef 1,000),
+        -- where lists of members ranked by their centre find the nearest (0.985 from the 11 of
+        -- its 316 lists nearest the query, 3,200 of its 100,000 members).
+        IF sweep THEN
+            PERFORM set_config('ivfflat.probes', sweep_probes::text, true);
+            PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
+            PERFORM set_config('ivfflat.max_probes', copy_lists::text, true);
+        ELSE
+            PERFORM set_config('ivfflat.probes', copy_lists::text, true);
+        END IF;
         sort_setting := current_setting('enable_sort');
         PERFORM set_config('enable_sort', 'off', true);
         SELECT array_agg(r.id ORDER BY r.distance, r.id), array_agg(r.distance ORDER BY r.distance, r.id),
@@ -411,15 +400,17 @@ BEGIN
             FROM items i
             WHERE @members@
             ORDER BY l2_normalize(i.embedding)::@copy_column@ <#> l2_normalize(p_query)::@copy_column@
-            LIMIT p_n + margin
+            LIMIT CASE WHEN sweep THEN p_n ELSE p_n + margin END
         ) r;
         PERFORM set_config('enable_sort', sort_setting, true);
+        PERFORM set_config('ivfflat.iterative_scan', 'off', true);
         -- Every passing member read, or the p_n-th nearest nearer than any member left unread can
         -- be. The copy read its rows in order of their rounded inner products with the query, one
         -- minus each within `rounding` of the cosine distance: an unread member lies no nearer
         -- than the farthest row read, less twice that.
-        settled := copy_read < p_n + margin OR found_distances[p_n] < copy_farthest - 2 * rounding;
-        answered := chosen;
+        -- The sweep's p_n answer; fewer when every list was read.
+        settled := sweep OR copy_read < p_n + margin OR found_distances[p_n] < copy_farthest - 2 * rounding;
+        answered := CASE WHEN sweep THEN 'filter_index' ELSE chosen END;
     END IF;
 
     IF settled THEN

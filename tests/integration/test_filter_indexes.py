@@ -195,6 +195,33 @@ def test_beyond_reach_the_sweep_of_the_copy_answers_before_any_graph(
     assert np.mean(recalls) >= 0.9, np.mean(recalls)
 
 
+def test_the_sweep_reads_on_while_fewer_than_k_members_pass_the_rest_of_the_filter(
+    stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]]
+) -> None:
+    # Every member of the 32 lists nearest the query but three is excluded: the sweep reads lists
+    # further on until k pass, and k come back.
+    q = catalogue.ids[query_items(catalogue, 1)[0]]
+    members = {catalogue.ids[i] for i, t in enumerate(tags) if WIDE in t}
+    statement = (
+        "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), %s, 100,"
+        " NULL, ARRAY[%s], NULL, NULL, %s, false, 0.01)"
+    )
+    with psycopg.connect(stack.direct_url(), autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute("SET LOCAL ivfflat.probes = 32")
+            conn.execute("SET LOCAL enable_sort = off")
+            nearest = [r[0] for r in conn.execute(sql.SQL(
+                "SELECT id FROM items WHERE tags && ARRAY[%s]::text[]"
+                " ORDER BY l2_normalize(embedding)::halfvec({dim})"
+                " <#> l2_normalize((SELECT embedding FROM items WHERE id = %s))::halfvec({dim}) LIMIT 5000"
+            ).format(dim=sql.Literal(catalogue.vectors.shape[1])), [WIDE, q]).fetchall()]
+        assert 2_000 < len(nearest) < 5_000  # the 32 lists' members, no more
+        excluded = [q, *nearest[3:]]
+        rows = conn.execute(statement, [q, K, WIDE, excluded]).fetchall()
+    assert len(rows) == K and {r[1] for r in rows} == {"filter_index"}
+    assert {r[0] for r in rows} <= members - set(excluded)
+
+
 async def test_a_filter_index_answers_its_category_and_what_else_the_filter_asks(
     stack: Stack, catalogue: Catalogue, tags: list[list[str]], conn: psycopg.AsyncConnection
 ) -> None:

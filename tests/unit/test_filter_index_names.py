@@ -1,4 +1,4 @@
-"""Filter index names and values (recsys.search.filter_indexes), without a database."""
+"""Filter index names and values, and the copy's lists (recsys.search.filter_indexes), without a database."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from recsys.search.filter_indexes import KINDS, copy_index_name, filter_index_name
+from recsys.search.filter_indexes import KINDS, copy_index_name, copy_lists, filter_index_name
 
 #: The CHECK constraints of filter_indexes.index_name (sql/090_filter_indexes.sql) and copy_name
 #: (sql/091_filter_index_copies.sql).
@@ -39,3 +39,11 @@ def test_bad_kinds_and_values_are_refused(kind: str, value: str, says: str) -> N
         filter_index_name(kind, value)
     with pytest.raises(ValueError, match=says):
         copy_index_name(kind, value)
+
+
+@pytest.mark.parametrize(("members", "lists"), [
+    (0, 1), (1, 1), (3, 2), (1_000, 32), (10_000, 100), (100_000, 316), (1_000_000, 1000), (2_000_000_000, 32_768),
+])
+def test_the_copy_has_about_the_square_root_of_its_members_in_lists(members: int, lists: int) -> None:
+    # One list for a value without members (IVFFlat needs at least one); at most IVFFlat's 32,768.
+    assert copy_lists(members) == lists
