@@ -123,27 +123,36 @@ async def test_a_tag_that_avoids_the_query_neighbourhood_keeps_the_exact_scan_wi
     assert recall >= 0.95, (recall, searches)
 
 
+#: The 50 % tag's nearest members for a query item, excluding the ids given: a cost ratio of 0.01
+#: shrinks the budget to ~150 rows, so that the tag's 10,000 members lie beyond ten budgets.
+BEYOND_REACH = (
+    "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), %s, 100,"
+    " NULL, ARRAY[%s], NULL, NULL, %s, false, 0.01)"
+)
+
+
+def _beyond_reach(conn: psycopg.Connection, catalogue: Catalogue, members: set[int], q: int) -> tuple[float, set[str]]:
+    """Recall@K of the 50 % tag's search beyond reach for query item ``q``, and how it was answered."""
+    rows = conn.execute(BEYOND_REACH, [catalogue.ids[q], K, WIDE, [catalogue.ids[q]]]).fetchall()
+    ids = {catalogue.ids.index(r[0]) for r in rows}
+    assert len(rows) == K and ids <= members
+    best = truth(catalogue, catalogue.vectors[q], K, members.__contains__, {q})
+    return len(ids & set(best)) / K, {r[1] for r in rows}
+
+
 def test_beyond_reach_the_widest_search_of_the_filter_index_replaces_the_walk(
     stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]]
 ) -> None:
-    # A cost ratio of 0.01 shrinks the budget to ~150 rows, so that the 10,000 members of the
-    # 50 % tag lie beyond ten budgets: without a filter index the shared index is walked.
+    # Without a filter index the shared index is walked.
     members = {i for i, t in enumerate(tags) if WIDE in t}
-    statement = (
-        "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), %s, 100,"
-        " NULL, ARRAY[%s], NULL, NULL, ARRAY[%s], false, 0.01)"
-    )
     queries = query_items(catalogue, RECALL_QUERIES)
-    expected = [set(truth(catalogue, catalogue.vectors[q], K, members.__contains__, {q})) for q in queries]
 
     def recall(conn: psycopg.Connection, method: str) -> float:
         recalls = []
-        for q, best in zip(queries, expected, strict=True):
-            rows = conn.execute(statement, [catalogue.ids[q], K, WIDE, catalogue.ids[q]]).fetchall()
-            ids = {catalogue.ids.index(r[0]) for r in rows}
-            assert len(rows) == K and ids <= members
-            assert {r[1] for r in rows} <= {method, "hnsw"}
-            recalls.append(len(ids & best) / K)
+        for q in queries:
+            found, methods = _beyond_reach(conn, catalogue, members, q)
+            assert methods <= {method, "hnsw"}
+            recalls.append(found)
         return float(np.mean(recalls))
 
     # Without the copy, whose sweep would answer (see above).
@@ -168,10 +177,6 @@ def test_beyond_reach_the_sweep_of_the_copy_answers_before_any_graph(
     # 32 lists nearest the query hold as many members as the filter index's search at ef 100
     # scores. They answer, ranked by their centres: neither graph is read.
     members = {i for i, t in enumerate(tags) if WIDE in t}
-    statement = (
-        "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), %s, 100,"
-        " NULL, ARRAY[%s], NULL, NULL, ARRAY[%s], false, 0.01)"
-    )
     queries = query_items(catalogue, RECALL_QUERIES)
     copy, graph = copy_index_name("tag", WIDE), filter_index_name("tag", WIDE)
     recalls = []
@@ -181,11 +186,9 @@ def test_beyond_reach_the_sweep_of_the_copy_answers_before_any_graph(
         assert lists == copy_lists(len(members)) == 100
         before = {name: _scans(admin, name) for name in (copy, graph, INDEX_NAME)}
         for q in queries:
-            rows = conn.execute(statement, [catalogue.ids[q], K, WIDE, catalogue.ids[q]]).fetchall()
-            ids = {catalogue.ids.index(r[0]) for r in rows}
-            assert len(rows) == K and ids <= members and {r[1] for r in rows} == {"filter_index"}
-            best = truth(catalogue, catalogue.vectors[q], K, members.__contains__, {q})
-            recalls.append(len(ids & set(best)) / K)
+            found, methods = _beyond_reach(conn, catalogue, members, q)
+            assert methods == {"filter_index"}
+            recalls.append(found)
         conn.execute("SELECT pg_stat_force_next_flush()")
         assert _scans_since(admin, copy, before[copy]) == RECALL_QUERIES
         # The shared index is probed once per query (no member among its ef nearest).
@@ -202,10 +205,6 @@ def test_the_sweep_reads_on_while_fewer_than_k_members_pass_the_rest_of_the_filt
     # further on until k pass, and k come back.
     q = catalogue.ids[query_items(catalogue, 1)[0]]
     members = {catalogue.ids[i] for i, t in enumerate(tags) if WIDE in t}
-    statement = (
-        "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), %s, 100,"
-        " NULL, ARRAY[%s], NULL, NULL, %s, false, 0.01)"
-    )
     with psycopg.connect(stack.direct_url(), autocommit=True) as conn:
         with conn.transaction():
             conn.execute("SET LOCAL ivfflat.probes = 32")
@@ -217,7 +216,7 @@ def test_the_sweep_reads_on_while_fewer_than_k_members_pass_the_rest_of_the_filt
             ).format(dim=sql.Literal(catalogue.vectors.shape[1])), [WIDE, q]).fetchall()]
         assert 2_000 < len(nearest) < 5_000  # the 32 lists' members, no more
         excluded = [q, *nearest[3:]]
-        rows = conn.execute(statement, [q, K, WIDE, excluded]).fetchall()
+        rows = conn.execute(BEYOND_REACH, [q, K, WIDE, excluded]).fetchall()
     assert len(rows) == K and {r[1] for r in rows} == {"filter_index"}
     assert {r[0] for r in rows} <= members - set(excluded)
 
