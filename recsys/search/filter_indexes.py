@@ -58,11 +58,13 @@ KINDS = {"category": "category", "tag": "tags"}
 #: never takes the shared index for a filter index's search.
 _OPERATOR_CLASSES = {"vector": "vector_ip_ops", "halfvec": "halfvec_ip_ops"}
 #: The copy orders the unit vectors, in half precision whatever the column's type (half the pages
-#: to read), by inner product, and its lists by their centres' inner product with the query (the
-#: centres of unit length, where Euclidean distance would favour the shortest centres). A copy of
-#: another operator class (single precision or Euclidean, made before) is not valid: ``create``
-#: replaces it.
-COPY_OPERATOR_CLASS = "halfvec_ip_ops"
+#: to read), by cosine distance: IVFFlat's cosine operator class builds its lists around centres of
+#: unit length (spherical k-means) and ranks them by inner product with the query, where Euclidean
+#: distance would favour the shortest centres. The operator differs from the graph's (``<=>``, not
+#: ``<#>``), so that on a halfvec column, where both index the same expression, neither index can
+#: be taken for the other. A copy of another operator class (single precision, or Euclidean, made
+#: before) is not valid: ``create`` replaces it.
+COPY_OPERATOR_CLASS = "halfvec_cosine_ops"
 _PREDICATES = {
     # The forms recsys_nearest writes, so that the planner proves the index applies.
     "category": sql.SQL("category = {value}"),

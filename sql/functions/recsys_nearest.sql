@@ -106,10 +106,9 @@ DECLARE
     sweep_width constant integer := 32;
     -- Rows more than asked that the copy's scan returns, to be ordered again as the exact scan does.
     margin constant integer := 32;
-    -- How far one minus the inner product of the copy's unit vectors may lie from the cosine
-    -- distance between the table's: rounding to half precision moves each unit vector by at most
-    -- 2^-11 (plus 2^-25 per dimension for components below 2^-14), their inner product by at most
-    -- about 2^-10; the single-precision sums of both add about sqrt(dimensions) x 2^-24 each,
+    -- How far the cosine distance between the copy's vectors may lie from that between the
+    -- table's: rounding to half precision turns each unit vector by at most about 2^-11 (plus 2^-25
+    -- per dimension for components below 2^-14), their cosine by at most about 2^-10; the single-precision sums of both add about sqrt(dimensions) x 2^-24 each,
     -- which 2^-16 covers up to 4,000 dimensions.
     rounding constant double precision := 2.0 ^ -10 + 2.0 ^ -16;
     copy_read integer;
@@ -213,7 +212,7 @@ BEGIN
                 JOIN pg_index cx ON cx.indexrelid = cc.oid AND cx.indisvalid AND cx.indisready
                 -- A copy of an earlier kind (single precision; Euclidean distance) orders by
                 -- another expression: `filter-index create` replaces it.
-                JOIN pg_opclass co ON co.oid = cx.indclass[0] AND co.opcname = 'halfvec_ip_ops'
+                JOIN pg_opclass co ON co.oid = cx.indclass[0] AND co.opcname = 'halfvec_cosine_ops'
                 WHERE cc.relname = f.copy_name AND cc.relnamespace = 'public'::regnamespace
             ) cp ON true
             WHERE (f.kind = 'category' AND cardinality(p_categories) = 1 AND f.value = p_categories[1])
@@ -399,15 +398,15 @@ BEGIN
             SELECT i.id, i.embedding <=> p_query AS distance
             FROM items i
             WHERE @members@
-            ORDER BY l2_normalize(i.embedding)::@copy_column@ <#> l2_normalize(p_query)::@copy_column@
+            ORDER BY l2_normalize(i.embedding)::@copy_column@ <=> l2_normalize(p_query)::@copy_column@
             LIMIT CASE WHEN sweep THEN p_n ELSE p_n + margin END
         ) r;
         PERFORM set_config('enable_sort', sort_setting, true);
         PERFORM set_config('ivfflat.iterative_scan', 'off', true);
         -- Every passing member read, or the p_n-th nearest nearer than any member left unread can
-        -- be. The copy read its rows in order of their rounded inner products with the query, one
-        -- minus each within `rounding` of the cosine distance: an unread member lies no nearer
-        -- than the farthest row read, less twice that.
+        -- be. The copy read its rows in order of their rounded cosine distances, each within
+        -- `rounding` of the table's: an unread member lies no nearer than the farthest row read,
+        -- less twice that.
         -- The sweep's p_n answer; fewer when every list was read.
         settled := sweep OR copy_read < p_n + margin OR found_distances[p_n] < copy_farthest - 2 * rounding;
         answered := CASE WHEN sweep THEN 'filter_index' ELSE chosen END;

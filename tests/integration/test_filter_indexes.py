@@ -212,7 +212,7 @@ def test_the_sweep_reads_on_while_fewer_than_k_members_pass_the_rest_of_the_filt
             nearest = [r[0] for r in conn.execute(sql.SQL(
                 "SELECT id FROM items WHERE tags && ARRAY[%s]::text[]"
                 " ORDER BY l2_normalize(embedding)::halfvec({dim})"
-                " <#> l2_normalize((SELECT embedding FROM items WHERE id = %s))::halfvec({dim}) LIMIT 5000"
+                " <=> l2_normalize((SELECT embedding FROM items WHERE id = %s))::halfvec({dim}) LIMIT 5000"
             ).format(dim=sql.Literal(catalogue.vectors.shape[1])), [WIDE, q]).fetchall()]
         assert 2_000 < len(nearest) < 5_000  # the 32 lists' members, no more
         excluded = [q, *nearest[3:]]
@@ -574,7 +574,7 @@ def test_a_copy_of_an_earlier_kind_is_ignored_until_create_replaces_it(
             replaced = create_filter_index(admin, "tag", NARROW, maintenance_work_mem="64MB")
             assert replaced.copy_valid is True
             definition = admin.execute("SELECT pg_get_indexdef(%s::regclass)", [copy]).fetchone()
-            assert definition is not None and "halfvec_ip_ops" in definition[0]
+            assert definition is not None and "halfvec_cosine_ops" in definition[0]
             assert f"lists='{replaced.copy_lists}'" in definition[0] and replaced.copy_lists > 1
             before = _scans(admin, copy)
             new = [conn.execute(statement, [q, K, NARROW, q]).fetchall() for q in queries]
@@ -651,13 +651,13 @@ def test_the_command_line_builds_lists_and_drops_any_value(stack: Stack, catalog
             [value], prepare=False,
         ).fetchall()
         assert created["index_name"] in "\n".join(r[0] for r in plan)
-        # The copy: lists over the same members (one for no member), ordered by inner product in
+        # The copy: lists over the same members (one for no member), ordered by cosine distance in
         # half precision.
         assert created["copy_name"] == copy_index_name("tag", value) and created["copy_valid"] is True
         copy = conn.execute("SELECT pg_get_indexdef(%s::regclass)", [created["copy_name"]]).fetchone()
         assert copy is not None and "USING ivfflat" in copy[0] and "lists='1'" in copy[0]
         assert created["members"] == 0 and created["copy_lists"] == 1
-        assert "::halfvec(" in copy[0] and "halfvec_ip_ops" in copy[0]
+        assert "::halfvec(" in copy[0] and "halfvec_cosine_ops" in copy[0]
         assert copy[0].split(" WHERE ")[1] == definition[0].split(" WHERE ")[1]
         assert conn.execute("SELECT count(*) FROM items").fetchone() == (len(catalogue.ids),)
         # A record from before copies existed (090) gains its copy when created again.
