@@ -12,8 +12,9 @@ in about sqrt(members) lists. Probing every list orders every member, from packe
 instead of a heap page per member: where ``recsys_nearest`` answers a covered filter by the exact
 scan, it reads the copy, and orders its nearest again by the table's distances
 (``sql/091_filter_index_copies.sql``, ``sql/functions/recsys_nearest.sql``). Probing the lists
-nearest the query is the sweep, which answers a filter that avoids the query's neighbourhood,
-where the graph's search finds the members' nearest poorly.
+nearest the query is the sweep, which answers a filter that avoids the query's neighbourhood
+where the exact scan would cost more than ten budgets: the graph's search finds such members'
+nearest poorly.
 
 ``python -m recsys filter-index create --category books`` builds both with ``CREATE INDEX
 CONCURRENTLY`` (writes go on meanwhile) and the catalogue's HNSW parameters and operator class,
