@@ -26,7 +26,10 @@
 -- filter index's graph finds its members' nearest poorly (every member lies about as far as the
 -- next) even at its widest search, is answered by the sweep: the members of the lists whose
 -- centres lie nearest the query, as many as the graph's search at ef would score, ordered by the
--- table's distances; the widest search answers when the sweep would read every list.
+-- table's distances; the widest search answers when the sweep would read every list. Where
+-- `filter-index create` calibrated the sweep (092) on items whose nearest hold no member, its
+-- calibrated width is read instead, and the sweep answers such a filter within `reach` too, where
+-- the exact scan answered: what recall it holds is then measured on the catalogue's own data.
 DO $definition$
 DECLARE
     -- The column's type (vector or halfvec); with its dimension, e.g. vector(384): a filter index
@@ -101,9 +104,11 @@ DECLARE
     copy_lists integer;
     sweep_probes integer;
     sweep boolean := false;
-    -- Members the sweep reads per unit of ef: as many as the filter index's search at that ef
-    -- scores (each node it expands has up to 2 m = 32 neighbours in the graph's bottom layer).
-    sweep_width constant integer := 32;
+    -- Members the sweep reads per unit of ef: the width calibrated for the filter index (092), or
+    -- as many as its graph's search at that ef scores (each node it expands has up to 2 m = 32
+    -- neighbours in the graph's bottom layer). A calibrated sweep also answers within `reach`.
+    default_width constant integer := 32;
+    calibrated_width double precision;
     -- Rows more than asked that the copy's scan returns, to be ordered again as the exact scan does.
     margin constant integer := 32;
     -- How far the cosine distance between the copy's vectors may lie from that between the
@@ -200,8 +205,9 @@ BEGIN
             -- filter_indexes records and the catalogue, whatever the values), where planning it
             -- anew cost 0.3-0.5 ms of each filtered query (100 queries on 200,000 items, side by side).
             PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
-            SELECT f.kind, f.value, CASE WHEN c.reltuples < 0 THEN passing ELSE c.reltuples END, cp.lists
-            INTO index_kind, index_value, index_rows, copy_lists
+            SELECT f.kind, f.value, CASE WHEN c.reltuples < 0 THEN passing ELSE c.reltuples END, cp.lists,
+                   f.sweep_width
+            INTO index_kind, index_value, index_rows, copy_lists, calibrated_width
             FROM filter_indexes f
             JOIN pg_class c ON c.relname = f.index_name AND c.relnamespace = 'public'::regnamespace
             JOIN pg_index x ON x.indexrelid = c.oid AND x.indisvalid AND x.indisready
@@ -224,7 +230,7 @@ BEGIN
             -- instead where the rest of the filter leaves fewer rows than that costs.
             PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);
             use_copy := copy_lists IS NOT NULL AND index_rows * copy_cost < passing;
-            sweep_probes := ceil(copy_lists * least(sweep_width * ef / greatest(index_rows, 1), 1));
+            sweep_probes := ceil(copy_lists * least(coalesce(calibrated_width, default_width) * ef / greatest(index_rows, 1), 1));
         END IF;
         exact_cost := CASE WHEN use_copy THEN index_rows * copy_cost ELSE passing END;
         -- The filter index's way: the probe of the shared index's ef nearest, then its own search
@@ -298,7 +304,7 @@ BEGIN
                     -- expected: the search at ef, judged by where its nearest member lies.
                     index_ef := ef;
                     judge := true;
-                ELSIF walk AND use_copy AND sweep_probes < copy_lists THEN
+                ELSIF (walk OR calibrated_width IS NOT NULL) AND use_copy AND sweep_probes < copy_lists THEN
                     sweep := true;
                     walk := false;
                 ELSIF walk THEN
@@ -344,7 +350,8 @@ BEGIN
                         -- no member where five were to be expected.
                         found_ids := '{}';
                         found_distances := '{}';
-                        IF estimate > budget * reach AND use_copy AND sweep_probes < copy_lists THEN
+                        IF (estimate > budget * reach OR calibrated_width IS NOT NULL)
+                           AND use_copy AND sweep_probes < copy_lists THEN
                             sweep := true;
                         ELSIF estimate > budget * reach THEN
                             index_ef := widest;
