@@ -27,9 +27,10 @@
 -- next) even at its widest search, is answered by the sweep: the members of the lists whose
 -- centres lie nearest the query, as many as the graph's search at ef would score, ordered by the
 -- table's distances; the widest search answers when the sweep would read every list. Where
--- `filter-index create` calibrated the sweep (092) on items whose nearest hold no member, its
--- calibrated width is read instead, and the sweep answers such a filter within `reach` too, where
--- the exact scan answered: what recall it holds is then measured on the catalogue's own data.
+-- `filter-index create` calibrated the sweep (092) on items whose nearest hold no member, it reads
+-- the calibrated width instead. Within `reach` the exact scan still answers: calibrated on 20
+-- items at recall@10 0.97, the sweep of a 5 % tag on 200,000 items found 0.95 on 100 others, for
+-- no latency it could show against the exact scan of the copy (`bench filters`, 2026-12-05).
 DO $definition$
 DECLARE
     -- The column's type (vector or halfvec); with its dimension, e.g. vector(384): a filter index
@@ -106,7 +107,7 @@ DECLARE
     sweep boolean := false;
     -- Members the sweep reads per unit of ef: the width calibrated for the filter index (092), or
     -- as many as its graph's search at that ef scores (each node it expands has up to 2 m = 32
-    -- neighbours in the graph's bottom layer). A calibrated sweep also answers within `reach`.
+    -- neighbours in the graph's bottom layer).
     default_width constant integer := 32;
     calibrated_width double precision;
     -- Rows more than asked that the copy's scan returns, to be ordered again as the exact scan does.
@@ -304,7 +305,7 @@ BEGIN
                     -- expected: the search at ef, judged by where its nearest member lies.
                     index_ef := ef;
                     judge := true;
-                ELSIF (walk OR calibrated_width IS NOT NULL) AND use_copy AND sweep_probes < copy_lists THEN
+                ELSIF walk AND use_copy AND sweep_probes < copy_lists THEN
                     sweep := true;
                     walk := false;
                 ELSIF walk THEN
@@ -350,8 +351,7 @@ BEGIN
                         -- no member where five were to be expected.
                         found_ids := '{}';
                         found_distances := '{}';
-                        IF (estimate > budget * reach OR calibrated_width IS NOT NULL)
-                           AND use_copy AND sweep_probes < copy_lists THEN
+                        IF estimate > budget * reach AND use_copy AND sweep_probes < copy_lists THEN
                             sweep := true;
                         ELSIF estimate > budget * reach THEN
                             index_ef := widest;
