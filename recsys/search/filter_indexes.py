@@ -179,7 +179,8 @@ def create_filter_index(
         m=sql.Literal(int(m)), ef=sql.Literal(int(ef_construction)),
     )
     counted = conn.execute(sql.SQL("SELECT count(*) FROM items WHERE {}").format(predicate)).fetchone()
-    lists = copy_lists(int(counted[0]) if counted else 0)
+    members = int(counted[0]) if counted else 0
+    lists = copy_lists(members)
     copy_method = sql.SQL("ivfflat ((l2_normalize(embedding)::halfvec({dimension})) {opclass}) WITH (lists = {lists})")
     exact_copy = copy_method.format(dimension=sql.Literal(dimension), opclass=sql.SQL(COPY_OPERATOR_CLASS),
                                     lists=sql.Literal(lists))
@@ -203,7 +204,8 @@ def create_filter_index(
         built = True
     if built:
         conn.execute("ANALYZE items")
-    width = calibrate_sweep(conn, predicate, dimension)
+    # The copy's own lists: a valid copy built before the members changed keeps those it has.
+    width = calibrate_sweep(conn, predicate, dimension, members, _lists(conn, copy))
     conn.execute(
         "INSERT INTO filter_indexes (kind, value, index_name, copy_name, sweep_width) VALUES (%s, %s, %s, %s, %s)"
         " ON CONFLICT (kind, value) DO UPDATE SET copy_name = EXCLUDED.copy_name, sweep_width = EXCLUDED.sweep_width",
@@ -212,9 +214,11 @@ def create_filter_index(
     return next(i for i in list_filter_indexes(conn) if i.index_name == name)
 
 
-def calibrate_sweep(conn: psycopg.Connection[Any], predicate: sql.Composable, dimension: int) -> float | None:
-    """The sweep's width for the copy of the members that ``predicate`` selects, in members per
-    unit of ef_search, or None.
+def calibrate_sweep(
+    conn: psycopg.Connection[Any], predicate: sql.Composable, dimension: int, members: int, lists: int
+) -> float | None:
+    """The sweep's width for the copy, in ``lists`` lists, of the ``members`` items that
+    ``predicate`` selects, in members per unit of ef_search, or None.
 
     Items that fail the predicate are sampled (reproducibly) until ``CALIBRATION_QUERIES`` of them
     have no member among their ``CALIBRATION_EF`` nearest (the shared index's probe finds none, as
@@ -223,9 +227,6 @@ def calibrate_sweep(conn: psycopg.Connection[Any], predicate: sql.Composable, di
     average are what the sweep reads at that ef. None where fewer such items were found, or every
     list was needed.
     """
-    row = conn.execute(sql.SQL("SELECT count(*) FROM items WHERE {}").format(predicate)).fetchone()
-    members = int(row[0]) if row else 0
-    lists = copy_lists(members)
     if lists < 2:
         return None
     queries = _queries_the_filter_avoids(conn, predicate)
@@ -297,6 +298,16 @@ def copy_lists(members: int) -> int:
     """The copy's lists for ``members`` items: about sqrt(members), so that a list holds as many
     members as there are lists (1 to 32,768, IVFFlat's bounds)."""
     return max(1, min(32_768, round(math.sqrt(max(members, 0)))))
+
+
+def _lists(conn: psycopg.Connection[Any], index: str) -> int:
+    """The lists of the IVFFlat index ``index``."""
+    row = conn.execute(
+        "SELECT o.option_value::integer FROM pg_class c, pg_options_to_table(c.reloptions) o"
+        " WHERE c.relname = %s AND c.relnamespace = 'public'::regnamespace AND o.option_name = 'lists'",
+        [index],
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _valid(conn: psycopg.Connection[Any], index: str, operator_class: str | None) -> bool:

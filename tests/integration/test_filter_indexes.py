@@ -213,6 +213,31 @@ def test_beyond_reach_the_sweep_of_the_copy_answers_before_any_graph(
     assert np.mean(recalls) >= 0.9, np.mean(recalls)
 
 
+def test_calibration_reads_the_lists_the_copy_has(
+    stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]]
+) -> None:
+    # A valid copy in 10 lists (as one built before the members changed keeps its own): `create`
+    # keeps it and calibrates on its 10 lists, so the width is a whole number of them, each
+    # 1,000 of the 10,000 members, per 100 of ef_search (not of the 100 lists 10,000 members would
+    # be given now).
+    members = sum(WIDE in t for t in tags)
+    copy = copy_index_name("tag", WIDE)
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        definition = admin.execute("SELECT pg_get_indexdef(%s::regclass)", [copy]).fetchone()
+        assert definition is not None and "lists='100'" in definition[0]
+        try:
+            admin.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(copy)))
+            admin.execute(definition[0].replace("lists='100'", "lists='10'"))  # type: ignore[arg-type]
+            recreated = create_filter_index(admin, "tag", WIDE, maintenance_work_mem="64MB")
+        finally:
+            admin.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(copy)))
+            create_filter_index(admin, "tag", WIDE, maintenance_work_mem="64MB")
+    assert recreated.copy_lists == 10 and recreated.copy_valid
+    assert recreated.sweep_width is not None
+    lists_read = recreated.sweep_width * 100 * 10 / members
+    assert abs(lists_read - round(lists_read)) < 1e-9 and 1 <= round(lists_read) < 10, lists_read
+
+
 def test_the_sweep_reads_on_while_fewer_than_k_members_pass_the_rest_of_the_filter(
     stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]]
 ) -> None:
