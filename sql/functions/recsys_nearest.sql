@@ -114,8 +114,9 @@ DECLARE
     margin constant integer := 32;
     -- How far the cosine distance between the copy's vectors may lie from that between the
     -- table's: rounding to half precision turns each unit vector by at most about 2^-11 (plus 2^-25
-    -- per dimension for components below 2^-14), their cosine by at most about 2^-10; the single-precision sums of both add about sqrt(dimensions) x 2^-24 each,
-    -- which 2^-16 covers up to 4,000 dimensions.
+    -- per dimension for components below 2^-14), their cosine by at most about 2^-10; the
+    -- single-precision sums of both add about sqrt(dimensions) x 2^-24 each, which 2^-16 covers
+    -- up to 4,000 dimensions.
     rounding constant double precision := 2.0 ^ -10 + 2.0 ^ -16;
     copy_read integer;
     copy_farthest double precision;
@@ -410,11 +411,10 @@ BEGIN
         ) r;
         PERFORM set_config('enable_sort', sort_setting, true);
         PERFORM set_config('ivfflat.iterative_scan', 'off', true);
-        -- Every passing member read, or the p_n-th nearest nearer than any member left unread can
-        -- be. The copy read its rows in order of their rounded cosine distances, each within
-        -- `rounding` of the table's: an unread member lies no nearer than the farthest row read,
-        -- less twice that.
-        -- The sweep's p_n answer; fewer when every list was read.
+        -- The sweep's p_n (fewer when every list was read). The exact scan's: every passing member
+        -- read, or the p_n-th nearest nearer than any member left unread can be. The copy read its
+        -- rows in order of their rounded cosine distances, each within `rounding` of the table's:
+        -- an unread member lies no nearer than the farthest row read, less twice that.
         settled := sweep OR copy_read < p_n + margin OR found_distances[p_n] < copy_farthest - 2 * rounding;
         answered := CASE WHEN sweep THEN 'filter_index' ELSE chosen END;
     END IF;
