@@ -24,6 +24,7 @@ from ingest_support import (
     to_function_message,
 )
 
+from recsys.ingest import loader
 from recsys.ingest.loader import process_message
 from recsys.ingest.messages import QUEUE_MESSAGE_MAX_BYTES, parse_item
 from recsys.ingest.producer import enqueue_document
@@ -331,16 +332,29 @@ async def test_a_load_whose_backend_is_terminated_leaves_nothing_and_loads_fully
 
 
 async def test_a_load_whose_backend_is_terminated_mid_copy_leaves_nothing_and_loads_fully_when_redelivered(
-    ingest_env: IngestEnv, app_pools: None
+    ingest_env: IngestEnv, app_pools: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = ingest_env
-    total = 5000  # one part: a COPY long enough to be caught halfway
+    total = 5000  # one part, whose COPY is held halfway below
     items = raw_items(total, env.prefix)
     await enqueue_document({"batch_id": f"{env.prefix}mid", "items": items}, settings=env.settings)
     (message,) = env.receive()
     handler = load_directly
     caught: list[int] = []
     stop = threading.Event()
+    terminated = threading.Event()
+    rows_of = loader.part_rows
+
+    def held_halfway(*args: object, **kwargs: object) -> object:
+        # The rows stream as the loader writes them; halfway, with the first half sent to the
+        # server, the source waits until the watcher has ended the backend, so the COPY is caught
+        # partway through however fast the machine is.
+        for n, row in enumerate(rows_of(*args, **kwargs)):  # type: ignore[arg-type]
+            if n == total // 2:
+                terminated.wait(30)
+            yield row
+
+    monkeypatch.setattr(loader, "part_rows", held_halfway)
 
     def terminate_mid_copy() -> None:
         # A thread of its own polls COPY progress while the loader streams rows on the test's
@@ -356,6 +370,7 @@ async def test_a_load_whose_backend_is_terminated_mid_copy_leaves_nothing_and_lo
                 if row is not None:
                     watcher.execute("SELECT pg_terminate_backend(%s)", [row[0]])
                     caught.append(int(row[1]))
+                    terminated.set()
                     return
 
     watcher = threading.Thread(target=terminate_mid_copy)
@@ -365,6 +380,7 @@ async def test_a_load_whose_backend_is_terminated_mid_copy_leaves_nothing_and_lo
             await handler(to_function_message(message))
     finally:
         stop.set()
+        terminated.set()
         watcher.join(30)
     assert caught and 0 < caught[0] < total, caught  # terminated with the COPY partway through
     assert env.rows() == {}
