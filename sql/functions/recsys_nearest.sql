@@ -27,10 +27,13 @@
 -- next) even at its widest search, is answered by the sweep: the members of the lists whose
 -- centres lie nearest the query, as many as the graph's search at ef would score, ordered by the
 -- table's distances; the widest search answers when the sweep would read every list. Where
--- `filter-index create` calibrated the sweep (092) on items whose nearest hold no member, it reads
--- the calibrated width instead. Within `reach` the exact scan still answers: calibrated on 20
--- items at recall@10 0.97, the sweep of a 5 % tag on 200,000 items found 0.95 on 100 others, for
--- no latency it could show against the exact scan of the copy (`bench filters`, 2026-12-05).
+-- `filter-index create` calibrated the sweep (092, 093), it reads the calibrated width instead,
+-- found on items drawn at random and on items whose nearest hold no member. A calibrated sweep
+-- that reads no more members than the probe scores answers first and alone, whether the filter
+-- surrounds the query or avoids it, within `reach` or beyond: the probe, the filter index's search
+-- and the copy's exact scan are left out (a 5 % tag avoiding the query on 200,000 items, 6 of its
+-- 100 lists: recall@10 0.987 at 1.1-1.3 ms at p50 through the service, against 8.5-8.9 ms for the
+-- probe and the copy's exact scan).
 DO $definition$
 DECLARE
     -- The column's type (vector or halfvec); with its dimension, e.g. vector(384): a filter index
@@ -107,9 +110,18 @@ DECLARE
     sweep boolean := false;
     -- Members the sweep reads per unit of ef: the width calibrated for the filter index (092), or
     -- as many as its graph's search at that ef scores (each node it expands has up to 2 m = 32
-    -- neighbours in the graph's bottom layer).
+    -- neighbours in the graph's bottom layer). The probe of the shared index at ef scores about as
+    -- many tuples, and a sweep of as many members costs about as much: 1.3-1.4 ms at p50 for the
+    -- 3,160 members of 10 of a 50 % tag's 316 lists, against 1.0-1.3 ms for the unfiltered search
+    -- at ef 100 (200,000 items, side by side).
     default_width constant integer := 32;
     calibrated_width double precision;
+    -- The calibration's ef: a calibrated sweep reads its width times the request's ef, never
+    -- fewer members than at this ef. Fewer lists lose recall faster than a smaller ef loses it in
+    -- a graph (an 11 % category's sweep at ef 10, one list of its 47: recall@10 0.41, where the
+    -- shared index found 0.9).
+    calibration_ef constant integer := 100;
+    sweep_members double precision;
     -- Rows more than asked that the copy's scan returns, to be ordered again as the exact scan does.
     margin constant integer := 32;
     -- How far the cosine distance between the copy's vectors may lie from that between the
@@ -232,7 +244,14 @@ BEGIN
             -- instead where the rest of the filter leaves fewer rows than that costs.
             PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);
             use_copy := copy_lists IS NOT NULL AND index_rows * copy_cost < passing;
-            sweep_probes := ceil(copy_lists * least(coalesce(calibrated_width, default_width) * ef / greatest(index_rows, 1), 1));
+            sweep_members := CASE WHEN calibrated_width IS NULL THEN default_width * ef
+                                  ELSE calibrated_width * greatest(ef, calibration_ef) END;
+            sweep_probes := ceil(copy_lists * least(sweep_members / greatest(index_rows, 1), 1));
+            -- The sweep first: where the calibrated sweep reads no more members than the probe
+            -- scores tuples of the shared index, it answers alone, whether the filter surrounds
+            -- the query or avoids it, and no probe is needed to tell which.
+            sweep := coalesce(use_copy AND passing > budget AND calibrated_width IS NOT NULL
+                              AND sweep_members <= default_width * ef AND sweep_probes < copy_lists, false);
         END IF;
         exact_cost := CASE WHEN use_copy THEN index_rows * copy_cost ELSE passing END;
         -- The filter index's way: the probe of the shared index's ef nearest, then its own search
@@ -240,7 +259,7 @@ BEGIN
         -- where the exact scan took 3.3 ms, 2026-12-04 20:12).
         use_index := index_kind IS NOT NULL
             AND exact_cost > p_cost_ratio * (ef + (ef + p_n) * greatest(index_rows / greatest(passing, 1), 1));
-        IF passing > budget OR use_index THEN
+        IF (passing > budget OR use_index) AND NOT sweep THEN
             PERFORM set_config('hnsw.ef_search', ef::text, true);
             -- Only the index can then give the rows in distance order without a sort: the planner
             -- cannot trade it for a scan of the filter indexes followed by a sort of every row.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from recsys.datasets import CATEGORIES, Catalogue, selectivity_tag
 from recsys.db.pool import configure_connection
 from recsys.ingest.bulk import INDEX_NAME
 from recsys.local.stack import Stack
-from recsys.search import service
+from recsys.search import filter_indexes, service
 from recsys.search.filter_indexes import (
     copy_index_name,
     copy_lists,
@@ -127,13 +128,15 @@ def _sweep_width(stack: Stack, kind: str, value: str, width: float | None) -> It
 
 @pytest.mark.parametrize("tag", [WIDE, NARROW])
 async def test_a_tag_that_avoids_the_query_neighbourhood_keeps_the_exact_scan_within_reach(
-    catalogue: Catalogue, tags: list[list[str]], conn: psycopg.AsyncConnection, tag: str
+    stack: Stack, catalogue: Catalogue, tags: list[list[str]], conn: psycopg.AsyncConnection, tag: str
 ) -> None:
     # Nothing passes among the query's nearest: its members are about equally far from it, which
     # a graph search ranks poorly, so within ten budgets the exact scan answers, index or not.
+    # (Not calibrated: a calibrated sweep narrow enough answers first, see below.)
     members = {i for i, t in enumerate(tags) if tag in t}
     assert not members & set(np.flatnonzero(catalogue.clusters == QUERY_CLUSTER).tolist())
-    recall, searches = await _recall(conn, catalogue, members, SimilarQuery(k=K, tags_any=(tag,)), K)
+    with _sweep_width(stack, "tag", tag, None):
+        recall, searches = await _recall(conn, catalogue, members, SimilarQuery(k=K, tags_any=(tag,)), K)
     assert searches.get("exact", 0) >= RECALL_QUERIES - 2, searches
     assert recall >= 0.95, (recall, searches)
 
@@ -261,21 +264,33 @@ def test_the_sweep_reads_on_while_fewer_than_k_members_pass_the_rest_of_the_filt
     assert {r[0] for r in rows} <= members - set(excluded)
 
 
-def test_create_calibrates_the_width_of_the_sweep_on_items_whose_neighbourhood_the_filter_avoids(
-    stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]]
+def test_create_calibrates_the_sweep_on_sampled_items_and_on_items_whose_neighbourhood_the_filter_avoids(
+    stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # The 50 % tag avoids the query cluster: `create` found items there with no member among their
-    # nearest 100 and calibrated the sweep on them (recall@10 0.97 on those); beyond reach the
-    # sweep reads that width, at recall 0.95 on other items, and far less with a width of 2 members
-    # per unit of ef_search (2 lists). The 11 % category surrounds every item: nothing to
-    # calibrate on.
+    # `create` calibrated the sweep on items drawn at random and, for the 50 % tag, which avoids the
+    # query cluster, also on items there with no member among their nearest 100 (recall@10 0.97 on
+    # each sample): those need more lists than the random items alone. Beyond reach the sweep reads
+    # that width, at recall 0.95 on other items, and far less with a width of 2 members per unit of
+    # ef_search (2 lists). The 11 % category surrounds every item: it is calibrated on the random
+    # items alone.
     members = {i for i, t in enumerate(tags) if WIDE in t}
     queries = query_items(catalogue, RECALL_QUERIES)
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
         listed = {(i.kind, i.value): i for i in list_filter_indexes(admin)}
-    assert listed[("category", CATEGORY)].sweep_width is None
-    width = listed[("tag", WIDE)].sweep_width
-    assert width is not None and 2 < width < 100  # fewer than all 100 lists at ef_search 100
+        width = listed[("tag", WIDE)].sweep_width
+        with caplog.at_level(logging.INFO, logger="recsys.filter_indexes"):
+            category = create_filter_index(admin, "category", CATEGORY)
+        assert "calibrated on sampled items only" in caplog.text
+        monkeypatch.setattr(filter_indexes, "CALIBRATION_AVOIDED", 10**6)
+        try:
+            sampled_only = create_filter_index(admin, "tag", WIDE).sweep_width
+        finally:
+            monkeypatch.undo()
+            assert create_filter_index(admin, "tag", WIDE).sweep_width == width
+    assert category.sweep_width == listed[("category", CATEGORY)].sweep_width and category.sweep_width is not None
+    assert width is not None and sampled_only is not None and 2 < width < 100  # fewer than all 100 lists
+    assert width > sampled_only, (width, sampled_only)
     with psycopg.connect(stack.direct_url(), autocommit=True) as conn:
         calibrated = [_beyond_reach(conn, catalogue, members, q) for q in queries]
         with _sweep_width(stack, "tag", WIDE, 2.0):
@@ -283,6 +298,89 @@ def test_create_calibrates_the_width_of_the_sweep_on_items_whose_neighbourhood_t
     assert {m for _, methods in calibrated + narrow for m in methods} == {"filter_index"}
     recall, narrow_recall = np.mean([r for r, _ in calibrated]), np.mean([r for r, _ in narrow])
     assert recall >= 0.95 and narrow_recall < recall - 0.1, (recall, narrow_recall)
+
+
+def test_the_migration_clears_the_widths_calibrated_before_the_sampled_items(
+    stack: Stack, indexed: list[tuple[str, str]]
+) -> None:
+    # Widths calibrated on items whose neighbourhood the filter avoids alone could be far too
+    # narrow for a query among the members, now answered by the sweep first: 093 clears them.
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin, \
+            _sweep_width(stack, "tag", WIDE, 3.0), _sweep_width(stack, "tag", NARROW, 5.0):
+        admin.execute("DELETE FROM schema_migrations WHERE version = '093'")
+        assert stack.migrate() == ["093_filter_index_sweep_sampled.sql"]
+        widths = admin.execute("SELECT value, sweep_width FROM filter_indexes WHERE kind = 'tag'").fetchall()
+    assert sorted(widths) == [(NARROW, None), (WIDE, None)]
+
+
+#: The 50 % tag's nearest members for a query item at the ef_search given, excluding the ids given,
+#: at the service's cost ratio: the tag's 10,000 members lie beyond the budget, within reach.
+WITHIN_REACH = (
+    "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), %s, %s,"
+    " NULL, ARRAY[%s], NULL, NULL, %s, false, 2)"
+)
+
+
+@pytest.mark.parametrize("around", ["avoids", "surrounds"])
+def test_a_calibrated_sweep_no_wider_than_the_probe_answers_first_and_alone(
+    stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]], around: str
+) -> None:
+    # The 50 % tag's sweep calibrated at 32 members per unit of ef_search (32 of its 100 lists at
+    # ef_search 100) reads no more members than the shared index's probe would score tuples: it
+    # answers at once, for query items whose neighbourhood the tag avoids (the query cluster) as
+    # for its own members, whose neighbours are members: the copy is read once per query, neither
+    # graph. One member more per unit of ef_search, and the probe comes first.
+    members = {i for i, t in enumerate(tags) if WIDE in t}
+    if around == "avoids":
+        queries = query_items(catalogue, RECALL_QUERIES)
+    else:
+        queries = sorted(members)[:: len(members) // RECALL_QUERIES][:RECALL_QUERIES]
+    copy, graph = copy_index_name("tag", WIDE), filter_index_name("tag", WIDE)
+
+    def answer(conn: psycopg.Connection, q: int) -> tuple[float, set[str]]:
+        rows = conn.execute(WITHIN_REACH, [catalogue.ids[q], K, 100, WIDE, [catalogue.ids[q]]]).fetchall()
+        ids = {catalogue.ids.index(r[0]) for r in rows}
+        assert len(rows) == K and ids <= members
+        best = truth(catalogue, catalogue.vectors[q], K, members.__contains__, {q})
+        return len(ids & set(best)) / K, {r[1] for r in rows}
+
+    with psycopg.connect(stack.direct_url(), autocommit=True) as conn, \
+            psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        with _sweep_width(stack, "tag", WIDE, 32.0):
+            before = {name: _scans(admin, name) for name in (copy, graph, INDEX_NAME)}
+            answers = [answer(conn, q) for q in queries]
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            assert _scans_since(admin, copy, before[copy]) == RECALL_QUERIES
+            assert _scans(admin, INDEX_NAME) == before[INDEX_NAME]
+            assert _scans(admin, graph) == before[graph]
+        with _sweep_width(stack, "tag", WIDE, 33.0):
+            probed = _scans(admin, INDEX_NAME)
+            wider = [answer(conn, q) for q in queries]
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            assert _scans_since(admin, INDEX_NAME, probed) >= RECALL_QUERIES
+    assert {m for _, methods in answers for m in methods} == {"filter_index"}
+    assert {m for _, methods in wider for m in methods} <= {"filter_index", "exact", "hnsw", "hnsw+exact"}
+    recall = float(np.mean([r for r, _ in answers]))
+    # Measured: 0.935 where the tag avoids the query items (the tests' catalogue has ten wide
+    # clusters; see the sweep beyond reach above), 1.0 among its members.
+    assert recall >= (0.9 if around == "avoids" else 0.95), recall
+
+
+def test_a_calibrated_sweep_reads_its_width_at_the_calibrations_ef_search_at_least(
+    stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]]
+) -> None:
+    # A width of 3 members per unit of ef_search: 300 members, 3 of the 50 % tag's 100 lists at
+    # ef_search 100, and as many at ef_search 10, not 1 list: the answers are the same, where one
+    # list would lose most of them.
+    queries = query_items(catalogue, RECALL_QUERIES)
+    with psycopg.connect(stack.direct_url(), autocommit=True) as conn, _sweep_width(stack, "tag", WIDE, 3.0):
+        answers = {
+            ef: [conn.execute(WITHIN_REACH, [catalogue.ids[q], K, ef, WIDE, [catalogue.ids[q]]]).fetchall()
+                 for q in queries]
+            for ef in (10, 100)
+        }
+    assert {r[1] for rows in answers[10] + answers[100] for r in rows} == {"filter_index"}
+    assert answers[10] == answers[100]
 
 
 async def test_a_filter_index_answers_its_category_and_what_else_the_filter_asks(
@@ -417,8 +515,10 @@ def test_a_probe_too_short_to_tell_is_judged_by_the_nearest_member_found(
     # avoids the query. The filter index is searched at ef, and its nearest member is estimated to
     # lie within the nearest 46 or so (where five were to be expected) from the probe's distances:
     # its results stand, as they do when the nearest ten hold a member.
+    # (The category's sweep not calibrated, so that the probe is read first.)
     members = {i for i, c in enumerate(catalogue.categories) if c == CATEGORY}
-    with psycopg.connect(stack.bouncer_url(), prepare_threshold=None, autocommit=True) as conn:
+    with psycopg.connect(stack.bouncer_url(), prepare_threshold=None, autocommit=True) as conn, \
+            _sweep_width(stack, "category", CATEGORY, None):
         methods, recall = _nearest(conn, catalogue, members, ef=10, categories=[CATEGORY])
         _, unfiltered = _nearest(conn, catalogue, None, ef=10)
     assert methods.get("filter_index", 0) >= RECALL_QUERIES - 2 and set(methods) <= {"filter_index", "exact"}, methods
@@ -438,7 +538,8 @@ def test_a_common_value_finds_its_missing_members_in_the_shared_index(
                for q in query_items(catalogue, RECALL_QUERIES)]
     short = sum(len(members.intersection(n)) < K for n in nearest)
     assert short >= 5, short  # queries that have to look past their nearest 100
-    with psycopg.connect(stack.bouncer_url(), prepare_threshold=None, autocommit=True) as conn:
+    with psycopg.connect(stack.bouncer_url(), prepare_threshold=None, autocommit=True) as conn, \
+            _sweep_width(stack, "category", CATEGORY, None):
         methods, recall = _nearest(conn, catalogue, members, ef=100, categories=[CATEGORY])
     assert methods == {"hnsw": RECALL_QUERIES}, methods
     assert recall >= 0.95, (recall, methods)
@@ -453,7 +554,8 @@ def test_a_member_estimated_far_beyond_the_probe_means_the_filter_avoids_the_que
     # the nearest 100: the filter avoids the query's neighbourhood, and within reach the exact scan
     # answers, as it does when the probe reads as many as five expected.
     members = {i for i, t in enumerate(tags) if NARROW in t}
-    with psycopg.connect(stack.bouncer_url(), prepare_threshold=None, autocommit=True) as conn:
+    with psycopg.connect(stack.bouncer_url(), prepare_threshold=None, autocommit=True) as conn, \
+            _sweep_width(stack, "tag", NARROW, None):
         methods, recall = _nearest(conn, catalogue, members, ef=10, tags_any=[NARROW])
     # The local dimension is estimated from ten distances only: 37-40 of the 40 queries were judged
     # so in fresh sessions, the others answered by the filter index.
