@@ -136,7 +136,8 @@ async def _run(url: str, admin: str, catalogue: Catalogue, tags: list[list[str]]
                                               truth, deadline)
                     finally:
                         drop_filter_index(owner, "tag", tag)
-                figures[f"{name}/filter_index"] = {**indexed, "build_s": built, "index_bytes": index.size_bytes}
+                figures[f"{name}/filter_index"] = {**indexed, "build_s": built, "index_bytes": index.size_bytes,
+                                                    "copy_lists": index.copy_lists, "sweep_width": index.sweep_width}
                 log.info("%s with a filter index: %s", name, figures[f"{name}/filter_index"])
     finally:
         await conn.close()

@@ -427,7 +427,8 @@ def _with_filter_indexes(client: Client, work: Workload, stack: Stack) -> dict[s
             finally:
                 drop_filter_index(conn, "category", category)
             figures[label] = {**measured, "build_s": built, "index_bytes": index.size_bytes,
-                              "members": index.members}
+                              "members": index.members, "copy_lists": index.copy_lists,
+                              "sweep_width": index.sweep_width}
             log.info("scale: %s with a filter index: %s", label, figures[label])
     return figures
 
