@@ -14,7 +14,9 @@ scan, it reads the copy, and orders its nearest again by the table's distances
 (``sql/091_filter_index_copies.sql``, ``sql/functions/recsys_nearest.sql``). Probing the lists
 nearest the query is the sweep, which answers a filter that avoids the query's neighbourhood
 where the exact scan would cost more than ten budgets: the graph's search finds such members'
-nearest poorly.
+nearest poorly. ``create`` calibrates the sweep's width on the catalogue's items
+(``calibrate_sweep``); a calibrated sweep that reads no more members than the shared index's probe
+scores answers first, before any other search, whatever the filter's place around the query.
 
 ``python -m recsys filter-index create --category books`` builds both with ``CREATE INDEX
 CONCURRENTLY`` (writes go on meanwhile) and the catalogue's HNSW parameters and operator class,
