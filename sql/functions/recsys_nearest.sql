@@ -247,11 +247,6 @@ BEGIN
             sweep_members := CASE WHEN calibrated_width IS NULL THEN default_width * ef
                                   ELSE calibrated_width * greatest(ef, calibration_ef) END;
             sweep_probes := ceil(copy_lists * least(sweep_members / greatest(index_rows, 1), 1));
-            -- The sweep first: where the calibrated sweep reads no more members than the probe
-            -- scores tuples of the shared index, it answers alone, whether the filter surrounds
-            -- the query or avoids it, and no probe is needed to tell which.
-            sweep := coalesce(use_copy AND passing > budget AND calibrated_width IS NOT NULL
-                              AND sweep_members <= default_width * ef AND sweep_probes < copy_lists, false);
         END IF;
         exact_cost := CASE WHEN use_copy THEN index_rows * copy_cost ELSE passing END;
         -- The filter index's way: the probe of the shared index's ef nearest, then its own search
@@ -259,6 +254,12 @@ BEGIN
         -- where the exact scan took 3.3 ms, 2026-12-04 20:12).
         use_index := index_kind IS NOT NULL
             AND exact_cost > p_cost_ratio * (ef + (ef + p_n) * greatest(index_rows / greatest(passing, 1), 1));
+        -- The sweep first: where a search answers rather than the exact scan, and the calibrated
+        -- sweep reads no more members than the probe scores tuples of the shared index, the sweep
+        -- answers alone, whether the filter surrounds the query or avoids it: no probe is needed
+        -- to tell which.
+        sweep := coalesce((passing > budget OR use_index) AND use_copy AND calibrated_width IS NOT NULL
+                          AND sweep_members <= default_width * ef AND sweep_probes < copy_lists, false);
         IF (passing > budget OR use_index) AND NOT sweep THEN
             PERFORM set_config('hnsw.ef_search', ef::text, true);
             -- Only the index can then give the rows in distance order without a sort: the planner

@@ -366,6 +366,29 @@ def test_a_calibrated_sweep_no_wider_than_the_probe_answers_first_and_alone(
     assert recall >= (0.9 if around == "avoids" else 0.95), recall
 
 
+@pytest.mark.parametrize(("ef", "method"), [(20, "filter_index"), (60, "exact")])
+def test_within_the_budget_the_sweep_first_stands_in_for_the_filter_index_way_not_for_the_exact_scan(
+    stack: Stack, catalogue: Catalogue, indexed: list[tuple[str, str]], ef: int, method: str
+) -> None:
+    # The 5 % tag's ~1,000 members lie within the budget. At ef_search 20 the filter index's way,
+    # the probe and the search (2 x (20 + 30)), costs less than the copy's exact scan (a quarter
+    # of 1,000): a sweep calibrated at 3 members per unit of ef_search (300 members, 10 of its 32
+    # lists) answers in its place, and the shared index is not read. At ef_search 60 (2 x (60 +
+    # 70)) the exact scan is the cheaper way, and answers.
+    statement = ("SELECT method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s),"
+                 " %s, %s, NULL, ARRAY[%s], NULL, NULL, ARRAY[%s], false, 2)")
+    returned = "SELECT pg_stat_get_xact_tuples_returned(%s::regclass)"
+    with psycopg.connect(stack.bouncer_url(), prepare_threshold=None) as conn, \
+            _sweep_width(stack, "tag", NARROW, 3.0):
+        for q in query_items(catalogue, 10):
+            with conn.transaction():
+                (before,) = conn.execute(returned, [INDEX_NAME]).fetchone() or (0,)
+                rows = conn.execute(statement, [catalogue.ids[q], K, ef, NARROW, catalogue.ids[q]]).fetchall()
+                (after,) = conn.execute(returned, [INDEX_NAME]).fetchone() or (0,)
+            assert len(rows) == K and {m for (m,) in rows} == {method}
+            assert after == before
+
+
 def test_a_calibrated_sweep_reads_its_width_at_the_calibrations_ef_search_at_least(
     stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]]
 ) -> None:
@@ -653,12 +676,14 @@ def test_the_probe_reads_no_tuple_of_the_shared_index_past_those_it_weighs(
     # shared index's ef nearest, and no member among them sends the tag to the filter index's
     # judgement or the exact scan, neither of which reads the shared index. The index scan returns
     # those ef tuples, not the rows a loop fetches ahead of its need (10, then 50 at a time), whose
-    # first past the ef starts the iterative scan's next search.
+    # first past the ef starts the iterative scan's next search. (The tag's sweep not calibrated:
+    # calibrated, it would answer first.)
     statement = ("SELECT method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s),"
                  " %s, %s, NULL, ARRAY[%s], NULL, NULL, ARRAY[%s], false, 2)")
     returned = "SELECT pg_stat_get_xact_tuples_returned(%s::regclass)"
     read = []
-    with psycopg.connect(stack.bouncer_url(), prepare_threshold=None) as conn:
+    with psycopg.connect(stack.bouncer_url(), prepare_threshold=None) as conn, \
+            _sweep_width(stack, "tag", NARROW, None):
         for q in query_items(catalogue, 10):
             with conn.transaction():
                 (before,) = conn.execute(returned, [INDEX_NAME]).fetchone() or (0,)
