@@ -269,7 +269,7 @@ def test_create_calibrates_the_sweep_on_sampled_items_and_on_items_whose_neighbo
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     # `create` calibrated the sweep on items drawn at random and, for the 50 % tag, which avoids the
-    # query cluster, also on items there with no member among their nearest 100 (recall@10 0.97 on
+    # query cluster, also on items there with no member among their nearest 100 (recall@10 0.99 on
     # each sample): those need more lists than the random items alone. Beyond reach the sweep reads
     # that width, at recall 0.95 on other items, and far less with a width of 2 members per unit of
     # ef_search (2 lists). The 11 % category surrounds every item: it is calibrated on the random
