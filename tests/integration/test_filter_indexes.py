@@ -322,14 +322,14 @@ WITHIN_REACH = (
 
 
 @pytest.mark.parametrize("around", ["avoids", "surrounds"])
-def test_a_calibrated_sweep_no_wider_than_the_probe_answers_first_and_alone(
+def test_a_calibrated_sweep_no_wider_than_two_probes_answers_first_and_alone(
     stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]], around: str
 ) -> None:
-    # The 50 % tag's sweep calibrated at 32 members per unit of ef_search (32 of its 100 lists at
-    # ef_search 100) reads no more members than the shared index's probe would score tuples: it
-    # answers at once, for query items whose neighbourhood the tag avoids (the query cluster) as
-    # for its own members, whose neighbours are members: the copy is read once per query, neither
-    # graph. One member more per unit of ef_search, and the probe comes first.
+    # The 50 % tag's sweep calibrated at 64 members per unit of ef_search (64 of its 100 lists at
+    # ef_search 100) reads twice as many members as the shared index's probe would score tuples,
+    # no more: it answers at once, for query items whose neighbourhood the tag avoids (the query
+    # cluster) as for its own members, whose neighbours are members: the copy is read once per
+    # query, neither graph. One member more per unit of ef_search, and the probe comes first.
     members = {i for i, t in enumerate(tags) if WIDE in t}
     if around == "avoids":
         queries = query_items(catalogue, RECALL_QUERIES)
@@ -346,14 +346,14 @@ def test_a_calibrated_sweep_no_wider_than_the_probe_answers_first_and_alone(
 
     with psycopg.connect(stack.direct_url(), autocommit=True) as conn, \
             psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
-        with _sweep_width(stack, "tag", WIDE, 32.0):
+        with _sweep_width(stack, "tag", WIDE, 64.0):
             before = {name: _scans(admin, name) for name in (copy, graph, INDEX_NAME)}
             answers = [answer(conn, q) for q in queries]
             conn.execute("SELECT pg_stat_force_next_flush()")
             assert _scans_since(admin, copy, before[copy]) == RECALL_QUERIES
             assert _scans(admin, INDEX_NAME) == before[INDEX_NAME]
             assert _scans(admin, graph) == before[graph]
-        with _sweep_width(stack, "tag", WIDE, 33.0):
+        with _sweep_width(stack, "tag", WIDE, 65.0):
             probed = _scans(admin, INDEX_NAME)
             wider = [answer(conn, q) for q in queries]
             conn.execute("SELECT pg_stat_force_next_flush()")
@@ -361,9 +361,7 @@ def test_a_calibrated_sweep_no_wider_than_the_probe_answers_first_and_alone(
     assert {m for _, methods in answers for m in methods} == {"filter_index"}
     assert {m for _, methods in wider for m in methods} <= {"filter_index", "exact", "hnsw", "hnsw+exact"}
     recall = float(np.mean([r for r, _ in answers]))
-    # Measured: 0.935 where the tag avoids the query items (the tests' catalogue has ten wide
-    # clusters; see the sweep beyond reach above), 1.0 among its members.
-    assert recall >= (0.9 if around == "avoids" else 0.95), recall
+    assert recall >= 0.95, recall
 
 
 @pytest.mark.parametrize(("ef", "method"), [(20, "filter_index"), (60, "exact")])
