@@ -15,8 +15,9 @@ scan, it reads the copy, and orders its nearest again by the table's distances
 nearest the query is the sweep, which answers a filter that avoids the query's neighbourhood
 where the exact scan would cost more than ten budgets: the graph's search finds such members'
 nearest poorly. ``create`` calibrates the sweep's width on the catalogue's items
-(``calibrate_sweep``); a calibrated sweep that reads no more members than the shared index's probe
-scores answers first, before any other search, whatever the filter's place around the query.
+(``calibrate_sweep``); a calibrated sweep that reads at most twice as many members as the shared
+index's probe scores answers first, before any other search, whatever the filter's place around
+the query.
 
 ``python -m recsys filter-index create --category books`` builds both with ``CREATE INDEX
 CONCURRENTLY`` (writes go on meanwhile) and the catalogue's HNSW parameters and operator class,
@@ -88,6 +89,7 @@ CALIBRATION_AVOIDED = 10
 CALIBRATION_EF = 100
 CALIBRATION_K = 10
 SWEEP_RECALL = 0.99
+_EVERY_ITEM = sql.SQL("true")
 
 
 @dataclass(frozen=True)
@@ -232,14 +234,13 @@ def calibrate_sweep(
     (the queries the service sees, members or not), and as many items that fail the predicate and
     have no member among their ``CALIBRATION_EF`` nearest (the filter avoids their neighbourhood,
     the queries a graph's search serves worst), where at least ``CALIBRATION_AVOIDED`` are found
-    among ``CALIBRATION_SAMPLE``. For each item the
-    copy's exact scan (every list) gives its ten nearest members; the sweep reads the fewest lists
-    nearest the query whose members hold them at ``SWEEP_RECALL`` on average over each sample.
-    None where every list was needed.
+    among ``CALIBRATION_SAMPLE``. For each item the copy's exact scan (every list) gives its ten
+    nearest members; the sweep reads the fewest lists nearest the query whose members hold them at
+    ``SWEEP_RECALL`` on average over each sample. None where every list was needed.
     """
     if lists < 2:
         return None
-    samples = [_sampled_items(conn)]
+    samples = [_sample(conn, CALIBRATION_QUERIES, seed=0.24)]
     avoided = _queries_the_filter_avoids(conn, predicate)
     if len(avoided) >= CALIBRATION_AVOIDED:
         samples.append(avoided)
@@ -286,20 +287,17 @@ def calibrate_sweep(
     return width
 
 
-def _sampled_items(conn: psycopg.Connection[Any]) -> list[str]:
-    """``CALIBRATION_QUERIES`` items of the catalogue drawn at random (the same for the same rows)."""
-    conn.execute("SELECT setseed(0.24)")
-    return [r[0] for r in conn.execute("SELECT id FROM items ORDER BY random() LIMIT %s",
-                                       [CALIBRATION_QUERIES]).fetchall()]
+def _sample(conn: psycopg.Connection[Any], n: int, *, seed: float, where: sql.Composable = _EVERY_ITEM) -> list[str]:
+    """``n`` items drawn at random among those ``where`` selects (the same for the same rows and seed)."""
+    conn.execute("SELECT setseed(%s)", [seed])
+    return [r[0] for r in conn.execute(
+        sql.SQL("SELECT id FROM items WHERE {} ORDER BY random() LIMIT %s").format(where), [n],
+    ).fetchall()]
 
 
 def _queries_the_filter_avoids(conn: psycopg.Connection[Any], predicate: sql.Composable) -> list[str]:
     """Up to ``CALIBRATION_QUERIES`` sampled items with no member among their nearest."""
-    conn.execute("SELECT setseed(0.42)")
-    sample = [r[0] for r in conn.execute(
-        sql.SQL("SELECT id FROM items WHERE NOT ({}) ORDER BY random() LIMIT %s").format(predicate),
-        [CALIBRATION_SAMPLE],
-    ).fetchall()]
+    sample = _sample(conn, CALIBRATION_SAMPLE, seed=0.42, where=sql.SQL("NOT ({})").format(predicate))
     members_near = sql.SQL(
         "SELECT count(*) FILTER (WHERE {predicate}) FROM (SELECT category, tags FROM items"
         " ORDER BY embedding <=> (SELECT embedding FROM items WHERE id = %s) LIMIT %s) n"

@@ -31,9 +31,9 @@
 -- found on items drawn at random and on items whose nearest hold no member. A calibrated sweep
 -- that reads at most twice as many members as the probe scores answers first and alone, whether
 -- the filter surrounds the query or avoids it, within `reach` or beyond: the probe, the filter
--- index's search and the copy's exact scan are left out (a 5 % tag avoiding the query on 200,000 items, 6 of its
--- 100 lists: recall@10 0.987 at 1.1-1.3 ms at p50 through the service, against 8.5-8.9 ms for the
--- probe and the copy's exact scan).
+-- index's search and the copy's exact scan are left out (a 5 % tag avoiding the query on 200,000
+-- items, 6 of its 100 lists: recall@10 0.987 at 1.1-1.3 ms at p50 through the service, against
+-- 8.5-8.9 ms for the probe and the copy's exact scan).
 DO $definition$
 DECLARE
     -- The column's type (vector or halfvec); with its dimension, e.g. vector(384): a filter index
