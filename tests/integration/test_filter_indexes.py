@@ -141,17 +141,22 @@ async def test_a_tag_that_avoids_the_query_neighbourhood_keeps_the_exact_scan_wi
     assert recall >= 0.95, (recall, searches)
 
 
-#: The 50 % tag's nearest members for a query item, excluding the ids given: a cost ratio of 0.01
-#: shrinks the budget to ~150 rows, so that the tag's 10,000 members lie beyond ten budgets.
-BEYOND_REACH = (
-    "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), %s, 100,"
-    " NULL, ARRAY[%s], NULL, NULL, %s, false, 0.01)"
+#: The 50 % tag's nearest members for a query item at the ef_search given, excluding the ids
+#: given, at the cost ratio given.
+WIDE_NEAREST = (
+    "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), %s, %s,"
+    " NULL, ARRAY[%s], NULL, NULL, %s, false, %s)"
 )
+#: Cost ratios: 0.01 shrinks the budget to ~150 rows, so that the tag's 10,000 members lie beyond
+#: ten budgets; the service's, 2, leaves them beyond the budget, within reach.
+BEYOND_REACH, WITHIN_REACH = 0.01, 2.0
 
 
-def _beyond_reach(conn: psycopg.Connection, catalogue: Catalogue, members: set[int], q: int) -> tuple[float, set[str]]:
-    """Recall@K of the 50 % tag's search beyond reach for query item ``q``, and how it was answered."""
-    rows = conn.execute(BEYOND_REACH, [catalogue.ids[q], K, WIDE, [catalogue.ids[q]]]).fetchall()
+def _wide_recall(conn: psycopg.Connection, catalogue: Catalogue, members: set[int], q: int,
+                  cost_ratio: float = BEYOND_REACH) -> tuple[float, set[str]]:
+    """Recall@K of the 50 % tag's search for query item ``q`` at ``cost_ratio`` (beyond reach
+    unless told), and how it was answered."""
+    rows = conn.execute(WIDE_NEAREST, [catalogue.ids[q], K, 100, WIDE, [catalogue.ids[q]], cost_ratio]).fetchall()
     ids = {catalogue.ids.index(r[0]) for r in rows}
     assert len(rows) == K and ids <= members
     best = truth(catalogue, catalogue.vectors[q], K, members.__contains__, {q})
@@ -168,7 +173,7 @@ def test_beyond_reach_the_widest_search_of_the_filter_index_replaces_the_walk(
     def recall(conn: psycopg.Connection, method: str) -> float:
         recalls = []
         for q in queries:
-            found, methods = _beyond_reach(conn, catalogue, members, q)
+            found, methods = _wide_recall(conn, catalogue, members, q)
             assert methods <= {method, "hnsw"}
             recalls.append(found)
         return float(np.mean(recalls))
@@ -204,7 +209,7 @@ def test_beyond_reach_the_sweep_of_the_copy_answers_before_any_graph(
         assert lists == copy_lists(len(members)) == 100
         before = {name: _scans(admin, name) for name in (copy, graph, INDEX_NAME)}
         for q in queries:
-            found, methods = _beyond_reach(conn, catalogue, members, q)
+            found, methods = _wide_recall(conn, catalogue, members, q)
             assert methods == {"filter_index"}
             recalls.append(found)
         conn.execute("SELECT pg_stat_force_next_flush()")
@@ -259,7 +264,7 @@ def test_the_sweep_reads_on_while_fewer_than_k_members_pass_the_rest_of_the_filt
             ).format(dim=sql.Literal(catalogue.vectors.shape[1])), [WIDE, q]).fetchall()]
         assert 2_000 < len(nearest) < 5_000  # the 32 lists' members, no more
         excluded = [q, *nearest[3:]]
-        rows = conn.execute(BEYOND_REACH, [q, K, WIDE, excluded]).fetchall()
+        rows = conn.execute(WIDE_NEAREST, [q, K, 100, WIDE, excluded, BEYOND_REACH]).fetchall()
     assert len(rows) == K and {r[1] for r in rows} == {"filter_index"}
     assert {r[0] for r in rows} <= members - set(excluded)
 
@@ -292,9 +297,9 @@ def test_create_calibrates_the_sweep_on_sampled_items_and_on_items_whose_neighbo
     assert width is not None and sampled_only is not None and 2 < width < 100  # fewer than all 100 lists
     assert width > sampled_only, (width, sampled_only)
     with psycopg.connect(stack.direct_url(), autocommit=True) as conn:
-        calibrated = [_beyond_reach(conn, catalogue, members, q) for q in queries]
+        calibrated = [_wide_recall(conn, catalogue, members, q) for q in queries]
         with _sweep_width(stack, "tag", WIDE, 2.0):
-            narrow = [_beyond_reach(conn, catalogue, members, q) for q in queries]
+            narrow = [_wide_recall(conn, catalogue, members, q) for q in queries]
     assert {m for _, methods in calibrated + narrow for m in methods} == {"filter_index"}
     recall, narrow_recall = np.mean([r for r, _ in calibrated]), np.mean([r for r, _ in narrow])
     assert recall >= 0.95 and narrow_recall < recall - 0.1, (recall, narrow_recall)
@@ -313,14 +318,6 @@ def test_the_migration_clears_the_widths_calibrated_before_the_sampled_items(
     assert sorted(widths) == [(NARROW, None), (WIDE, None)]
 
 
-#: The 50 % tag's nearest members for a query item at the ef_search given, excluding the ids given,
-#: at the service's cost ratio: the tag's 10,000 members lie beyond the budget, within reach.
-WITHIN_REACH = (
-    "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), %s, %s,"
-    " NULL, ARRAY[%s], NULL, NULL, %s, false, 2)"
-)
-
-
 @pytest.mark.parametrize("around", ["avoids", "surrounds"])
 def test_a_calibrated_sweep_no_wider_than_two_probes_answers_first_and_alone(
     stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]], around: str
@@ -336,26 +333,18 @@ def test_a_calibrated_sweep_no_wider_than_two_probes_answers_first_and_alone(
     else:
         queries = sorted(members)[:: len(members) // RECALL_QUERIES][:RECALL_QUERIES]
     copy, graph = copy_index_name("tag", WIDE), filter_index_name("tag", WIDE)
-
-    def answer(conn: psycopg.Connection, q: int) -> tuple[float, set[str]]:
-        rows = conn.execute(WITHIN_REACH, [catalogue.ids[q], K, 100, WIDE, [catalogue.ids[q]]]).fetchall()
-        ids = {catalogue.ids.index(r[0]) for r in rows}
-        assert len(rows) == K and ids <= members
-        best = truth(catalogue, catalogue.vectors[q], K, members.__contains__, {q})
-        return len(ids & set(best)) / K, {r[1] for r in rows}
-
     with psycopg.connect(stack.direct_url(), autocommit=True) as conn, \
             psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
         with _sweep_width(stack, "tag", WIDE, 64.0):
             before = {name: _scans(admin, name) for name in (copy, graph, INDEX_NAME)}
-            answers = [answer(conn, q) for q in queries]
+            answers = [_wide_recall(conn, catalogue, members, q, WITHIN_REACH) for q in queries]
             conn.execute("SELECT pg_stat_force_next_flush()")
             assert _scans_since(admin, copy, before[copy]) == RECALL_QUERIES
             assert _scans(admin, INDEX_NAME) == before[INDEX_NAME]
             assert _scans(admin, graph) == before[graph]
         with _sweep_width(stack, "tag", WIDE, 65.0):
             probed = _scans(admin, INDEX_NAME)
-            wider = [answer(conn, q) for q in queries]
+            wider = [_wide_recall(conn, catalogue, members, q, WITHIN_REACH) for q in queries]
             conn.execute("SELECT pg_stat_force_next_flush()")
             assert _scans_since(admin, INDEX_NAME, probed) >= RECALL_QUERIES
     assert {m for _, methods in answers for m in methods} == {"filter_index"}
@@ -396,8 +385,8 @@ def test_a_calibrated_sweep_reads_its_width_at_the_calibrations_ef_search_at_lea
     queries = query_items(catalogue, RECALL_QUERIES)
     with psycopg.connect(stack.direct_url(), autocommit=True) as conn, _sweep_width(stack, "tag", WIDE, 3.0):
         answers = {
-            ef: [conn.execute(WITHIN_REACH, [catalogue.ids[q], K, ef, WIDE, [catalogue.ids[q]]]).fetchall()
-                 for q in queries]
+            ef: [conn.execute(WIDE_NEAREST, [catalogue.ids[q], K, ef, WIDE, [catalogue.ids[q]], WITHIN_REACH])
+                 .fetchall() for q in queries]
             for ef in (10, 100)
         }
     assert {r[1] for rows in answers[10] + answers[100] for r in rows} == {"filter_index"}
