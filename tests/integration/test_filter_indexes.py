@@ -353,6 +353,19 @@ def test_a_calibrated_sweep_no_wider_than_two_probes_answers_first_and_alone(
     assert recall >= 0.95, recall
 
 
+def _narrow_read(conn: psycopg.Connection, catalogue: Catalogue, q: int, ef: int) -> tuple[list[str], int]:
+    """The 5 % tag's search for query item ``q`` at ``ef`` (itself excluded): the method of each
+    row, and how many tuples the shared index returned to it."""
+    statement = ("SELECT method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s),"
+                 " %s, %s, NULL, ARRAY[%s], NULL, NULL, ARRAY[%s], false, 2)")
+    returned = "SELECT pg_stat_get_xact_tuples_returned(%s::regclass)"
+    with conn.transaction():
+        (before,) = conn.execute(returned, [INDEX_NAME]).fetchone() or (0,)
+        methods = [m for (m,) in conn.execute(statement, [catalogue.ids[q], K, ef, NARROW, catalogue.ids[q]])]
+        (after,) = conn.execute(returned, [INDEX_NAME]).fetchone() or (0,)
+    return methods, after - before
+
+
 @pytest.mark.parametrize(("ef", "method"), [(20, "filter_index"), (60, "exact")])
 def test_within_the_budget_the_sweep_first_stands_in_for_the_filter_index_way_not_for_the_exact_scan(
     stack: Stack, catalogue: Catalogue, indexed: list[tuple[str, str]], ef: int, method: str
@@ -362,18 +375,12 @@ def test_within_the_budget_the_sweep_first_stands_in_for_the_filter_index_way_no
     # of 1,000): a sweep calibrated at 3 members per unit of ef_search (300 members, 10 of its 32
     # lists) answers in its place, and the shared index is not read. At ef_search 60 (2 x (60 +
     # 70)) the exact scan is the cheaper way, and answers.
-    statement = ("SELECT method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s),"
-                 " %s, %s, NULL, ARRAY[%s], NULL, NULL, ARRAY[%s], false, 2)")
-    returned = "SELECT pg_stat_get_xact_tuples_returned(%s::regclass)"
     with psycopg.connect(stack.bouncer_url(), prepare_threshold=None) as conn, \
             _sweep_width(stack, "tag", NARROW, 3.0):
         for q in query_items(catalogue, 10):
-            with conn.transaction():
-                (before,) = conn.execute(returned, [INDEX_NAME]).fetchone() or (0,)
-                rows = conn.execute(statement, [catalogue.ids[q], K, ef, NARROW, catalogue.ids[q]]).fetchall()
-                (after,) = conn.execute(returned, [INDEX_NAME]).fetchone() or (0,)
-            assert len(rows) == K and {m for (m,) in rows} == {method}
-            assert after == before
+            methods, read = _narrow_read(conn, catalogue, q, ef)
+            assert len(methods) == K and set(methods) == {method}
+            assert read == 0
 
 
 def test_a_calibrated_sweep_reads_its_width_at_the_calibrations_ef_search_at_least(
@@ -665,19 +672,13 @@ def test_the_probe_reads_no_tuple_of_the_shared_index_past_those_it_weighs(
     # those ef tuples, not the rows a loop fetches ahead of its need (10, then 50 at a time), whose
     # first past the ef starts the iterative scan's next search. (The tag's sweep not calibrated:
     # calibrated, it would answer first.)
-    statement = ("SELECT method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s),"
-                 " %s, %s, NULL, ARRAY[%s], NULL, NULL, ARRAY[%s], false, 2)")
-    returned = "SELECT pg_stat_get_xact_tuples_returned(%s::regclass)"
     read = []
     with psycopg.connect(stack.bouncer_url(), prepare_threshold=None) as conn, \
             _sweep_width(stack, "tag", NARROW, None):
         for q in query_items(catalogue, 10):
-            with conn.transaction():
-                (before,) = conn.execute(returned, [INDEX_NAME]).fetchone() or (0,)
-                methods = {m for (m,) in conn.execute(statement, [catalogue.ids[q], K, ef, NARROW, catalogue.ids[q]])}
-                (after,) = conn.execute(returned, [INDEX_NAME]).fetchone() or (0,)
-            assert methods <= {"exact", "filter_index"}, methods
-            read.append(after - before)
+            methods, tuples = _narrow_read(conn, catalogue, q, ef)
+            assert set(methods) <= {"exact", "filter_index"}, methods
+            read.append(tuples)
     assert read == [ef] * len(read)
 
 
