@@ -86,6 +86,9 @@ CALIBRATION_QUERIES = 50
 #: The fewest items with no member among their nearest that make a sample of their own: fewer
 #: stand for a neighbourhood too small to weigh (under 0.5 % of the items sampled).
 CALIBRATION_AVOIDED = 10
+#: The ef and k of the calibration: ``recsys_nearest`` reads a calibrated sweep at an ef of at
+#: least ``CALIBRATION_EF`` for every ``CALIBRATION_K`` results asked (its ``calibration_ef``
+#: and ``calibration_k``).
 CALIBRATION_EF = 100
 CALIBRATION_K = 10
 SWEEP_RECALL = 0.99

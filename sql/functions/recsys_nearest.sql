@@ -28,7 +28,8 @@
 -- centres lie nearest the query, as many as the graph's search at ef would score, ordered by the
 -- table's distances; the widest search answers when the sweep would read every list. Where
 -- `filter-index create` calibrated the sweep (092, 093), it reads the calibrated width instead,
--- found on items drawn at random and on items whose nearest hold no member. A calibrated sweep
+-- found on items drawn at random and on items whose nearest hold no member, at an ef of at
+-- least the calibration's 100 for every ten results asked. A calibrated sweep
 -- that reads at most twice as many members as the probe scores answers first and alone, whether
 -- the filter surrounds the query or avoids it, within `reach` or beyond: the probe, the filter
 -- index's search and the copy's exact scan are left out (a 5 % tag avoiding the query on 200,000
@@ -123,11 +124,14 @@ DECLARE
     -- 39 of its 100 lists, above one probe's worth: the probe and the copy's exact scan, p95 5.6
     -- times the unfiltered, 2026-12-05 06:49).
     first_width constant integer := 2 * default_width;
-    -- The calibration's ef: a calibrated sweep reads its width times the request's ef, never
-    -- fewer members than at this ef. Fewer lists lose recall faster than a smaller ef loses it in
-    -- a graph (an 11 % category's sweep at ef 10, one list of its 47: recall@10 0.41, where the
-    -- shared index found 0.9).
+    -- The calibration's ef and k: a calibrated sweep reads its width times the request's ef,
+    -- never fewer members than at this ef for every `calibration_k` results asked. Fewer lists
+    -- lose recall faster than a smaller ef loses it in a graph (an 11 % category's sweep at ef 10,
+    -- one list of its 47: recall@10 0.41, where the shared index found 0.9), and more results
+    -- need more lists (a 31-member category's sweep at k 20, 4 of its 6 lists: recall@20 0.9 to
+    -- 0.95, where its graph found 1).
     calibration_ef constant integer := 100;
+    calibration_k constant integer := 10;
     sweep_members double precision;
     -- Rows more than asked that the copy's scan returns, to be ordered again as the exact scan does.
     margin constant integer := 32;
@@ -252,7 +256,8 @@ BEGIN
             PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);
             use_copy := copy_lists IS NOT NULL AND index_rows * copy_cost < passing;
             sweep_members := CASE WHEN calibrated_width IS NULL THEN default_width * ef
-                                  ELSE calibrated_width * greatest(ef, calibration_ef) END;
+                                  ELSE calibrated_width * greatest(ef, calibration_ef * greatest(p_n, calibration_k)
+                                                                           / calibration_k::double precision) END;
             sweep_probes := ceil(copy_lists * least(sweep_members / greatest(index_rows, 1), 1));
         END IF;
         exact_cost := CASE WHEN use_copy THEN index_rows * copy_cost ELSE passing END;
