@@ -14,7 +14,11 @@ One run, as the ``maintenance_timer`` function does on ``RECSYS_MAINTENANCE_SCHE
 5. recall calibrations older than the ledger retention, except the latest;
 6. a fresh recall calibration (``recsys.search.calibration.calibrate``) when more than a tenth of
    the catalogue changed since the latest one (rows written or deleted since, or the size moved
-   by more than a tenth), or when there is none and the catalogue can be calibrated.
+   by more than a tenth), or when there is none and the catalogue can be calibrated;
+7. the filter indexes whose copy is due to be built again (more than a tenth of its members
+   changed since it was built: ``recsys.search.filter_indexes.refresh_reason``) are named, with a
+   warning: the build needs the table's owner on a direct connection, ``python -m recsys
+   filter-index refresh``, which this run's role and pool are not.
 
 Every cut-off is computed from one ``now``, so a run is reproducible; the run is logged with
 what it did.
@@ -26,6 +30,7 @@ import argparse
 import asyncio
 import json
 import logging
+import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -85,6 +90,7 @@ class Report:
     calibrations_deleted: int = 0
     recalibrated: bool = False
     recalibration_reason: str | None = None
+    filter_indexes_due: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +146,7 @@ async def housekeeping(settings: Settings | None = None, *, now: datetime | None
     """
     from recsys.db.pool import get_pool
     from recsys.search.calibration import CalibrationError, calibrate
+    from recsys.search.filter_indexes import DRIFT, DRIFT_PARAMS, filter_indexes_due
 
     settings = settings or get_settings()
     now = now or datetime.now(UTC)
@@ -176,6 +183,15 @@ async def housekeeping(settings: Settings | None = None, *, now: datetime | None
         report.errors.append(f"recalibration: {exc}")
     except psycopg.Error as exc:
         report.errors.append(f"recalibration: {exc}")
+    try:
+        async with pool.connection() as conn:
+            drift = await (await conn.execute(DRIFT, DRIFT_PARAMS)).fetchall()
+        for kind, value, reason in filter_indexes_due(drift):
+            report.filter_indexes_due.append(f"{kind} {value!r}: {reason}")
+            log.warning("the copy of the filter index of %s %r is due to be built again (%s):"
+                        " python -m recsys filter-index refresh --%s %s", kind, value, reason, kind, shlex.quote(value))
+    except psycopg.Error as exc:
+        report.errors.append(f"filter_indexes_due: {exc}")
     log.info("housekeeping: %s", json.dumps(report.to_dict()))
     return report
 

@@ -19,6 +19,11 @@ nearest poorly. ``create`` calibrates the sweep's width on the catalogue's items
 index's probe scores answers first, before any other search, whatever the filter's place around
 the query.
 
+The copy's lists, and the sweep's width calibrated on them, stand for the members of the day the
+copy was built: once more than a tenth of them have been written since, or their number has moved
+by more than a tenth (``refresh_reason``), ``refresh`` builds the copy again, and the maintenance
+run names the filter indexes due (``sql/094_filter_index_refresh.sql``).
+
 ``python -m recsys filter-index create --category books`` builds both with ``CREATE INDEX
 CONCURRENTLY`` (writes go on meanwhile) and the catalogue's HNSW parameters and operator class,
 then records them in ``filter_indexes``, which the query function reads. The value becomes the
@@ -34,7 +39,9 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,8 @@ import psycopg
 from psycopg import sql
 
 __all__ = [
+    "DRIFT",
+    "DRIFT_PARAMS",
     "KINDS",
     "FilterIndex",
     "copy_index_name",
@@ -50,7 +59,9 @@ __all__ = [
     "drop_filter_index",
     "filter_index_main",
     "filter_index_name",
+    "filter_indexes_due",
     "list_filter_indexes",
+    "refresh_reason",
 ]
 
 log = logging.getLogger("recsys.filter_indexes")
@@ -92,6 +103,9 @@ CALIBRATION_AVOIDED = 10
 CALIBRATION_EF = 100
 CALIBRATION_K = 10
 SWEEP_RECALL = 0.99
+#: Share of a copy's members that must have changed since it was built (written, or their number
+#: moved) for ``refresh`` to build it again: the same share as the recall calibration's.
+REFRESH_FRACTION = 0.1
 _EVERY_ITEM = sql.SQL("true")
 
 
@@ -112,6 +126,10 @@ class FilterIndex:
     copy_lists: int
     #: The sweep's calibrated width, in members per unit of ef_search (None: not calibrated).
     sweep_width: float | None
+    #: The members the copy's lists were made for, and when (UTC, ISO 8601); None for a copy built
+    #: before they were recorded.
+    copy_members: int | None
+    copy_built_at: str | None
 
 
 def filter_index_name(kind: str, value: str) -> str:
@@ -145,7 +163,8 @@ def list_filter_indexes(conn: psycopg.Connection[Any]) -> list[FilterIndex]:
         " coalesce(cx.indisvalid AND co.opcname = %s, false),"
         " coalesce((SELECT o.option_value::integer FROM pg_options_to_table(cc.reloptions) o"
         "           WHERE o.option_name = 'lists'), 0),"
-        " f.sweep_width"
+        " f.sweep_width, f.copy_members,"
+        " to_char(f.copy_built_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
         " FROM filter_indexes f"
         " LEFT JOIN pg_class c ON c.relname = f.index_name AND c.relnamespace = 'public'::regnamespace"
         " LEFT JOIN pg_index x ON x.indexrelid = c.oid"
@@ -166,6 +185,7 @@ def create_filter_index(
     m: int = 16,
     ef_construction: int = 64,
     maintenance_work_mem: str = "1GB",
+    rebuild_copy: bool = False,
 ) -> FilterIndex:
     """Build the filter index of ``kind`` = ``value`` and its exact copy, each unless a valid one
     exists, and record them.
@@ -173,8 +193,21 @@ def create_filter_index(
     ``conn``: a direct autocommit connection of the table's owner (``CREATE INDEX CONCURRENTLY``
     cannot run in a transaction, nor through PgBouncer in transaction mode). A build that fails
     leaves no index behind.
+
+    ``rebuild_copy`` (``refresh``): the copy is built again on the members of now, and its sweep
+    calibrated again. The record lets go of the old copy first, then it is dropped: until the new
+    one is recorded, requests filtered on the value are answered without a copy (the graph, or the
+    exact scan of the table), never by a copy whose lists the record does not describe. A build
+    that fails leaves the filter index without a copy, due to be refreshed.
     """
     name, copy = filter_index_name(kind, value), copy_index_name(kind, value)
+    if rebuild_copy:
+        conn.execute(
+            "UPDATE filter_indexes SET copy_name = NULL, sweep_width = NULL, copy_members = NULL,"
+            " copy_built_at = NULL WHERE kind = %s AND value = %s",
+            [kind, value],
+        )
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(copy)))
     row = conn.execute(
         "SELECT t.typname, format_type(a.atttypid, a.atttypmod), a.atttypmod"
         " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
@@ -191,13 +224,18 @@ def create_filter_index(
         normalized=normalized, opclass=sql.SQL(_OPERATOR_CLASSES[vector_type]),
         m=sql.Literal(int(m)), ef=sql.Literal(int(ef_construction)),
     )
-    counted = conn.execute(sql.SQL("SELECT count(*) FROM items WHERE {}").format(predicate)).fetchone()
-    members = int(counted[0]) if counted else 0
+    # Taken before the count: a member written during the build counts as written since.
+    counted = conn.execute(
+        sql.SQL("SELECT clock_timestamp(), count(*) FROM items WHERE {}").format(predicate)
+    ).fetchone()
+    assert counted is not None
+    started, members = counted[0], int(counted[1])
     lists = copy_lists(members)
     copy_method = sql.SQL("ivfflat ((l2_normalize(embedding)::halfvec({dimension})) {opclass}) WITH (lists = {lists})")
     exact_copy = copy_method.format(dimension=sql.Literal(dimension), opclass=sql.SQL(COPY_OPERATOR_CLASS),
                                     lists=sql.Literal(lists))
     built = False
+    copy_built = False
     for index, method, operator_class in ((name, graph, None), (copy, exact_copy, COPY_OPERATOR_CLASS)):
         if _valid(conn, index, operator_class):
             continue
@@ -215,14 +253,18 @@ def create_filter_index(
         finally:
             conn.execute("RESET maintenance_work_mem")
         built = True
+        copy_built = index == copy
     if built:
         conn.execute("ANALYZE items")
     # The copy's own lists: a valid copy built before the members changed keeps those it has.
     width = calibrate_sweep(conn, predicate, dimension, members, _lists(conn, copy))
     conn.execute(
-        "INSERT INTO filter_indexes (kind, value, index_name, copy_name, sweep_width) VALUES (%s, %s, %s, %s, %s)"
-        " ON CONFLICT (kind, value) DO UPDATE SET copy_name = EXCLUDED.copy_name, sweep_width = EXCLUDED.sweep_width",
-        [kind, value, name, copy, width],
+        "INSERT INTO filter_indexes (kind, value, index_name, copy_name, sweep_width, copy_members, copy_built_at)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (kind, value) DO UPDATE SET copy_name = EXCLUDED.copy_name, sweep_width = EXCLUDED.sweep_width,"
+        " copy_members = coalesce(EXCLUDED.copy_members, filter_indexes.copy_members),"
+        " copy_built_at = coalesce(EXCLUDED.copy_built_at, filter_indexes.copy_built_at)",
+        [kind, value, name, copy, width, members if copy_built else None, started if copy_built else None],
     )
     return next(i for i in list_filter_indexes(conn) if i.index_name == name)
 
@@ -359,22 +401,71 @@ def drop_filter_index(conn: psycopg.Connection[Any], kind: str, value: str) -> b
     return dropped or forgotten > 0
 
 
+#: Per filter index: whether its copy is valid, the members its lists were made for (about lists^2
+#: for a copy built before they were recorded), when, and the members now and written since. Each
+#: count reads only the index of its own kind (the other's condition is false before any row).
+DRIFT = """
+SELECT f.kind, f.value,
+       coalesce(cx.indisvalid AND co.opcname = %(opclass)s, false),
+       coalesce(f.copy_members,
+                (SELECT power(o.option_value::integer, 2)::bigint FROM pg_options_to_table(cc.reloptions) o
+                  WHERE o.option_name = 'lists')),
+       coalesce(f.copy_built_at, f.created_at),
+       c.members + t.members, c.written + t.written
+  FROM filter_indexes f
+  LEFT JOIN pg_class cc ON cc.relname = f.copy_name AND cc.relnamespace = 'public'::regnamespace
+  LEFT JOIN pg_index cx ON cx.indexrelid = cc.oid
+  LEFT JOIN pg_opclass co ON co.oid = cx.indclass[0]
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS members,
+              count(*) FILTER (WHERE i.updated_at > coalesce(f.copy_built_at, f.created_at)) AS written
+         FROM items i WHERE f.kind = 'category' AND i.category = f.value) c
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS members,
+              count(*) FILTER (WHERE i.updated_at > coalesce(f.copy_built_at, f.created_at)) AS written
+         FROM items i WHERE f.kind = 'tag' AND i.tags && ARRAY[f.value]) t
+ ORDER BY f.kind, f.value
+"""
+DRIFT_PARAMS = {"opclass": COPY_OPERATOR_CLASS}
+
+
+def refresh_reason(copy_valid: bool, built: int | None, built_at: datetime, members: int, written: int) -> str | None:
+    """Why a filter index's copy is due to be built again (a row of ``DRIFT``), or None."""
+    if not copy_valid or built is None:
+        return f"no valid copy of its {members} members"
+    changed = max(abs(members - built), written)
+    if changed > REFRESH_FRACTION * max(built, 1):
+        return (f"{changed} of the {built} members its copy was built for changed since {built_at.isoformat()}"
+                f" ({written} written, now {members})")
+    return None
+
+
+def filter_indexes_due(drift: Iterable[Sequence[Any]]) -> list[tuple[str, str, str]]:
+    """Of the rows of ``DRIFT`` (with ``DRIFT_PARAMS``), the filter indexes whose copy is due to
+    be built again: kind, value and why."""
+    return [(kind, value, reason) for kind, value, *row in drift if (reason := refresh_reason(*row))]
+
+
 def filter_index_main(argv: list[str]) -> int:
-    """``python -m recsys filter-index create|drop|list``."""
+    """``python -m recsys filter-index create|drop|list|refresh``."""
     parser = argparse.ArgumentParser(prog="python -m recsys filter-index",
                                      description="partial HNSW indexes for a category or a tag, and exact copies")
-    parser.add_argument("action", choices=["create", "drop", "list"])
+    parser.add_argument("action", choices=["create", "drop", "list", "refresh"],
+                        help="refresh: build again the copies due (every filter index's, or the one named)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--category", help="the category whose items the index holds")
     which.add_argument("--tag", help="the tag whose items the index holds")
     parser.add_argument("--url", help="a direct (not PgBouncer) URL of the table's owner, e.g. on Azure")
     parser.add_argument("--root", help="folder of the local stack (default: .stack/)")
     parser.add_argument("--maintenance-work-mem", default="1GB", help="memory for the build (default 1GB)")
+    parser.add_argument("--force", action="store_true", help="refresh: build the named copy again even if not due")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     chosen = [(kind, getattr(args, kind)) for kind in KINDS if getattr(args, kind) is not None]
-    if args.action != "list" and not chosen:
+    if args.action in ("create", "drop") and not chosen:
         parser.error("create and drop need --category or --tag")
+    if args.force and not (args.action == "refresh" and chosen):
+        parser.error("--force is for refresh, with --category or --tag")
     from recsys.config import SettingsError, load_settings
 
     try:
@@ -393,19 +484,43 @@ def filter_index_main(argv: list[str]) -> int:
             if args.action == "list":
                 print(json.dumps([asdict(i) for i in list_filter_indexes(conn)], indent=2))
                 return 0
+            build = {"m": settings.hnsw_m, "ef_construction": settings.hnsw_ef_construction,
+                     "maintenance_work_mem": args.maintenance_work_mem}
+            if args.action == "refresh":
+                return _refresh(conn, chosen[0] if chosen else None, force=args.force, build=build)
             kind, value = chosen[0]
             if args.action == "create":
-                index = create_filter_index(conn, kind, value, m=settings.hnsw_m,
-                                            ef_construction=settings.hnsw_ef_construction,
-                                            maintenance_work_mem=args.maintenance_work_mem)
-                print(json.dumps(asdict(index)))
+                print(json.dumps(asdict(create_filter_index(conn, kind, value, **build))))
                 return 0
             dropped = drop_filter_index(conn, kind, value)
             print(json.dumps({"kind": kind, "value": value, "dropped": dropped}))
             return 0
-    except ValueError as exc:
+    except (ValueError, LookupError) as exc:
         print(f"recsys filter-index: {exc}", file=sys.stderr)
         return 2
     except psycopg.Error as exc:
         print(f"recsys filter-index: {exc}", file=sys.stderr)
         return 1
+
+
+def _refresh(
+    conn: psycopg.Connection[Any], chosen: tuple[str, str] | None, *, force: bool, build: dict[str, Any]
+) -> int:
+    """``refresh``: one JSON line per filter index considered, refreshed or not, and why."""
+    due = {(kind, value): reason
+           for kind, value, reason in filter_indexes_due(conn.execute(DRIFT, DRIFT_PARAMS).fetchall())}
+    if chosen is None:
+        considered = list(due)
+    else:
+        _check(*chosen)
+        if not conn.execute("SELECT true FROM filter_indexes WHERE kind = %s AND value = %s", list(chosen)).fetchone():
+            raise LookupError(f"there is no filter index for {chosen[0]} {chosen[1]!r}")
+        considered = [chosen]
+    for kind, value in considered:
+        reason = due.get((kind, value)) or ("asked for (--force)" if force else None)
+        line: dict[str, Any] = {"kind": kind, "value": value, "refreshed": reason is not None, "reason": reason}
+        if reason is not None:
+            log.info("refreshing the filter index of %s %r: %s", kind, value, reason)
+            line["index"] = asdict(create_filter_index(conn, kind, value, rebuild_copy=True, **build))
+        print(json.dumps(line))
+    return 0

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 import pytest
 
-from recsys.search.filter_indexes import KINDS, copy_index_name, copy_lists, filter_index_name
+from recsys.search.filter_indexes import (
+    KINDS,
+    copy_index_name,
+    copy_lists,
+    filter_index_main,
+    filter_index_name,
+    filter_indexes_due,
+    refresh_reason,
+)
 
 #: The CHECK constraints of filter_indexes.index_name (sql/090_filter_indexes.sql) and copy_name
 #: (sql/091_filter_index_copies.sql).
@@ -47,3 +56,49 @@ def test_bad_kinds_and_values_are_refused(kind: str, value: str, says: str) -> N
 def test_the_copy_has_about_the_square_root_of_its_members_in_lists(members: int, lists: int) -> None:
     # One list for a value without members (IVFFlat needs at least one); at most IVFFlat's 32,768.
     assert copy_lists(members) == lists
+
+
+BUILT_AT = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("built", "members", "written", "due"), [
+    (400, 400, 0, None),
+    (400, 440, 40, None),                                        # a tenth: not yet
+    (400, 400, 41, "41 of the 400 members"),                     # rewritten in place
+    (400, 441, 0, "41 of the 400 members"),                      # grown (written before the build's count)
+    (400, 359, 0, "41 of the 400 members"),                      # shrunk
+    (0, 1, 1, "1 of the 0 members"),                             # built empty: any member
+    (0, 0, 0, None),
+])
+def test_a_copy_is_due_once_more_than_a_tenth_of_its_members_changed(
+    built: int, members: int, written: int, due: str | None
+) -> None:
+    reason = refresh_reason(True, built, BUILT_AT, members, written)
+    if due is None:
+        assert reason is None
+    else:
+        assert reason is not None and reason.startswith(f"{due} its copy was built for changed since 2026-12-01T12:00")
+        assert reason.endswith(f"({written} written, now {members})")
+
+
+@pytest.mark.parametrize(("valid", "built"), [(False, 400), (True, None), (False, None)])
+def test_a_filter_index_without_a_valid_copy_is_due(valid: bool, built: int | None) -> None:
+    assert refresh_reason(valid, built, BUILT_AT, 400, 0) == "no valid copy of its 400 members"
+    assert filter_indexes_due([("tag", "sale", valid, built, BUILT_AT, 400, 0),
+                               ("tag", "new", True, 400, BUILT_AT, 400, 0)]) == [
+        ("tag", "sale", "no valid copy of its 400 members")
+    ]
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["refresh", "--force"], "--force is for refresh, with --category or --tag"),
+    (["create", "--tag", "sale", "--force"], "--force is for refresh, with --category or --tag"),
+    (["drop"], "create and drop need --category or --tag"),
+])
+def test_the_command_refuses_options_that_do_not_go_together(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        filter_index_main(argv)
+    assert exit_.value.code == 2
+    assert says in capsys.readouterr().err
