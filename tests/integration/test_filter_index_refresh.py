@@ -31,11 +31,15 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def category(stack: Stack, stack_env: dict[str, str]) -> Iterator[str]:
-    """A category of this test's own, whose items and filter index are removed after it."""
+    """A category of this test's own, whose items and filter index are removed after it, and the
+    recall calibrations the maintenance runs made meanwhile (the catalogue's state for other tests)."""
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        (before,) = conn.execute("SELECT coalesce(max(id), 0) FROM recall_calibrations").fetchone() or (0,)
     with id_prefix(stack, "r") as token:
         yield f"{token}cat"
         with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
             drop_filter_index(conn, "category", f"{token}cat")
+            conn.execute("DELETE FROM recall_calibrations WHERE id > %s", [before])
 
 
 def _add(conn: psycopg.Connection[Any], category: str, first: int, n: int, dim: int) -> None:
