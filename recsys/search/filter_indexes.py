@@ -102,9 +102,6 @@ CALIBRATION_AVOIDED = 10
 #: and ``calibration_k``).
 CALIBRATION_EF = 100
 CALIBRATION_K = 10
-#: Sampled items judged per statement while looking for those with no member nearby: at most
-#: this many judged beyond the last one needed.
-AVOIDED_CHUNK = 100
 SWEEP_RECALL = 0.99
 #: Share of a copy's members that must have changed since it was built (written, or their number
 #: moved) for ``refresh`` to build it again: the same share as the recall calibration's.
@@ -295,27 +292,25 @@ def calibrate_sweep(
     else:
         log.info("calibrated on sampled items only: %d of %d sampled items have no member among their %d nearest",
                  len(avoided), CALIBRATION_SAMPLE, CALIBRATION_EF)
-    # Every item of a sample in one statement (a round trip per sample and width, not per item: the
-    # command often runs far from the server).
     order = sql.SQL(
-        "SELECT s.id, ARRAY(SELECT i.id FROM items i WHERE {predicate} AND i.id <> s.id ORDER BY"
-        " l2_normalize(i.embedding)::halfvec({dim}) <=> l2_normalize(q.embedding)::halfvec({dim}) LIMIT %(k)s)"
-        " FROM unnest(%(ids)s::text[]) s(id) JOIN items q ON q.id = s.id"
+        "SELECT i.id FROM items i WHERE {predicate} AND i.id <> %(q)s ORDER BY"
+        " l2_normalize(i.embedding)::halfvec({dim}) <=> l2_normalize((SELECT embedding FROM items WHERE id = %(q)s))"
+        "::halfvec({dim}) LIMIT %(k)s"
     ).format(predicate=predicate, dim=sql.Literal(dimension))
 
-    def nearest(sample: list[str], probes: int) -> dict[str, set[str]]:
+    def nearest(q: str, probes: int) -> list[str]:
         with conn.transaction():
             conn.execute("SELECT set_config('ivfflat.probes', %s, true), set_config('enable_sort', 'off', true)",
                          [str(probes)])
-            return {q: set(ids) for q, ids in conn.execute(order, {"ids": sample, "k": CALIBRATION_K})}
+            return [r[0] for r in conn.execute(order, {"q": q, "k": CALIBRATION_K}).fetchall()]
 
-    truths = [nearest(sample, lists) for sample in samples]
+    truths = [{q: set(nearest(q, lists)) for q in sample} for sample in samples]
 
     def recall(probes: int) -> float:
         """The lower of the samples' mean recalls with ``probes`` lists read."""
         return min(
-            sum(len(found.get(q, set()) & best) / max(len(best), 1) for q, best in truth.items()) / len(truth)
-            for truth, found in ((truth, nearest(list(truth), probes)) for truth in truths)
+            sum(len(set(nearest(q, probes)) & best) / max(len(best), 1) for q, best in truth.items()) / len(truth)
+            for truth in truths
         )
 
     # The fewest probes at the recall asked: doubling, then halving the interval.
@@ -346,25 +341,22 @@ def _sample(conn: psycopg.Connection[Any], n: int, *, seed: float, where: sql.Co
 
 
 def _queries_the_filter_avoids(conn: psycopg.Connection[Any], predicate: sql.Composable) -> list[str]:
-    """Up to ``CALIBRATION_QUERIES`` sampled items with no member among their nearest, the first
-    ones in the sample's order (``AVOIDED_CHUNK`` items judged per statement)."""
+    """Up to ``CALIBRATION_QUERIES`` sampled items with no member among their nearest."""
     sample = _sample(conn, CALIBRATION_SAMPLE, seed=0.42, where=sql.SQL("NOT ({})").format(predicate))
-    # The predicate's columns are those of the nearest (the innermost scope), not the query item's.
-    avoided = sql.SQL(
-        "SELECT s.id FROM unnest(%(ids)s::text[]) WITH ORDINALITY s(id, n) JOIN items q ON q.id = s.id"
-        " WHERE NOT EXISTS (SELECT FROM (SELECT i.category, i.tags FROM items i"
-        "                                ORDER BY i.embedding <=> q.embedding LIMIT %(ef)s) near WHERE {predicate})"
-        " ORDER BY s.n"
+    members_near = sql.SQL(
+        "SELECT count(*) FILTER (WHERE {predicate}) FROM (SELECT category, tags FROM items"
+        " ORDER BY embedding <=> (SELECT embedding FROM items WHERE id = %s) LIMIT %s) n"
     ).format(predicate=predicate)
     found: list[str] = []
-    for start in range(0, len(sample), AVOIDED_CHUNK):
+    for q in sample:
         with conn.transaction():
             conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(CALIBRATION_EF)])
-            rows = conn.execute(avoided, {"ids": sample[start:start + AVOIDED_CHUNK], "ef": CALIBRATION_EF})
-            found += [r[0] for r in rows]
-        if len(found) >= CALIBRATION_QUERIES:
-            break
-    return found[:CALIBRATION_QUERIES]
+            row = conn.execute(members_near, [q, CALIBRATION_EF]).fetchone()
+        if row and row[0] == 0:
+            found.append(q)
+            if len(found) == CALIBRATION_QUERIES:
+                break
+    return found
 
 
 def copy_lists(members: int) -> int:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, ClassVar
 
 import numpy as np
 import psycopg
@@ -304,36 +303,6 @@ def test_create_calibrates_the_sweep_on_sampled_items_and_on_items_whose_neighbo
     assert {m for _, methods in calibrated + narrow for m in methods} == {"filter_index"}
     recall, narrow_recall = np.mean([r for r, _ in calibrated]), np.mean([r for r, _ in narrow])
     assert recall >= 0.95 and narrow_recall < recall - 0.1, (recall, narrow_recall)
-
-
-class _CountingCursor(psycopg.Cursor):
-    """A cursor that keeps the statements its connection's cursors send, in ``statements``."""
-
-    statements: ClassVar[list[str]] = []
-
-    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        self.statements.append(query.as_string(self) if isinstance(query, sql.Composable) else str(query))
-        return super().execute(query, params, **kwargs)
-
-
-def test_the_calibration_asks_one_statement_per_sample_and_width_not_one_per_item(
-    stack: Stack, indexed: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The 50 % tag: 50 items drawn at random and 50 of the first items found among up to 2,000
-    # whose neighbourhood it avoids, each sample's nearest members at a dozen widths or so. One
-    # statement per sample and width, and per hundred items looked at for the second sample: well
-    # under 200 statements (one per item would be thousands), and the width `create` found.
-    monkeypatch.setattr(_CountingCursor, "statements", [])
-    predicate = sql.SQL("tags && ARRAY[{}]::text[]").format(sql.Literal(WIDE))
-    with psycopg.connect(stack.admin_conninfo(), autocommit=True, cursor_factory=_CountingCursor) as admin:
-        index = next(i for i in list_filter_indexes(admin) if i.value == WIDE)
-        _CountingCursor.statements.clear()
-        width = filter_indexes.calibrate_sweep(admin, predicate, stack.config.embedding_dim, index.members,
-                                               index.copy_lists)
-    statements = _CountingCursor.statements
-    assert width == index.sweep_width
-    assert 20 < len(statements) < 200, len(statements)
-    assert sum("unnest" in s for s in statements) >= len(statements) // 2 - 4
 
 
 def test_the_migration_clears_the_widths_calibrated_before_the_sampled_items(
