@@ -602,7 +602,9 @@ def test_a_member_estimated_far_beyond_the_probe_means_the_filter_avoids_the_que
 
 
 def _scans(admin: psycopg.Connection, name: str) -> int:
-    """How many scans of the index ``name`` the statistics have counted."""
+    """How many scans of the index ``name`` the statistics have counted, ``admin``'s own scans
+    (a ``create``'s calibration) flushed first, so that they are not counted later."""
+    admin.execute("SELECT pg_stat_force_next_flush()")
     row = admin.execute("SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = %s", [name]).fetchone()
     assert row is not None
     return int(row[0])
@@ -724,8 +726,6 @@ def test_members_that_tie_across_the_copys_margin_are_answered_from_the_table(
                       [tag, [catalogue.ids[i] for i in others]])
         try:
             create_filter_index(admin, "tag", tag, maintenance_work_mem="64MB")
-            # The calibration's scans of the copy counted now, not later while this test counts.
-            admin.execute("SELECT pg_stat_force_next_flush()")
             with psycopg.connect(stack.direct_url(), autocommit=True) as conn:
                 copy = copy_index_name("tag", tag)
                 before = _scans(admin, copy)
