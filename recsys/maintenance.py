@@ -18,7 +18,10 @@ One run, as the ``maintenance_timer`` function does on ``RECSYS_MAINTENANCE_SCHE
 7. the filter indexes whose copy is due to be built again (more than a tenth of its members
    changed since it was built: ``recsys.search.filter_indexes.refresh_reason``) are named, with a
    warning: the build needs the table's owner on a direct connection, ``python -m recsys
-   filter-index refresh``, which this run's role and pool are not.
+   filter-index refresh``, which this run's role and pool are not; so are, for the indexed fields
+   (``filter-index create --every-tag``), the values that have reached their rule's bound without
+   a filter index, and the filter indexes a rule made whose value fell below half of it
+   (``recsys.search.filter_indexes.FIELD_PLAN``).
 
 Every cut-off is computed from one ``now``, so a run is reproducible; the run is logged with
 what it did.
@@ -146,7 +149,7 @@ async def housekeeping(settings: Settings | None = None, *, now: datetime | None
     """
     from recsys.db.pool import get_pool
     from recsys.search.calibration import CalibrationError, calibrate
-    from recsys.search.filter_indexes import DRIFT, DRIFT_PARAMS, filter_indexes_due
+    from recsys.search.filter_indexes import DRIFT, DRIFT_PARAMS, FIELD_PLAN, field_plan_reason, filter_indexes_due
 
     settings = settings or get_settings()
     now = now or datetime.now(UTC)
@@ -186,10 +189,16 @@ async def housekeeping(settings: Settings | None = None, *, now: datetime | None
     try:
         async with pool.connection() as conn:
             drift = await (await conn.execute(DRIFT, DRIFT_PARAMS)).fetchall()
+            plan = await (await conn.execute(FIELD_PLAN)).fetchall()
         for kind, value, reason in filter_indexes_due(drift):
             report.filter_indexes_due.append(f"{kind} {value!r}: {reason}")
             log.warning("the copy of the filter index of %s %r is due to be built again (%s):"
                         " python -m recsys filter-index refresh --%s %s", kind, value, reason, kind, shlex.quote(value))
+        for action, kind, value, members, bound in plan:
+            reason = field_plan_reason(action, kind, value, int(members), None if bound is None else int(bound))
+            report.filter_indexes_due.append(f"{kind} {value!r}: to {action}, {reason}")
+            log.warning("the filter index of %s %r is due to be %s (%s): python -m recsys filter-index refresh",
+                        kind, value, "built" if action == "create" else "dropped", reason)
     except psycopg.Error as exc:
         report.errors.append(f"filter_indexes_due: {exc}")
     log.info("housekeeping: %s", json.dumps(report.to_dict()))

@@ -24,6 +24,11 @@ copy was built: once more than a tenth of them have been written since, or their
 by more than a tenth (``refresh_reason``), ``refresh`` builds the copy again, and the maintenance
 run names the filter indexes due (``sql/094_filter_index_refresh.sql``).
 
+An indexed field (``create --every-tag``, ``sql/095_indexed_fields.sql``) is a rule: every value
+of the field with at least so many members has a filter index. ``refresh`` applies the rules
+(``FIELD_PLAN``): it builds the filter indexes of values that reached the bound, and drops those a
+rule made once their value falls under half of it.
+
 ``python -m recsys filter-index create --category books`` builds both with ``CREATE INDEX
 CONCURRENTLY`` (writes go on meanwhile) and the catalogue's HNSW parameters and operator class,
 then records them in ``filter_indexes``, which the query function reads. The value becomes the
@@ -39,7 +44,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -49,19 +54,27 @@ import psycopg
 from psycopg import sql
 
 __all__ = [
+    "DEFAULT_MIN_MEMBERS",
     "DRIFT",
     "DRIFT_PARAMS",
+    "FIELD_PLAN",
     "KINDS",
     "FilterIndex",
+    "IndexedField",
+    "apply_indexed_fields",
     "copy_index_name",
     "copy_lists",
     "create_filter_index",
     "drop_filter_index",
+    "field_plan_reason",
     "filter_index_main",
     "filter_index_name",
     "filter_indexes_due",
     "list_filter_indexes",
+    "list_indexed_fields",
     "refresh_reason",
+    "set_indexed_field",
+    "unset_indexed_field",
 ]
 
 log = logging.getLogger("recsys.filter_indexes")
@@ -130,6 +143,9 @@ class FilterIndex:
     #: before they were recorded.
     copy_members: int | None
     copy_built_at: str | None
+    #: Made by the rule of an indexed field (``IndexedField``), which drops it once its value falls
+    #: below half the rule's bound; False for one created by name, which no rule drops.
+    automatic: bool
 
 
 def filter_index_name(kind: str, value: str) -> str:
@@ -164,7 +180,7 @@ def list_filter_indexes(conn: psycopg.Connection[Any]) -> list[FilterIndex]:
         " coalesce((SELECT o.option_value::integer FROM pg_options_to_table(cc.reloptions) o"
         "           WHERE o.option_name = 'lists'), 0),"
         " f.sweep_width, f.copy_members,"
-        " to_char(f.copy_built_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+        " to_char(f.copy_built_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), f.automatic"
         " FROM filter_indexes f"
         " LEFT JOIN pg_class c ON c.relname = f.index_name AND c.relnamespace = 'public'::regnamespace"
         " LEFT JOIN pg_index x ON x.indexrelid = c.oid"
@@ -186,6 +202,7 @@ def create_filter_index(
     ef_construction: int = 64,
     maintenance_work_mem: str = "1GB",
     rebuild_copy: bool = False,
+    automatic: bool | None = False,
 ) -> FilterIndex:
     """Build the filter index of ``kind`` = ``value`` and its exact copy, each unless a valid one
     exists, and record them.
@@ -199,6 +216,10 @@ def create_filter_index(
     one is recorded, requests filtered on the value are answered without a copy (the graph, or the
     exact scan of the table), never by a copy whose lists the record does not describe. A build
     that fails leaves the filter index without a copy, due to be refreshed.
+
+    ``automatic``: made by an indexed field's rule (True), or by name (False: an automatic filter
+    index so created becomes one that no rule drops); None keeps what the record says (a new
+    record: by name).
     """
     name, copy = filter_index_name(kind, value), copy_index_name(kind, value)
     if rebuild_copy:
@@ -259,12 +280,17 @@ def create_filter_index(
     # The copy's own lists: a valid copy built before the members changed keeps those it has.
     width = calibrate_sweep(conn, predicate, dimension, members, _lists(conn, copy))
     conn.execute(
-        "INSERT INTO filter_indexes (kind, value, index_name, copy_name, sweep_width, copy_members, copy_built_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+        "INSERT INTO filter_indexes"
+        " (kind, value, index_name, copy_name, sweep_width, copy_members, copy_built_at, automatic)"
+        " VALUES (%(kind)s, %(value)s, %(name)s, %(copy)s, %(width)s, %(members)s, %(built_at)s,"
+        "         coalesce(%(automatic)s, false))"
         " ON CONFLICT (kind, value) DO UPDATE SET copy_name = EXCLUDED.copy_name, sweep_width = EXCLUDED.sweep_width,"
         " copy_members = coalesce(EXCLUDED.copy_members, filter_indexes.copy_members),"
-        " copy_built_at = coalesce(EXCLUDED.copy_built_at, filter_indexes.copy_built_at)",
-        [kind, value, name, copy, width, members if copy_built else None, started if copy_built else None],
+        " copy_built_at = coalesce(EXCLUDED.copy_built_at, filter_indexes.copy_built_at),"
+        " automatic = coalesce(%(automatic)s, filter_indexes.automatic)",
+        {"kind": kind, "value": value, "name": name, "copy": copy, "width": width,
+         "members": members if copy_built else None, "built_at": started if copy_built else None,
+         "automatic": automatic},
     )
     return next(i for i in list_filter_indexes(conn) if i.index_name == name)
 
@@ -446,15 +472,123 @@ def filter_indexes_due(drift: Iterable[Sequence[Any]]) -> list[tuple[str, str, s
     return [(kind, value, reason) for kind, value, *row in drift if (reason := refresh_reason(*row))]
 
 
+#: The bound of an indexed field's rule when none is given: an exact scan of 2,000 members costs
+#: about twice the unfiltered search at 200,000 items warm (a 0.5 % tag's 1,000 members: 0.9
+#: times, ``bench filters``), and it is the members of values above such a bound that an
+#: anti-correlated filter leaves to the exact scan or to a walk past the query's neighbourhood.
+DEFAULT_MIN_MEMBERS = 2000
+
+
+@dataclass(frozen=True)
+class IndexedField:
+    """A rule: every value of ``kind`` with at least ``min_members`` items has a filter index."""
+
+    kind: str
+    min_members: int
+    created_at: str
+
+
+#: The filter indexes the rules ask for and lack ('create'), and those they made that their value
+#: no longer earns ('drop': under half the bound, or the rule is gone): action, kind, value, its
+#: members now and the rule's bound (NULL without a rule). A tag counts once per item however
+#: often the item names it; a value longer than a filter index's is left out.
+FIELD_PLAN = """
+WITH counts AS (
+    SELECT 'category'::text AS kind, i.category AS value, count(*) AS members
+      FROM items i
+     WHERE i.category IS NOT NULL AND EXISTS (SELECT FROM indexed_fields r WHERE r.kind = 'category')
+     GROUP BY i.category
+    UNION ALL
+    SELECT 'tag', u.value, count(*)
+      FROM items i CROSS JOIN LATERAL (SELECT DISTINCT t FROM unnest(i.tags) t) u(value)
+     WHERE EXISTS (SELECT FROM indexed_fields r WHERE r.kind = 'tag')
+     GROUP BY u.value
+)
+SELECT 'create' AS action, c.kind, c.value, c.members, r.min_members
+  FROM counts c JOIN indexed_fields r ON r.kind = c.kind
+ WHERE c.members >= r.min_members AND length(c.value) BETWEEN 1 AND 256
+   AND NOT EXISTS (SELECT FROM filter_indexes f WHERE f.kind = c.kind AND f.value = c.value)
+UNION ALL
+SELECT 'drop', f.kind, f.value, coalesce(c.members, 0), r.min_members
+  FROM filter_indexes f
+  LEFT JOIN indexed_fields r ON r.kind = f.kind
+  LEFT JOIN counts c ON c.kind = f.kind AND c.value = f.value
+ WHERE f.automatic AND (r.kind IS NULL OR coalesce(c.members, 0) * 2 < r.min_members)
+ ORDER BY 1, 2, 4 DESC, 3
+"""
+
+
+def field_plan_reason(action: str, kind: str, value: str, members: int, bound: int | None) -> str:
+    """Why a row of ``FIELD_PLAN`` asks to build or drop a filter index."""
+    if action == "create":
+        return f"{members} members: every {kind} of {bound} members or more has a filter index"
+    if bound is None:
+        return f"made for the rule of every {kind}, which is gone"
+    return f"{members} members, under half the {bound} of the rule that made it"
+
+
+def set_indexed_field(conn: psycopg.Connection[Any], kind: str, min_members: int) -> IndexedField:
+    """Record (or change) the rule of ``kind``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}")
+    if min_members < 1:
+        raise ValueError("min_members must be at least 1")
+    conn.execute(
+        "INSERT INTO indexed_fields (kind, min_members) VALUES (%s, %s)"
+        " ON CONFLICT (kind) DO UPDATE SET min_members = EXCLUDED.min_members",
+        [kind, min_members],
+    )
+    return next(f for f in list_indexed_fields(conn) if f.kind == kind)
+
+
+def list_indexed_fields(conn: psycopg.Connection[Any]) -> list[IndexedField]:
+    rows = conn.execute(
+        "SELECT kind, min_members, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+        " FROM indexed_fields ORDER BY kind"
+    ).fetchall()
+    return [IndexedField(str(kind), int(bound), str(created)) for kind, bound, created in rows]
+
+
+def apply_indexed_fields(conn: psycopg.Connection[Any], *, build: dict[str, Any],
+                         kind: str | None = None) -> Iterator[dict[str, Any]]:
+    """Build the filter indexes the rules ask for and drop those they no longer earn (of ``kind``
+    alone, if given), the largest values first; yield a line for each, what was done and why."""
+    for action, row_kind, value, members, bound in conn.execute(FIELD_PLAN).fetchall():
+        if kind is not None and row_kind != kind:
+            continue
+        reason = field_plan_reason(action, row_kind, value, int(members), None if bound is None else int(bound))
+        line: dict[str, Any] = {"action": action, "kind": row_kind, "value": value, "reason": reason}
+        log.info("%s the filter index of %s %r: %s", "building" if action == "create" else "dropping",
+                 row_kind, value, reason)
+        if action == "create":
+            line["index"] = asdict(create_filter_index(conn, row_kind, value, automatic=True, **build))
+        else:
+            line["dropped"] = drop_filter_index(conn, row_kind, value)
+        yield line
+
+
+def unset_indexed_field(conn: psycopg.Connection[Any], kind: str) -> bool:
+    """Forget the rule of ``kind``; False when there was none. The filter indexes it made go at
+    the next ``apply_indexed_fields``."""
+    return conn.execute("DELETE FROM indexed_fields WHERE kind = %s", [kind]).rowcount > 0
+
+
 def filter_index_main(argv: list[str]) -> int:
-    """``python -m recsys filter-index create|drop|list|refresh``."""
+    """``python -m recsys filter-index create|drop|list|fields|refresh``."""
     parser = argparse.ArgumentParser(prog="python -m recsys filter-index",
                                      description="partial HNSW indexes for a category or a tag, and exact copies")
-    parser.add_argument("action", choices=["create", "drop", "list", "refresh"],
-                        help="refresh: build again the copies due (every filter index's, or the one named)")
+    parser.add_argument("action", choices=["create", "drop", "list", "fields", "refresh"],
+                        help="fields: the indexed fields' rules; refresh: apply the rules, then build again the"
+                             " copies due (every filter index's, or the one named)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--category", help="the category whose items the index holds")
     which.add_argument("--tag", help="the tag whose items the index holds")
+    which.add_argument("--every-category", action="store_true",
+                       help="create: a filter index for every category of --min-members items or more, now and as"
+                            " they grow (applied by refresh); drop: forget that rule and drop the indexes it made")
+    which.add_argument("--every-tag", action="store_true", help="the same for every tag")
+    parser.add_argument("--min-members", type=int, default=None,
+                        help=f"with create --every-*: the rule's bound (default {DEFAULT_MIN_MEMBERS})")
     parser.add_argument("--url", help="a direct (not PgBouncer) URL of the table's owner, e.g. on Azure")
     parser.add_argument("--root", help="folder of the local stack (default: .stack/)")
     parser.add_argument("--maintenance-work-mem", default="1GB", help="memory for the build (default 1GB)")
@@ -462,8 +596,15 @@ def filter_index_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     chosen = [(kind, getattr(args, kind)) for kind in KINDS if getattr(args, kind) is not None]
-    if args.action in ("create", "drop") and not chosen:
-        parser.error("create and drop need --category or --tag")
+    field = next((kind for kind in KINDS if getattr(args, f"every_{kind}")), None)
+    if args.action in ("create", "drop") and not chosen and field is None:
+        parser.error("create and drop need --category, --tag, --every-category or --every-tag")
+    if field is not None and args.action not in ("create", "drop"):
+        parser.error("--every-category and --every-tag are for create and drop")
+    if args.min_members is not None and not (args.action == "create" and field is not None):
+        parser.error("--min-members is for create --every-category or --every-tag")
+    if args.min_members is not None and args.min_members < 1:
+        parser.error("--min-members must be at least 1")
     if args.force and not (args.action == "refresh" and chosen):
         parser.error("--force is for refresh, with --category or --tag")
     from recsys.config import SettingsError, load_settings
@@ -484,9 +625,24 @@ def filter_index_main(argv: list[str]) -> int:
             if args.action == "list":
                 print(json.dumps([asdict(i) for i in list_filter_indexes(conn)], indent=2))
                 return 0
+            if args.action == "fields":
+                print(json.dumps([asdict(f) for f in list_indexed_fields(conn)], indent=2))
+                return 0
             build = {"m": settings.hnsw_m, "ef_construction": settings.hnsw_ef_construction,
                      "maintenance_work_mem": args.maintenance_work_mem}
+            if field is not None:
+                if args.action == "create":
+                    rule = set_indexed_field(conn, field, args.min_members or DEFAULT_MIN_MEMBERS)
+                    print(json.dumps({"rule": asdict(rule)}))
+                else:
+                    print(json.dumps({"kind": field, "rule_dropped": unset_indexed_field(conn, field)}))
+                for line in apply_indexed_fields(conn, build=build, kind=field):
+                    print(json.dumps(line))
+                return 0
             if args.action == "refresh":
+                if not chosen:
+                    for line in apply_indexed_fields(conn, build=build):
+                        print(json.dumps(line))
                 return _refresh(conn, chosen[0] if chosen else None, force=args.force, build=build)
             kind, value = chosen[0]
             if args.action == "create":
@@ -521,6 +677,6 @@ def _refresh(
         line: dict[str, Any] = {"kind": kind, "value": value, "refreshed": reason is not None, "reason": reason}
         if reason is not None:
             log.info("refreshing the filter index of %s %r: %s", kind, value, reason)
-            line["index"] = asdict(create_filter_index(conn, kind, value, rebuild_copy=True, **build))
+            line["index"] = asdict(create_filter_index(conn, kind, value, rebuild_copy=True, automatic=None, **build))
         print(json.dumps(line))
     return 0

@@ -238,3 +238,95 @@ def test_a_refresh_that_fails_leaves_the_filter_index_without_a_copy_answering_e
         rebuilt = create_filter_index(admin, "category", category, maintenance_work_mem="64MB")
     assert (rebuilt.copy_valid, rebuilt.copy_members) == (True, 400)
     assert _nearest(own, category, query) == (truth, {"exact"})
+
+
+def _tag_items(conn: psycopg.Connection[Any], prefix: str, tags: dict[int, list[str]]) -> None:
+    """Items ``prefix-i`` with ``tags[i]``, from the catalogue's spare items (``i`` under 600)."""
+    with conn.cursor().copy("COPY items (id, embedding, tags) FROM STDIN WITH (FORMAT BINARY)") as copy:
+        copy.set_types(["text", "vector", "text[]"])
+        for i, names in tags.items():
+            copy.write_row((f"{prefix}-{i:04d}", CATALOGUE.vectors[BASE + 400 + i], names))
+
+
+def _automatic(own: Stack, prefix: str) -> dict[str, bool]:
+    with psycopg.connect(own.admin_conninfo(), autocommit=True) as conn:
+        return {i.value: i.automatic for i in list_filter_indexes(conn) if i.value.startswith(prefix)}
+
+
+async def test_an_indexed_field_keeps_a_filter_index_for_every_value_of_its_bound_or_more(
+    own: Stack, settings: Settings, pools: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    big, middle, small = f"{prefix}-big", f"{prefix}-middle", f"{prefix}-small"
+    url = ["--url", own.admin_conninfo(), "--maintenance-work-mem", "64MB"]
+    try:
+        with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
+            register_vector(admin)
+            # 300, 150 and 40 members; an item that names its tag twice counts once.
+            _tag_items(admin, prefix, {i: [big, big] if i == 0 else [big] for i in range(300)}
+                       | {i: [middle] for i in range(300, 450)} | {i: [small] for i in range(450, 490)})
+        assert filter_index_main(["create", "--every-tag", "--min-members", "120", *url]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert lines[0]["rule"]["kind"] == "tag" and lines[0]["rule"]["min_members"] == 120
+        assert [(line["action"], line["value"], line["reason"]) for line in lines[1:]] == [
+            ("create", big, "300 members: every tag of 120 members or more has a filter index"),
+            ("create", middle, "150 members: every tag of 120 members or more has a filter index"),
+        ]
+        assert all(line["index"]["valid"] and line["index"]["copy_valid"] for line in lines[1:])
+        assert _automatic(own, prefix) == {big: True, middle: True}
+        assert filter_index_main(["fields", "--url", own.admin_conninfo()]) == 0
+        assert [(f["kind"], f["min_members"]) for f in json.loads(capsys.readouterr().out)] == [("tag", 120)]
+        report = await housekeeping(settings)
+        assert _step_errors(report) == [] and [line for line in report.filter_indexes_due if prefix in line] == []
+
+        # The small tag reaches the bound, the middle one falls to 70 (not under half of it) then 55.
+        with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
+            register_vector(admin)
+            _tag_items(admin, prefix, {i: [small, "other"] for i in range(490, 570)})
+            admin.execute("DELETE FROM items WHERE tags && ARRAY[%s] AND id < %s", [middle, f"{prefix}-0380"])
+        report = await housekeeping(settings)
+        # The middle tag's copy is due as any other (80 of its 150 members went).
+        assert [line.split(" since ")[0] for line in report.filter_indexes_due if prefix in line] == [
+            f"tag {middle!r}: 80 of the 150 members its copy was built for changed",
+            f"tag {small!r}: to create, 120 members: every tag of 120 members or more has a filter index",
+        ]
+        with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
+            admin.execute("DELETE FROM items WHERE tags && ARRAY[%s] AND id < %s", [middle, f"{prefix}-0395"])
+        report = await housekeeping(settings)
+        assert [line for line in report.filter_indexes_due if prefix in line and ": to " in line] == [
+            f"tag {small!r}: to create, 120 members: every tag of 120 members or more has a filter index",
+            f"tag {middle!r}: to drop, 55 members, under half the 120 of the rule that made it",
+        ]
+        # `refresh` applies the rule first: the middle tag's copy is not built again, its filter
+        # index goes.
+        assert filter_index_main(["refresh", *url]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(line.get("action", "refresh"), line["value"]) for line in lines
+                if line["value"].startswith(prefix)] == [("create", small), ("drop", middle)]
+        assert _automatic(own, prefix) == {big: True, small: True}
+        report = await housekeeping(settings)
+        assert [line for line in report.filter_indexes_due if prefix in line] == []
+
+        # A rule over every category whose bound no category reaches builds nothing.
+        assert filter_index_main(["create", "--every-category", "--min-members", "100000", *url]) == 0
+        assert [json.loads(line) for line in capsys.readouterr().out.splitlines()][1:] == []
+        assert filter_index_main(["drop", "--every-category", *url]) == 0
+        assert json.loads(capsys.readouterr().out) == {"kind": "category", "rule_dropped": True}
+
+        # Created by name, a filter index is no rule's: dropping the rule drops only the others.
+        assert filter_index_main(["create", "--tag", big, *url]) == 0
+        assert json.loads(capsys.readouterr().out)["automatic"] is False
+        assert filter_index_main(["drop", "--every-tag", *url]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert lines[0] == {"kind": "tag", "rule_dropped": True}
+        assert [(line["action"], line["value"], line["reason"], line["dropped"]) for line in lines[1:]] == [
+            ("drop", small, "made for the rule of every tag, which is gone", True)
+        ]
+        assert _automatic(own, prefix) == {big: False}
+    finally:
+        with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
+            admin.execute("DELETE FROM indexed_fields")
+            for value in (big, middle, small):
+                drop_filter_index(admin, "tag", value)
+            admin.execute("DELETE FROM items WHERE id LIKE %s", [f"{prefix}-%"])
+

@@ -11,6 +11,7 @@ from recsys.search.filter_indexes import (
     KINDS,
     copy_index_name,
     copy_lists,
+    field_plan_reason,
     filter_index_main,
     filter_index_name,
     filter_indexes_due,
@@ -93,7 +94,13 @@ def test_a_filter_index_without_a_valid_copy_is_due(valid: bool, built: int | No
 @pytest.mark.parametrize(("argv", "says"), [
     (["refresh", "--force"], "--force is for refresh, with --category or --tag"),
     (["create", "--tag", "sale", "--force"], "--force is for refresh, with --category or --tag"),
-    (["drop"], "create and drop need --category or --tag"),
+    (["drop"], "create and drop need --category, --tag, --every-category or --every-tag"),
+    (["create", "--tag", "x", "--min-members", "5"], "--min-members is for create --every-category or --every-tag"),
+    (["drop", "--every-tag", "--min-members", "5"], "--min-members is for create --every-category or --every-tag"),
+    (["create", "--every-tag", "--min-members", "0"], "--min-members must be at least 1"),
+    (["refresh", "--every-tag"], "--every-category and --every-tag are for create and drop"),
+    (["list", "--every-category"], "--every-category and --every-tag are for create and drop"),
+    (["create", "--every-tag", "--tag", "x"], "not allowed with argument"),
 ])
 def test_the_command_refuses_options_that_do_not_go_together(
     argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
@@ -102,3 +109,14 @@ def test_the_command_refuses_options_that_do_not_go_together(
         filter_index_main(argv)
     assert exit_.value.code == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("row", "says"), [
+    (("create", "tag", "sale", 5123, 2000), "5123 members: every tag of 2000 members or more has a filter index"),
+    (("drop", "category", "books", 999, 2000), "999 members, under half the 2000 of the rule that made it"),
+    (("drop", "tag", "sale", 0, None), "made for the rule of every tag, which is gone"),
+])
+def test_the_rules_of_indexed_fields_say_why_they_build_or_drop(
+    row: tuple[str, str, str, int, int | None], says: str
+) -> None:
+    assert field_plan_reason(*row) == says
