@@ -53,6 +53,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from recsys.maintenance import RECALIBRATE_FRACTION
+
 __all__ = [
     "DEFAULT_MIN_MEMBERS",
     "DRIFT",
@@ -118,7 +120,7 @@ CALIBRATION_K = 10
 SWEEP_RECALL = 0.99
 #: Share of a copy's members that must have changed since it was built (written, or their number
 #: moved) for ``refresh`` to build it again: the same share as the recall calibration's.
-REFRESH_FRACTION = 0.1
+REFRESH_FRACTION = RECALIBRATE_FRACTION
 _EVERY_ITEM = sql.SQL("true")
 
 
