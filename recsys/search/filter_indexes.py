@@ -74,6 +74,7 @@ __all__ = [
     "filter_indexes_due",
     "list_filter_indexes",
     "list_indexed_fields",
+    "metadata_pair",
     "refresh_reason",
     "set_indexed_field",
     "unset_indexed_field",
@@ -81,8 +82,9 @@ __all__ = [
 
 log = logging.getLogger("recsys.filter_indexes")
 
-#: The filter a partial index can stand for -> the column its predicate reads.
-KINDS = {"category": "category", "tag": "tags"}
+#: The filter a partial index can stand for -> the column its predicate reads. A metadata filter
+#: index stands for one pair (``metadata_pair``), which requests ask for among others.
+KINDS = {"category": "category", "tag": "tags", "metadata": "metadata"}
 #: The index orders unit vectors by inner product (``l2_normalize(embedding) <#> ...``), the order
 #: of cosine distance: an ORDER BY that the shared cosine index cannot serve, so that the planner
 #: never takes the shared index for a filter index's search.
@@ -99,6 +101,7 @@ _PREDICATES = {
     # The forms recsys_nearest writes, so that the planner proves the index applies.
     "category": sql.SQL("category = {value}"),
     "tag": sql.SQL("tags && ARRAY[{value}]::text[]"),
+    "metadata": sql.SQL("metadata @> {value}::jsonb"),
 }
 MAX_VALUE_LENGTH = 256
 #: The sweep's calibration (``calibrate_sweep``): items sampled to find those with no member among
@@ -170,6 +173,33 @@ def _check(kind: str, value: str) -> None:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     if not 1 <= len(value) <= MAX_VALUE_LENGTH:
         raise ValueError(f"a {kind} must be 1 to {MAX_VALUE_LENGTH} characters long")
+    if kind == "metadata":
+        metadata_pair(value)
+
+
+def metadata_pair(text: str) -> str:
+    """A metadata filter index's value: ``text``, a JSON object of one key to a string, a finite
+    number or a boolean (what a request's ``metadata`` filter may ask), written as the index is
+    recorded: ``{"brand": "acme"}``."""
+    shape = 'a metadata pair must be a JSON object of one key, e.g. {"brand": "acme"}'
+    try:
+        pair = json.loads(text)
+    except ValueError:
+        raise ValueError(shape) from None
+    if not isinstance(pair, dict) or len(pair) != 1:
+        raise ValueError(shape)
+    ((key, value),) = pair.items()
+    if not key:
+        raise ValueError("a metadata pair's key must not be empty")
+    if value is None or isinstance(value, dict | list) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"the value of metadata key {key!r} must be a string, a finite number or a boolean")
+    return json.dumps(pair, ensure_ascii=False)
+
+
+def _value(kind: str, value: str) -> str:
+    """The value as recorded: a metadata pair written as ``metadata_pair`` writes it."""
+    _check(kind, value)
+    return metadata_pair(value) if kind == "metadata" else value
 
 
 def list_filter_indexes(conn: psycopg.Connection[Any]) -> list[FilterIndex]:
@@ -223,6 +253,7 @@ def create_filter_index(
     index so created becomes one that no rule drops); None keeps what the record says (a new
     record: by name).
     """
+    value = _value(kind, value)
     name, copy = filter_index_name(kind, value), copy_index_name(kind, value)
     if rebuild_copy:
         conn.execute(
@@ -372,7 +403,7 @@ def _queries_the_filter_avoids(conn: psycopg.Connection[Any], predicate: sql.Com
     """Up to ``CALIBRATION_QUERIES`` sampled items with no member among their nearest."""
     sample = _sample(conn, CALIBRATION_SAMPLE, seed=0.42, where=sql.SQL("NOT ({})").format(predicate))
     members_near = sql.SQL(
-        "SELECT count(*) FILTER (WHERE {predicate}) FROM (SELECT category, tags FROM items"
+        "SELECT count(*) FILTER (WHERE {predicate}) FROM (SELECT category, tags, metadata FROM items"
         " ORDER BY embedding <=> (SELECT embedding FROM items WHERE id = %s) LIMIT %s) n"
     ).format(predicate=predicate)
     found: list[str] = []
@@ -419,6 +450,7 @@ def drop_filter_index(conn: psycopg.Connection[Any], kind: str, value: str) -> b
 
     The record goes first, so that no query is planned for an index about to go.
     """
+    value = _value(kind, value)
     forgotten = conn.execute("DELETE FROM filter_indexes WHERE kind = %s AND value = %s", [kind, value]).rowcount
     dropped = False
     for index in (filter_index_name(kind, value), copy_index_name(kind, value)):
@@ -431,7 +463,7 @@ def drop_filter_index(conn: psycopg.Connection[Any], kind: str, value: str) -> b
 
 #: Per filter index: whether its copy is valid, the members its lists were made for (about lists^2
 #: for a copy built before they were recorded), when, and the members now and written since. Each
-#: count reads only the index of its own kind (the other's condition is false before any row).
+#: count reads only the index of its own kind (the others' condition is false before any row).
 DRIFT = """
 SELECT f.kind, f.value,
        coalesce(cx.indisvalid AND co.opcname = %(opclass)s, false),
@@ -439,7 +471,7 @@ SELECT f.kind, f.value,
                 (SELECT power(o.option_value::integer, 2)::bigint FROM pg_options_to_table(cc.reloptions) o
                   WHERE o.option_name = 'lists')),
        coalesce(f.copy_built_at, f.created_at),
-       c.members + t.members, c.written + t.written
+       c.members + t.members + m.members, c.written + t.written + m.written
   FROM filter_indexes f
   LEFT JOIN pg_class cc ON cc.relname = f.copy_name AND cc.relnamespace = 'public'::regnamespace
   LEFT JOIN pg_index cx ON cx.indexrelid = cc.oid
@@ -452,6 +484,11 @@ SELECT f.kind, f.value,
        SELECT count(*) AS members,
               count(*) FILTER (WHERE i.updated_at > coalesce(f.copy_built_at, f.created_at)) AS written
          FROM items i WHERE f.kind = 'tag' AND i.tags && ARRAY[f.value]) t
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS members,
+              count(*) FILTER (WHERE i.updated_at > coalesce(f.copy_built_at, f.created_at)) AS written
+         FROM items i
+        WHERE f.kind = 'metadata' AND i.metadata @> CASE WHEN f.kind = 'metadata' THEN f.value::jsonb END) m
  ORDER BY f.kind, f.value
 """
 DRIFT_PARAMS = {"opclass": COPY_OPERATOR_CLASS}
@@ -483,96 +520,128 @@ DEFAULT_MIN_MEMBERS = 2000
 
 @dataclass(frozen=True)
 class IndexedField:
-    """A rule: every value of ``kind`` with at least ``min_members`` items has a filter index."""
+    """A rule: every value of ``kind`` (of metadata ``key``) with at least ``min_members`` items has
+    a filter index."""
 
     kind: str
+    #: The metadata key of a rule of kind ``metadata``; "" for the others.
+    key: str
     min_members: int
     created_at: str
 
 
 #: The filter indexes the rules ask for and lack ('create'), and those they made that their value
-#: no longer earns ('drop': under half the bound, or the rule is gone): action, kind, value, its
-#: members now and the rule's bound (NULL without a rule). A tag counts once per item however
-#: often the item names it; a value longer than a filter index's is left out.
+#: no longer earns ('drop': under half the bound, or the rule is gone): action, kind, the rule's
+#: metadata key, value, its members now and the rule's bound (NULL without a rule). A tag counts
+#: once per item however often the item names it; a metadata key's values are its strings, numbers
+#: and booleans, each as a pair (numbers equal as jsonb, 1.5 and 1.50, are one value); a value
+#: longer than a filter index's is left out.
 FIELD_PLAN = """
 WITH counts AS (
-    SELECT 'category'::text AS kind, i.category AS value, count(*) AS members
+    SELECT 'category'::text AS kind, ''::text AS key, i.category AS value, count(*) AS members
       FROM items i
      WHERE i.category IS NOT NULL AND EXISTS (SELECT FROM indexed_fields r WHERE r.kind = 'category')
      GROUP BY i.category
     UNION ALL
-    SELECT 'tag', u.value, count(*)
+    SELECT 'tag', '', u.value, count(*)
       FROM items i CROSS JOIN LATERAL (SELECT DISTINCT t FROM unnest(i.tags) t) u(value)
      WHERE EXISTS (SELECT FROM indexed_fields r WHERE r.kind = 'tag')
      GROUP BY u.value
+    UNION ALL
+    SELECT 'metadata', r.key, jsonb_build_object(r.key, i.metadata -> r.key)::text, count(*)
+      FROM indexed_fields r JOIN items i ON i.metadata ? r.key
+     WHERE r.kind = 'metadata' AND jsonb_typeof(i.metadata -> r.key) IN ('string', 'number', 'boolean')
+     GROUP BY r.key, i.metadata -> r.key
+), indexes AS (
+    SELECT f.kind, f.value, f.automatic,
+           CASE WHEN f.kind = 'metadata' THEN (SELECT k FROM jsonb_object_keys(f.value::jsonb) k LIMIT 1)
+                ELSE '' END AS key
+      FROM filter_indexes f
 )
-SELECT 'create' AS action, c.kind, c.value, c.members, r.min_members
-  FROM counts c JOIN indexed_fields r ON r.kind = c.kind
+SELECT 'create' AS action, c.kind, c.key, c.value, c.members, r.min_members
+  FROM counts c JOIN indexed_fields r ON r.kind = c.kind AND r.key = c.key
  WHERE c.members >= r.min_members AND length(c.value) BETWEEN 1 AND 256
-   AND NOT EXISTS (SELECT FROM filter_indexes f WHERE f.kind = c.kind AND f.value = c.value)
+   AND NOT EXISTS (SELECT FROM indexes f
+                    WHERE f.kind = c.kind AND f.key = c.key
+                      AND (f.value = c.value OR (f.kind = 'metadata' AND f.value::jsonb = c.value::jsonb)))
 UNION ALL
-SELECT 'drop', f.kind, f.value, coalesce(c.members, 0), r.min_members
-  FROM filter_indexes f
-  LEFT JOIN indexed_fields r ON r.kind = f.kind
-  LEFT JOIN counts c ON c.kind = f.kind AND c.value = f.value
+SELECT 'drop', f.kind, f.key, f.value, coalesce(c.members, 0), r.min_members
+  FROM indexes f
+  LEFT JOIN indexed_fields r ON r.kind = f.kind AND r.key = f.key
+  LEFT JOIN counts c ON c.kind = f.kind AND c.key = f.key
+        AND (c.value = f.value OR (f.kind = 'metadata' AND c.value::jsonb = f.value::jsonb))
  WHERE f.automatic AND (r.kind IS NULL OR coalesce(c.members, 0) * 2 < r.min_members)
- ORDER BY 1, 2, 4 DESC, 3
+ ORDER BY 1, 2, 3, 5 DESC, 4
 """
 
 
-def field_plan_reason(action: str, kind: str, value: str, members: int, bound: int | None) -> str:
+def _field(kind: str, key: str) -> str:
+    return f"value of metadata key {key!r}" if kind == "metadata" else kind
+
+
+def field_plan_reason(action: str, kind: str, key: str, value: str, members: int, bound: int | None) -> str:
     """Why a row of ``FIELD_PLAN`` asks to build or drop a filter index."""
     if action == "create":
-        return f"{members} members: every {kind} of {bound} members or more has a filter index"
+        return f"{members} members: every {_field(kind, key)} of {bound} members or more has a filter index"
     if bound is None:
-        return f"made for the rule of every {kind}, which is gone"
+        return f"made for the rule of every {_field(kind, key)}, which is gone"
     return f"{members} members, under half the {bound} of the rule that made it"
 
 
-def set_indexed_field(conn: psycopg.Connection[Any], kind: str, min_members: int) -> IndexedField:
-    """Record (or change) the rule of ``kind``."""
+def _rule(kind: str, key: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}")
+    if (kind == "metadata") != bool(key) or len(key) > MAX_VALUE_LENGTH:
+        raise ValueError(f"a rule of every value of a metadata key needs the key (1 to {MAX_VALUE_LENGTH}"
+                         " characters); the others take none")
+
+
+def set_indexed_field(conn: psycopg.Connection[Any], kind: str, min_members: int, *, key: str = "") -> IndexedField:
+    """Record (or change) the rule of ``kind`` (of metadata ``key``)."""
+    _rule(kind, key)
     if min_members < 1:
         raise ValueError("min_members must be at least 1")
     conn.execute(
-        "INSERT INTO indexed_fields (kind, min_members) VALUES (%s, %s)"
-        " ON CONFLICT (kind) DO UPDATE SET min_members = EXCLUDED.min_members",
-        [kind, min_members],
+        "INSERT INTO indexed_fields (kind, key, min_members) VALUES (%s, %s, %s)"
+        " ON CONFLICT (kind, key) DO UPDATE SET min_members = EXCLUDED.min_members",
+        [kind, key, min_members],
     )
-    return next(f for f in list_indexed_fields(conn) if f.kind == kind)
+    return next(f for f in list_indexed_fields(conn) if (f.kind, f.key) == (kind, key))
 
 
 def list_indexed_fields(conn: psycopg.Connection[Any]) -> list[IndexedField]:
     rows = conn.execute(
-        "SELECT kind, min_members, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
-        " FROM indexed_fields ORDER BY kind"
+        "SELECT kind, key, min_members,"
+        " to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+        " FROM indexed_fields ORDER BY kind, key"
     ).fetchall()
-    return [IndexedField(str(kind), int(bound), str(created)) for kind, bound, created in rows]
+    return [IndexedField(str(kind), str(key), int(bound), str(created)) for kind, key, bound, created in rows]
 
 
 def apply_indexed_fields(conn: psycopg.Connection[Any], *, build: dict[str, Any],
-                         kind: str | None = None) -> Iterator[dict[str, Any]]:
-    """Build the filter indexes the rules ask for and drop those they no longer earn (of ``kind``
-    alone, if given), the largest values first; yield a line for each, what was done and why."""
-    for action, row_kind, value, members, bound in conn.execute(FIELD_PLAN).fetchall():
-        if kind is not None and row_kind != kind:
+                         field: tuple[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """Build the filter indexes the rules ask for and drop those they no longer earn (of the rule
+    ``field``, kind and key, alone, if given), the largest values first; yield a line for each,
+    what was done and why."""
+    for action, kind, key, value, members, bound in conn.execute(FIELD_PLAN).fetchall():
+        if field is not None and (kind, key) != field:
             continue
-        reason = field_plan_reason(action, row_kind, value, int(members), None if bound is None else int(bound))
-        line: dict[str, Any] = {"action": action, "kind": row_kind, "value": value, "reason": reason}
+        reason = field_plan_reason(action, kind, key, value, int(members), None if bound is None else int(bound))
+        line: dict[str, Any] = {"action": action, "kind": kind, "value": value, "reason": reason}
         log.info("%s the filter index of %s %r: %s", "building" if action == "create" else "dropping",
-                 row_kind, value, reason)
+                 kind, value, reason)
         if action == "create":
-            line["index"] = asdict(create_filter_index(conn, row_kind, value, automatic=True, **build))
+            line["index"] = asdict(create_filter_index(conn, kind, value, automatic=True, **build))
         else:
-            line["dropped"] = drop_filter_index(conn, row_kind, value)
+            line["dropped"] = drop_filter_index(conn, kind, value)
         yield line
 
 
-def unset_indexed_field(conn: psycopg.Connection[Any], kind: str) -> bool:
-    """Forget the rule of ``kind``; False when there was none. The filter indexes it made go at
-    the next ``apply_indexed_fields``."""
-    return conn.execute("DELETE FROM indexed_fields WHERE kind = %s", [kind]).rowcount > 0
+def unset_indexed_field(conn: psycopg.Connection[Any], kind: str, *, key: str = "") -> bool:
+    """Forget the rule of ``kind`` (of metadata ``key``); False when there was none. The filter
+    indexes it made go at the next ``apply_indexed_fields``."""
+    _rule(kind, key)
+    return conn.execute("DELETE FROM indexed_fields WHERE kind = %s AND key = %s", [kind, key]).rowcount > 0
 
 
 def filter_index_main(argv: list[str]) -> int:
@@ -585,10 +654,13 @@ def filter_index_main(argv: list[str]) -> int:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--category", help="the category whose items the index holds")
     which.add_argument("--tag", help="the tag whose items the index holds")
+    which.add_argument("--metadata", help='the metadata pair whose items the index holds, as JSON: {"brand": "acme"}')
     which.add_argument("--every-category", action="store_true",
                        help="create: a filter index for every category of --min-members items or more, now and as"
                             " they grow (applied by refresh); drop: forget that rule and drop the indexes it made")
     which.add_argument("--every-tag", action="store_true", help="the same for every tag")
+    which.add_argument("--every-metadata-key", metavar="KEY",
+                       help="the same for every value (string, number or boolean) of the metadata key KEY")
     parser.add_argument("--min-members", type=int, default=None,
                         help=f"with create --every-*: the rule's bound (default {DEFAULT_MIN_MEMBERS})")
     parser.add_argument("--url", help="a direct (not PgBouncer) URL of the table's owner, e.g. on Azure")
@@ -598,13 +670,14 @@ def filter_index_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     chosen = [(kind, getattr(args, kind)) for kind in KINDS if getattr(args, kind) is not None]
-    field = next((kind for kind in KINDS if getattr(args, f"every_{kind}")), None)
+    field = (("category", "") if args.every_category else ("tag", "") if args.every_tag
+             else ("metadata", args.every_metadata_key) if args.every_metadata_key is not None else None)
     if args.action in ("create", "drop") and not chosen and field is None:
-        parser.error("create and drop need --category, --tag, --every-category or --every-tag")
+        parser.error("create and drop need --category, --tag, --metadata or one of --every-*")
     if field is not None and args.action not in ("create", "drop"):
-        parser.error("--every-category and --every-tag are for create and drop")
+        parser.error("--every-category, --every-tag and --every-metadata-key are for create and drop")
     if args.min_members is not None and not (args.action == "create" and field is not None):
-        parser.error("--min-members is for create --every-category or --every-tag")
+        parser.error("--min-members is for create --every-category, --every-tag or --every-metadata-key")
     if args.min_members is not None and args.min_members < 1:
         parser.error("--min-members must be at least 1")
     if args.force and not (args.action == "refresh" and chosen):
@@ -633,12 +706,14 @@ def filter_index_main(argv: list[str]) -> int:
             build = {"m": settings.hnsw_m, "ef_construction": settings.hnsw_ef_construction,
                      "maintenance_work_mem": args.maintenance_work_mem}
             if field is not None:
+                kind, key = field
                 if args.action == "create":
-                    rule = set_indexed_field(conn, field, args.min_members or DEFAULT_MIN_MEMBERS)
+                    rule = set_indexed_field(conn, kind, args.min_members or DEFAULT_MIN_MEMBERS, key=key)
                     print(json.dumps({"rule": asdict(rule)}))
                 else:
-                    print(json.dumps({"kind": field, "rule_dropped": unset_indexed_field(conn, field)}))
-                for line in apply_indexed_fields(conn, build=build, kind=field):
+                    dropped = unset_indexed_field(conn, kind, key=key)
+                    print(json.dumps({"kind": kind, "key": key, "rule_dropped": dropped}))
+                for line in apply_indexed_fields(conn, build=build, field=field):
                     print(json.dumps(line))
                 return 0
             if args.action == "refresh":
@@ -646,7 +721,7 @@ def filter_index_main(argv: list[str]) -> int:
                     for line in apply_indexed_fields(conn, build=build):
                         print(json.dumps(line))
                 return _refresh(conn, chosen[0] if chosen else None, force=args.force, build=build)
-            kind, value = chosen[0]
+            kind, value = chosen[0][0], _value(*chosen[0])
             if args.action == "create":
                 print(json.dumps(asdict(create_filter_index(conn, kind, value, **build))))
                 return 0
@@ -670,7 +745,7 @@ def _refresh(
     if chosen is None:
         considered = list(due)
     else:
-        _check(*chosen)
+        chosen = (chosen[0], _value(*chosen))
         if not conn.execute("SELECT true FROM filter_indexes WHERE kind = %s AND value = %s", list(chosen)).fetchone():
             raise LookupError(f"there is no filter index for {chosen[0]} {chosen[1]!r}")
         considered = [chosen]

@@ -2,7 +2,9 @@
 -- by the migrations runner after the numbered migrations whenever this file changes. Its earlier
 -- revisions were migrations, whose comments give the reasons for its rules: 070 (filters), 071
 -- and 072 (the estimate of the passing items and the budget), 073 (the walk), 090 (filter
--- indexes and the judgement of rare filters). Numbered migrations no longer restate it.
+-- indexes and the judgement of rare filters). Numbered migrations no longer restate it. A filter
+-- index covers a request that asks for its category alone, that requires its tag, or (095) whose
+-- metadata filter contains its metadata pair.
 --
 -- The filter indexes' exact copies (091): where the exact scan answers a filter that a filter
 -- index covers and that index has a valid copy, the copy is read instead of the table. The copy
@@ -51,10 +53,11 @@ DECLARE
             AND (p_metadata IS NULL OR i.metadata @> p_metadata)
             AND i.id <> ALL (p_exclude)$filter$;
     -- The filter among the members of the covering filter index, whose graph or copy is read:
-    -- the constant kind folds one of the two predicates away and leaves the other, the partial
-    -- indexes' own. Zero vectors (distance NaN) have no cosine similarity.
+    -- the constant kind folds the other kinds' predicates away and leaves its own, the partial
+    -- index's (a metadata pair's as jsonb, 095). Zero vectors (distance NaN) have no cosine similarity.
     members text := $members$(index_kind <> 'category' OR i.category = index_value)
                   AND (index_kind <> 'tag' OR i.tags && ARRAY[index_value])
+                  AND (index_kind <> 'metadata' OR i.metadata @> index_pair)
                   AND @filter@
                   AND (i.embedding <=> p_query) <> 'NaN'::double precision$members$;
     explain_filter text;
@@ -100,6 +103,7 @@ DECLARE
     -- A filter index that covers the filter (090), its size, and the cost of its search.
     index_kind text;
     index_value text;
+    index_pair jsonb;
     index_rows double precision;
     use_index boolean := false;
     -- The filter index's exact copy (091) is valid: the exact scan reads it instead of the table.
@@ -249,8 +253,10 @@ BEGIN
             WHERE (f.kind = 'category' AND cardinality(p_categories) = 1 AND f.value = p_categories[1])
                OR (f.kind = 'tag' AND (f.value = ANY (p_tags_all)
                                        OR (cardinality(p_tags_any) = 1 AND f.value = p_tags_any[1])))
+               OR p_metadata @> CASE WHEN f.kind = 'metadata' THEN f.value::jsonb END
             ORDER BY c.reltuples, f.kind, f.value
             LIMIT 1;
+            index_pair := CASE WHEN index_kind = 'metadata' THEN index_value::jsonb END;
             -- The copy's scan reads every member, whatever else the filter asks: the table is read
             -- instead where the rest of the filter leaves fewer rows than that costs.
             PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);

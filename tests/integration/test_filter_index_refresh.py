@@ -1,9 +1,12 @@
 """A filter index's copy built again once its members changed: named by the maintenance run,
-built by ``filter-index refresh``, and answered without while it is missing."""
+built by ``filter-index refresh``, and answered without while it is missing. Indexed fields: the
+filter indexes a rule keeps for every value of a field that reaches its bound. Metadata filter
+indexes, which answer the requests that ask for their pair."""
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,6 +16,7 @@ import numpy as np
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector
+from psycopg.types.json import Jsonb
 
 from recsys.config import Settings, load_settings
 from recsys.datasets import clustered_catalogue
@@ -22,6 +26,7 @@ from recsys.maintenance import housekeeping
 from recsys.search.filter_indexes import (
     DRIFT,
     DRIFT_PARAMS,
+    FIELD_PLAN,
     create_filter_index,
     drop_filter_index,
     filter_index_main,
@@ -311,14 +316,14 @@ async def test_an_indexed_field_keeps_a_filter_index_for_every_value_of_its_boun
         assert filter_index_main(["create", "--every-category", "--min-members", "100000", *url]) == 0
         assert [json.loads(line) for line in capsys.readouterr().out.splitlines()][1:] == []
         assert filter_index_main(["drop", "--every-category", *url]) == 0
-        assert json.loads(capsys.readouterr().out) == {"kind": "category", "rule_dropped": True}
+        assert json.loads(capsys.readouterr().out) == {"kind": "category", "key": "", "rule_dropped": True}
 
         # Created by name, a filter index is no rule's: dropping the rule drops only the others.
         assert filter_index_main(["create", "--tag", big, *url]) == 0
         assert json.loads(capsys.readouterr().out)["automatic"] is False
         assert filter_index_main(["drop", "--every-tag", *url]) == 0
         lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-        assert lines[0] == {"kind": "tag", "rule_dropped": True}
+        assert lines[0] == {"kind": "tag", "key": "", "rule_dropped": True}
         assert [(line["action"], line["value"], line["reason"], line["dropped"]) for line in lines[1:]] == [
             ("drop", small, "made for the rule of every tag, which is gone", True)
         ]
@@ -330,3 +335,119 @@ async def test_an_indexed_field_keeps_a_filter_index_for_every_value_of_its_boun
                 drop_filter_index(admin, "tag", value)
             admin.execute("DELETE FROM items WHERE id LIKE %s", [f"{prefix}-%"])
 
+
+
+def _scans(own: Stack, index: dict[str, Any]) -> int:
+    """The scans of a filter index's graph and copy that the statistics have counted."""
+    with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
+        row = admin.execute("SELECT sum(idx_scan) FROM pg_stat_user_indexes WHERE indexrelname = ANY (%s)",
+                            [[index["index_name"], index["copy_name"]]]).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _scans_since(own: Stack, index: dict[str, Any], before: int) -> int:
+    """The scans of a filter index's graph and copy counted since ``before``, waiting up to 5 s for
+    a first one (after the backend that read them asked to flush its statistics)."""
+    for _ in range(50):
+        if _scans(own, index) > before:
+            break
+        time.sleep(0.1)
+    return _scans(own, index) - before
+
+
+def _metadata_nearest(own: Stack, query: str, metadata: dict[str, Any], cost_ratio: float) -> list[tuple[str, str]]:
+    """``recsys_nearest``'s 10 nearest to ``query`` among the items whose metadata contains ``metadata``,
+    and how each was found; statistics flushed after."""
+    with psycopg.connect(own.admin_conninfo(), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), 10, 40,"
+            " NULL, NULL, NULL, %s, ARRAY[%s], false, %s)", [query, Jsonb(metadata), query, cost_ratio],
+        ).fetchall()
+        conn.execute("SELECT pg_stat_force_next_flush()")
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+def _metadata_truth(own: Stack, query: str, metadata: dict[str, Any]) -> list[str]:
+    """The 10 nearest to ``query`` among the items whose metadata contains ``metadata``, by numpy."""
+    with psycopg.connect(own.admin_conninfo(), autocommit=True) as conn:
+        register_vector(conn)
+        rows = conn.execute("SELECT id, embedding FROM items WHERE metadata @> %s OR id = %s ORDER BY id",
+                            [Jsonb(metadata), query]).fetchall()
+    ids = [r[0] for r in rows]
+    vectors = np.array([r[1].to_numpy() for r in rows], dtype=np.float64)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = vectors @ vectors[ids.index(query)]
+    return [ids[i] for i in np.argsort(-scores, kind="stable") if ids[i] != query][:10]
+
+
+def test_a_metadata_key_indexed_as_a_field_and_a_pair_by_name(
+    own: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = f"m{uuid.uuid4().hex[:8]}"
+    acme, zenith = f"{prefix}-acme", f"{prefix}-zenith"
+    url = ["--url", own.admin_conninfo(), "--maintenance-work-mem", "64MB"]
+    try:
+        with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
+            register_vector(admin)
+            with admin.cursor().copy("COPY items (id, embedding, metadata) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["text", "vector", "jsonb"])
+                for i in range(600):
+                    metadata = {"brand": acme if i < 450 else zenith, "colour": "red" if i % 2 else "blue", "n": i}
+                    copy.write_row((f"{prefix}-{i:04d}", CATALOGUE.vectors[BASE + 400 + i], Jsonb(metadata)))
+            admin.execute("ANALYZE items")
+        # Every value of the key of 200 members or more: acme's 450, not zenith's 150, nor any `n` or
+        # `colour` (another key).
+        assert filter_index_main(["create", "--every-metadata-key", "brand", "--min-members", "200", *url]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert (lines[0]["rule"]["kind"], lines[0]["rule"]["key"]) == ("metadata", "brand")
+        pair = json.dumps({"brand": acme})
+        assert [(line["action"], line["value"], line["reason"]) for line in lines[1:]] == [
+            ("create", pair,
+             "450 members: every value of metadata key 'brand' of 200 members or more has a filter index"),
+        ]
+        made = lines[1]["index"]
+        assert (made["kind"], made["value"], made["automatic"], made["valid"], made["copy_valid"]) == (
+            "metadata", pair, True, True, True)
+
+        # A request that asks for the pair among others: the filter index answers, its graph or its
+        # copy's sweep (a cost ratio that makes any search cheaper than the exact scan), and the
+        # rest of the filter holds.
+        asked = {"brand": acme, "colour": "red"}
+        with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
+            passing = {r[0] for r in admin.execute("SELECT id FROM items WHERE metadata @> %s", [Jsonb(asked)])}
+        recalls = []
+        for query in (f"{prefix}-{i:04d}" for i in range(1, 450, 45)):
+            truth = _metadata_truth(own, query, asked)
+            before = _scans(own, made)
+            found = _metadata_nearest(own, query, asked, 1e-6)
+            assert {method for _, method in found} == {"filter_index"}
+            assert _scans_since(own, made, before) >= 1
+            assert len(found) == 10 and {i for i, _ in found} <= passing
+            recalls.append(len({i for i, _ in found} & set(truth)) / 10)
+            # The exact scan (any search dearer) gives numpy's answer, from the copy or the table.
+            assert [i for i, _ in _metadata_nearest(own, query, asked, 1e9)] == truth
+        assert np.mean(recalls) >= 0.95, recalls
+
+        # By name, the pair in any JSON spacing is recorded in one form; the rule names nothing more.
+        assert filter_index_main(["create", "--metadata", f'{{"brand":"{zenith}"}}', *url]) == 0
+        by_name = json.loads(capsys.readouterr().out)
+        assert (by_name["value"], by_name["automatic"]) == (json.dumps({"brand": zenith}), False)
+        with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
+            plan = [row for row in admin.execute(FIELD_PLAN).fetchall() if prefix in row[3]]
+        assert plan == []
+        assert filter_index_main(["create", "--metadata", '{"brand": ["a"]}', *url]) == 2
+        assert "must be a string, a finite number or a boolean" in capsys.readouterr().err
+
+        # Dropping the rule drops the filter index it made, not the one made by name.
+        assert filter_index_main(["drop", "--every-metadata-key", "brand", *url]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert lines[0] == {"kind": "metadata", "key": "brand", "rule_dropped": True}
+        assert [(line["action"], line["value"], line["dropped"]) for line in lines[1:]] == [("drop", pair, True)]
+        assert _automatic(own, "{") == {json.dumps({"brand": zenith}): False}
+    finally:
+        with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
+            admin.execute("DELETE FROM indexed_fields")
+            for value in (acme, zenith):
+                drop_filter_index(admin, "metadata", json.dumps({"brand": value}))
+            admin.execute("DELETE FROM items WHERE id LIKE %s", [f"{prefix}-%"])

@@ -882,7 +882,7 @@ def test_the_command_line_builds_lists_and_drops_any_value(stack: Stack, catalog
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (("create",), "--category, --tag, --every-category or --every-tag"),
+    (("create",), "--category, --tag, --metadata or one of --every-*"),
     (("create", "--tag", ""), "1 to 256 characters"),
     (("create", "--tag", "x" * 257), "1 to 256 characters"),
     (("drop", "--category", "a", "--tag", "b"), "not allowed with"),

@@ -15,6 +15,7 @@ from recsys.search.filter_indexes import (
     filter_index_main,
     filter_index_name,
     filter_indexes_due,
+    metadata_pair,
     refresh_reason,
 )
 
@@ -24,8 +25,12 @@ NAME = re.compile(r"^items_filter_[a-z]+_[0-9a-f]{16}$")
 COPY_NAME = re.compile(r"^items_copy_[a-z]+_[0-9a-f]{16}$")
 
 
-@pytest.mark.parametrize("value", ["books", "it's {odd}, \"quoted\"; DROP TABLE items", "ü" * 256, "x"])
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize(("kind", "value"), [
+    *((kind, value) for kind in ("category", "tag")
+      for value in ("books", "it's {odd}, \"quoted\"; DROP TABLE items", "ü" * 256, "x")),
+    ("metadata", '{"brand": "it\'s {odd}; DROP TABLE items"}'), ("metadata", '{"n": 1}'),
+    ("metadata", '{"' + "ü" * 240 + '": true}'),
+])
 def test_a_name_is_a_safe_identifier_whatever_the_value(kind: str, value: str) -> None:
     name, copy = filter_index_name(kind, value), copy_index_name(kind, value)
     assert NAME.match(name) and len(name) < 63  # PostgreSQL truncates identifiers at 63 bytes
@@ -35,14 +40,23 @@ def test_a_name_is_a_safe_identifier_whatever_the_value(kind: str, value: str) -
 
 
 def test_names_differ_by_kind_and_value() -> None:
-    names = {filter_index_name(kind, value) for kind in KINDS for value in ("a", "b", "A")}
-    assert len(names) == 2 * 3
+    names = {filter_index_name(kind, value) for kind in ("category", "tag") for value in ("a", "b", "A")}
+    names |= {filter_index_name("metadata", f'{{"k": "{value}"}}') for value in ("a", "b", "A")}
+    assert len(names) == len(KINDS) * 3
 
 
 @pytest.mark.parametrize(("kind", "value", "says"), [
     ("colour", "red", "kind must be one of"),
     ("tag", "", "1 to 256 characters"),
     ("category", "x" * 257, "1 to 256 characters"),
+    ("metadata", "books", "a metadata pair must be a JSON object of one key"),
+    ("metadata", '{"a": 1, "b": 2}', "a metadata pair must be a JSON object of one key"),
+    ("metadata", '["a", 1]', "a metadata pair must be a JSON object of one key"),
+    ("metadata", '{"": 1}', "key must not be empty"),
+    ("metadata", '{"a": null}', "must be a string, a finite number or a boolean"),
+    ("metadata", '{"a": [1]}', "must be a string, a finite number or a boolean"),
+    ("metadata", '{"a": NaN}', "must be a string, a finite number or a boolean"),
+    ("metadata", '{"a": "' + "x" * 250 + '"}', "1 to 256 characters"),
 ])
 def test_bad_kinds_and_values_are_refused(kind: str, value: str, says: str) -> None:
     with pytest.raises(ValueError, match=says):
@@ -94,13 +108,14 @@ def test_a_filter_index_without_a_valid_copy_is_due(valid: bool, built: int | No
 @pytest.mark.parametrize(("argv", "says"), [
     (["refresh", "--force"], "--force is for refresh, with --category or --tag"),
     (["create", "--tag", "sale", "--force"], "--force is for refresh, with --category or --tag"),
-    (["drop"], "create and drop need --category, --tag, --every-category or --every-tag"),
-    (["create", "--tag", "x", "--min-members", "5"], "--min-members is for create --every-category or --every-tag"),
-    (["drop", "--every-tag", "--min-members", "5"], "--min-members is for create --every-category or --every-tag"),
+    (["drop"], "create and drop need --category, --tag, --metadata or one of --every-*"),
+    (["create", "--tag", "x", "--min-members", "5"], "--min-members is for create --every-category, --every-tag"),
+    (["drop", "--every-tag", "--min-members", "5"], "--min-members is for create --every-category, --every-tag"),
     (["create", "--every-tag", "--min-members", "0"], "--min-members must be at least 1"),
-    (["refresh", "--every-tag"], "--every-category and --every-tag are for create and drop"),
-    (["list", "--every-category"], "--every-category and --every-tag are for create and drop"),
+    (["refresh", "--every-tag"], "--every-category, --every-tag and --every-metadata-key are for create and drop"),
+    (["list", "--every-metadata-key", "brand"], "--every-category, --every-tag and --every-metadata-key are for"),
     (["create", "--every-tag", "--tag", "x"], "not allowed with argument"),
+    (["create", "--every-metadata-key", "brand", "--every-tag"], "not allowed with argument"),
 ])
 def test_the_command_refuses_options_that_do_not_go_together(
     argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
@@ -112,11 +127,24 @@ def test_the_command_refuses_options_that_do_not_go_together(
 
 
 @pytest.mark.parametrize(("row", "says"), [
-    (("create", "tag", "sale", 5123, 2000), "5123 members: every tag of 2000 members or more has a filter index"),
-    (("drop", "category", "books", 999, 2000), "999 members, under half the 2000 of the rule that made it"),
-    (("drop", "tag", "sale", 0, None), "made for the rule of every tag, which is gone"),
+    (("create", "tag", "", "sale", 5123, 2000), "5123 members: every tag of 2000 members or more has a filter index"),
+    (("create", "metadata", "brand", '{"brand": "acme"}', 2500, 2000),
+     "2500 members: every value of metadata key 'brand' of 2000 members or more has a filter index"),
+    (("drop", "category", "", "books", 999, 2000), "999 members, under half the 2000 of the rule that made it"),
+    (("drop", "tag", "", "sale", 0, None), "made for the rule of every tag, which is gone"),
 ])
 def test_the_rules_of_indexed_fields_say_why_they_build_or_drop(
-    row: tuple[str, str, str, int, int | None], says: str
+    row: tuple[str, str, str, str, int, int | None], says: str
 ) -> None:
     assert field_plan_reason(*row) == says
+
+
+@pytest.mark.parametrize(("text", "recorded"), [
+    ('{"brand":"acme"}', '{"brand": "acme"}'),
+    ('{ "n" : 3 }', '{"n": 3}'),
+    ('{"on": true}', '{"on": true}'),
+    ('{"größe": "groß"}', '{"größe": "groß"}'),
+    ('{"price": 1.50}', '{"price": 1.5}'),
+])
+def test_a_metadata_pair_is_recorded_in_one_form(text: str, recorded: str) -> None:
+    assert metadata_pair(text) == recorded
