@@ -4,7 +4,10 @@
 -- and 072 (the estimate of the passing items and the budget), 073 (the walk), 090 (filter
 -- indexes and the judgement of rare filters). Numbered migrations no longer restate it. A filter
 -- index covers a request that asks for its category alone, that requires its tag, or (095) whose
--- metadata filter contains its metadata pair.
+-- metadata filter contains its metadata pair. A request for several categories, or for any of
+-- several tags, each with a filter index, is answered where the shared index's probe finds fewer
+-- than k passing by the union of the requests for each value alone (this function called once
+-- per value), when those searches cost less than the exact scan.
 --
 -- The filter indexes' exact copies (091): where the exact scan answers a filter that a filter
 -- index covers and that index has a valid copy, the copy is read instead of the table. The copy
@@ -105,6 +108,12 @@ DECLARE
     index_value text;
     index_pair jsonb;
     index_rows double precision;
+    -- Several categories, or several tags of which any will do, each with a filter index where
+    -- none covers the filter alone: the union's parts, of that kind, and what each part answered.
+    parts text[];
+    parts_kind text;
+    part_methods text[];
+    united boolean := false;
     use_index boolean := false;
     -- The filter index's exact copy (091) is valid: the exact scan reads it instead of the table.
     use_copy boolean := false;
@@ -257,6 +266,23 @@ BEGIN
             ORDER BY c.reltuples, f.kind, f.value
             LIMIT 1;
             index_pair := CASE WHEN index_kind = 'metadata' THEN index_value::jsonb END;
+            IF index_kind IS NULL AND cardinality(p_categories) > 1 AND NOT EXISTS (
+                SELECT FROM unnest(p_categories) v(value)
+                WHERE NOT EXISTS (SELECT FROM filter_indexes f
+                                  JOIN pg_class c ON c.relname = f.index_name AND c.relnamespace = 'public'::regnamespace
+                                  JOIN pg_index x ON x.indexrelid = c.oid AND x.indisvalid AND x.indisready
+                                  WHERE f.kind = 'category' AND f.value = v.value)) THEN
+                parts := p_categories;
+                parts_kind := 'category';
+            ELSIF index_kind IS NULL AND cardinality(p_tags_any) > 1 AND NOT EXISTS (
+                SELECT FROM unnest(p_tags_any) v(value)
+                WHERE NOT EXISTS (SELECT FROM filter_indexes f
+                                  JOIN pg_class c ON c.relname = f.index_name AND c.relnamespace = 'public'::regnamespace
+                                  JOIN pg_index x ON x.indexrelid = c.oid AND x.indisvalid AND x.indisready
+                                  WHERE f.kind = 'tag' AND f.value = v.value)) THEN
+                parts := p_tags_any;
+                parts_kind := 'tag';
+            END IF;
             -- The copy's scan reads every member, whatever else the filter asks: the table is read
             -- instead where the rest of the filter leaves fewer rows than that costs.
             PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);
@@ -332,9 +358,40 @@ BEGIN
                 END LOOP;
                 CLOSE probe;
             END IF;
+            -- The union: where the probe found fewer than p_n passing, each part is asked alone,
+            -- as a request for its value would be (its filter index's way, or the exact scan of
+            -- its members), and the nearest p_n of all they found answer (an item with two of the
+            -- tags found twice counts once), where the parts' searches, about (2 ef + p_n) tuples
+            -- each, cost less than the exact scan.
+            IF parts IS NOT NULL AND cardinality(found_ids) < p_n
+               AND cardinality(parts) * p_cost_ratio * (2 * ef + p_n) < exact_cost THEN
+                PERFORM set_config('enable_sort', sort_setting, true);
+                SELECT array_agg(u.id ORDER BY u.distance, u.id), array_agg(u.distance ORDER BY u.distance, u.id),
+                       array_agg(DISTINCT u.method)
+                INTO found_ids, found_distances, part_methods
+                FROM (
+                    SELECT d.id, d.distance, d.method
+                    FROM (
+                        SELECT DISTINCT ON (n.id) n.id, n.distance, n.method
+                        FROM unnest(parts) AS part(value)
+                        CROSS JOIN LATERAL recsys_nearest(
+                            p_query, p_n, p_ef_search,
+                            CASE WHEN parts_kind = 'category' THEN ARRAY[part.value] ELSE p_categories END,
+                            CASE WHEN parts_kind = 'tag' THEN ARRAY[part.value] ELSE p_tags_any END,
+                            p_tags_all, p_metadata, p_exclude, false, p_cost_ratio) AS n
+                        ORDER BY n.id, n.distance
+                    ) d
+                    ORDER BY d.distance, d.id
+                    LIMIT p_n
+                ) u;
+                answered := CASE WHEN cardinality(part_methods) = 1 THEN part_methods[1]
+                                 WHEN 'filter_index' = ANY (part_methods) THEN 'filter_index'
+                                 ELSE 'hnsw+exact' END;
+                united := true;
+            END IF;
             -- Beyond `reach` budgets an exact scan would cost more than walking past the
             -- neighbourhood.
-            walk := NOT filtered OR (anti AND estimate > budget * reach);
+            walk := NOT united AND (NOT filtered OR (anti AND estimate > budget * reach));
             IF use_index AND cardinality(found_ids) < p_n THEN
                 IF NOT anti THEN
                     index_ef := ef;
@@ -411,7 +468,8 @@ BEGIN
                 ) r;
             END IF;
             PERFORM set_config('enable_sort', sort_setting, true);
-            settled := coalesce(cardinality(found_ids), 0) >= p_n;
+            -- Each part of a union answers p_n whenever p_n of its members pass.
+            settled := united OR coalesce(cardinality(found_ids), 0) >= p_n;
             IF NOT settled AND (walk OR searched OR NOT anti) THEN
                 chosen := 'hnsw+exact';
             END IF;

@@ -451,3 +451,78 @@ def test_a_metadata_key_indexed_as_a_field_and_a_pair_by_name(
             for value in (acme, zenith):
                 drop_filter_index(admin, "metadata", json.dumps({"brand": value}))
             admin.execute("DELETE FROM items WHERE id LIKE %s", [f"{prefix}-%"])
+
+
+def test_several_categories_each_with_a_filter_index_are_answered_by_the_union_of_their_searches(
+    own: Stack,
+) -> None:
+    # Two categories of spare items from clusters other than the query items' (cluster 0): the
+    # shared index's probe finds none of them, and each category's filter index answers its part.
+    prefix = f"u{uuid.uuid4().hex[:8]}"
+    first, second = f"{prefix}-a", f"{prefix}-b"
+    spare = {j: first if CATALOGUE.clusters[BASE + j] < 10 else second
+             for j in range(1000) if CATALOGUE.clusters[BASE + j] != 0}
+    queries = [CATALOGUE.ids[i] for i in np.flatnonzero(CATALOGUE.clusters[:BASE] == 0)[:10]]
+    try:
+        with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
+            register_vector(admin)
+            with admin.cursor().copy("COPY items (id, embedding, category) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["text", "vector", "text"])
+                for j, category in spare.items():
+                    copy.write_row((f"{prefix}-{j:04d}", CATALOGUE.vectors[BASE + j], category))
+            made = [create_filter_index(admin, "category", value, maintenance_work_mem="64MB")
+                    for value in (first, second)]
+        names = [name for index in made for name in (index.index_name, index.copy_name)]
+        for union in (True, False):
+            if not union:
+                with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
+                    drop_filter_index(admin, "category", second)
+                names = names[:2]
+            before = sum(_index_scans(own, name) for name in names)
+            recalls, methods = [], set()
+            with psycopg.connect(own.admin_conninfo(), autocommit=True) as conn:
+                for query in queries:
+                    rows = conn.execute(
+                        "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), 10, 100,"
+                        " ARRAY[%s, %s], NULL, NULL, NULL, ARRAY[%s], false, 0.01)", [query, first, second, query],
+                    ).fetchall()
+                    truth = _category_truth(own, query, (first, second))
+                    assert len(rows) == 10
+                    recalls.append(len({r[0] for r in rows} & set(truth)) / 10)
+                    methods |= {r[1] for r in rows}
+                conn.execute("SELECT pg_stat_force_next_flush()")
+            scanned = 0
+            for _ in range(50):
+                scanned = sum(_index_scans(own, name) for name in names) - before
+                if scanned >= len(queries) or not union:
+                    break
+                time.sleep(0.1)
+            assert np.mean(recalls) >= 0.95, (union, recalls, methods)
+            if union:
+                assert scanned >= len(queries) and "hnsw" not in methods, (scanned, methods)
+            else:
+                assert scanned == 0 and "filter_index" not in methods, (scanned, methods)
+    finally:
+        with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
+            for value in (first, second):
+                drop_filter_index(admin, "category", value)
+            admin.execute("DELETE FROM items WHERE id LIKE %s", [f"{prefix}-%"])
+
+
+def _index_scans(own: Stack, name: str) -> int:
+    with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
+        row = admin.execute("SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = %s", [name]).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _category_truth(own: Stack, query: str, categories: tuple[str, ...]) -> list[str]:
+    """The 10 nearest to ``query`` among the items of ``categories``, by numpy."""
+    with psycopg.connect(own.admin_conninfo(), autocommit=True) as conn:
+        register_vector(conn)
+        rows = conn.execute("SELECT id, embedding FROM items WHERE category = ANY (%s) OR id = %s ORDER BY id",
+                            [list(categories), query]).fetchall()
+    ids = [r[0] for r in rows]
+    vectors = np.array([r[1].to_numpy() for r in rows], dtype=np.float64)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = vectors @ vectors[ids.index(query)]
+    return [ids[i] for i in np.argsort(-scores, kind="stable") if ids[i] != query][:10]

@@ -449,6 +449,37 @@ async def test_a_filter_index_answers_its_category_and_what_else_the_filter_asks
     assert len(set(found) & set(expected)) >= 0.95 * k
 
 
+async def test_any_of_several_tags_each_with_a_filter_index_is_answered_by_the_union_of_their_searches(
+    stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]]
+) -> None:
+    # Two anti-correlated tags, each with its filter index, none covering "any of the two" alone:
+    # the probe finds no member, and each tag's own way answers its part (read from its filter
+    # index's graph or copy); the table's exact scan answered before.
+    names = [name for value in (WIDE, NARROW) for name in (filter_index_name("tag", value),
+                                                            copy_index_name("tag", value))]
+    other = selectivity_tag(0.005)  # anti-correlated too, without a filter index
+    for asked, union in (((WIDE, NARROW), True), ((WIDE, other), False)):
+        members = {i for i, t in enumerate(tags) if set(asked) & set(t)}
+        # A direct connection, so that the backend that ran the searches also flushes its statistics.
+        async with await psycopg.AsyncConnection.connect(stack.direct_url(), autocommit=True) as direct:
+            await configure_connection(direct)
+            with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+                before = sum(_scans(admin, name) for name in names)
+                recall, searches = await _recall(direct, catalogue, members, SimilarQuery(k=K, tags_any=asked), K)
+                await direct.execute("SELECT pg_stat_force_next_flush()")
+                scanned = 0
+                for _ in range(50):
+                    scanned = sum(_scans(admin, name) for name in names) - before
+                    if scanned >= RECALL_QUERIES or not union:
+                        break
+                    time.sleep(0.1)
+        assert recall >= 0.95, (asked, recall, searches)
+        if union:
+            assert scanned >= RECALL_QUERIES and "hnsw" not in searches, (scanned, searches)
+        else:
+            assert scanned == 0 and "filter_index" not in searches, (scanned, searches)
+
+
 async def test_a_copy_that_costs_less_than_the_filter_index_search_answers_at_once(
     stack: Stack, catalogue: Catalogue, rare_indexed: None
 ) -> None:
