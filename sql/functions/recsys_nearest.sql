@@ -266,23 +266,19 @@ BEGIN
             ORDER BY c.reltuples, f.kind, f.value
             LIMIT 1;
             index_pair := CASE WHEN index_kind = 'metadata' THEN index_value::jsonb END;
-            IF index_kind IS NULL AND cardinality(p_categories) > 1 AND NOT EXISTS (
-                SELECT FROM unnest(p_categories) v(value)
-                WHERE NOT EXISTS (SELECT FROM filter_indexes f
-                                  JOIN pg_class c ON c.relname = f.index_name AND c.relnamespace = 'public'::regnamespace
-                                  JOIN pg_index x ON x.indexrelid = c.oid AND x.indisvalid AND x.indisready
-                                  WHERE f.kind = 'category' AND f.value = v.value)) THEN
-                parts := p_categories;
-                parts_kind := 'category';
-            ELSIF index_kind IS NULL AND cardinality(p_tags_any) > 1 AND NOT EXISTS (
-                SELECT FROM unnest(p_tags_any) v(value)
-                WHERE NOT EXISTS (SELECT FROM filter_indexes f
-                                  JOIN pg_class c ON c.relname = f.index_name AND c.relnamespace = 'public'::regnamespace
-                                  JOIN pg_index x ON x.indexrelid = c.oid AND x.indisvalid AND x.indisready
-                                  WHERE f.kind = 'tag' AND f.value = v.value)) THEN
-                parts := p_tags_any;
-                parts_kind := 'tag';
-            END IF;
+            -- The union's parts: the categories, else the tags of which any will do, where there
+            -- are several and each has a valid filter index.
+            FOREACH parts_kind IN ARRAY ARRAY['category', 'tag'] LOOP
+                parts := CASE parts_kind WHEN 'category' THEN p_categories ELSE p_tags_any END;
+                EXIT WHEN index_kind IS NULL AND cardinality(parts) > 1 AND NOT EXISTS (
+                    SELECT FROM unnest(parts) v(value)
+                    WHERE NOT EXISTS (SELECT FROM filter_indexes f
+                                      JOIN pg_class c ON c.relname = f.index_name
+                                                     AND c.relnamespace = 'public'::regnamespace
+                                      JOIN pg_index x ON x.indexrelid = c.oid AND x.indisvalid AND x.indisready
+                                      WHERE f.kind = parts_kind AND f.value = v.value));
+                parts := NULL;
+            END LOOP;
             -- The copy's scan reads every member, whatever else the filter asks: the table is read
             -- instead where the rest of the filter leaves fewer rows than that costs.
             PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);

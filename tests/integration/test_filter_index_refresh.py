@@ -16,6 +16,7 @@ import numpy as np
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from recsys.config import Settings, load_settings
@@ -127,16 +128,18 @@ def _nearest(own: Stack, category: str, query: str) -> tuple[list[str], set[str]
     return [r[0] for r in rows], {r[1] for r in rows}
 
 
-def _truth(own: Stack, category: str, query: str) -> list[str]:
-    """The category's 10 nearest to ``query``, by numpy."""
+def _truth(own: Stack, query: str, where: str, params: list[Any]) -> list[str]:
+    """The 10 items nearest to ``query`` among those that ``where`` (fixed SQL, its values in
+    ``params``) selects, by numpy."""
     with psycopg.connect(own.admin_conninfo(), autocommit=True) as conn:
         register_vector(conn)
-        rows = conn.execute("SELECT id, embedding FROM items WHERE category = %s ORDER BY id", [category]).fetchall()
+        rows = conn.execute(sql.SQL("SELECT id, embedding FROM items WHERE ({}) OR id = %s ORDER BY id").format(
+            sql.SQL(where)), [*params, query]).fetchall()
     ids = [r[0] for r in rows]
     vectors = np.array([r[1].to_numpy() for r in rows], dtype=np.float64)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     scores = vectors @ vectors[ids.index(query)]
-    return [ids[i] for i in np.argsort(-scores) if ids[i] != query][:10]
+    return [ids[i] for i in np.argsort(-scores, kind="stable") if ids[i] != query][:10]
 
 
 async def test_a_copy_whose_members_changed_by_more_than_a_tenth_is_named_and_built_again(
@@ -223,7 +226,7 @@ def test_a_refresh_that_fails_leaves_the_filter_index_without_a_copy_answering_e
 ) -> None:
     _indexed(own, category)
     query = f"{category}-0007"
-    truth = _truth(own, category, query)
+    truth = _truth(own, query, "category = %s", [category])
     assert _nearest(own, category, query) == (truth, {"exact"})
     with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
         copy = _listed(admin, category).copy_name
@@ -368,19 +371,6 @@ def _metadata_nearest(own: Stack, query: str, metadata: dict[str, Any], cost_rat
     return [(str(r[0]), str(r[1])) for r in rows]
 
 
-def _metadata_truth(own: Stack, query: str, metadata: dict[str, Any]) -> list[str]:
-    """The 10 nearest to ``query`` among the items whose metadata contains ``metadata``, by numpy."""
-    with psycopg.connect(own.admin_conninfo(), autocommit=True) as conn:
-        register_vector(conn)
-        rows = conn.execute("SELECT id, embedding FROM items WHERE metadata @> %s OR id = %s ORDER BY id",
-                            [Jsonb(metadata), query]).fetchall()
-    ids = [r[0] for r in rows]
-    vectors = np.array([r[1].to_numpy() for r in rows], dtype=np.float64)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    scores = vectors @ vectors[ids.index(query)]
-    return [ids[i] for i in np.argsort(-scores, kind="stable") if ids[i] != query][:10]
-
-
 def test_a_metadata_key_indexed_as_a_field_and_a_pair_by_name(
     own: Stack, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -418,7 +408,7 @@ def test_a_metadata_key_indexed_as_a_field_and_a_pair_by_name(
             passing = {r[0] for r in admin.execute("SELECT id FROM items WHERE metadata @> %s", [Jsonb(asked)])}
         recalls = []
         for query in (f"{prefix}-{i:04d}" for i in range(1, 450, 45)):
-            truth = _metadata_truth(own, query, asked)
+            truth = _truth(own, query, "metadata @> %s", [Jsonb(asked)])
             before = _scans(own, made)
             found = _metadata_nearest(own, query, asked, 1e-6)
             assert {method for _, method in found} == {"filter_index"}
@@ -486,7 +476,7 @@ def test_several_categories_each_with_a_filter_index_are_answered_by_the_union_o
                         "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), 10, 100,"
                         " ARRAY[%s, %s], NULL, NULL, NULL, ARRAY[%s], false, 0.01)", [query, first, second, query],
                     ).fetchall()
-                    truth = _category_truth(own, query, (first, second))
+                    truth = _truth(own, query, "category = ANY (%s)", [[first, second]])
                     assert len(rows) == 10
                     recalls.append(len({r[0] for r in rows} & set(truth)) / 10)
                     methods |= {r[1] for r in rows}
@@ -513,16 +503,3 @@ def _index_scans(own: Stack, name: str) -> int:
     with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
         row = admin.execute("SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = %s", [name]).fetchone()
     return int(row[0]) if row else 0
-
-
-def _category_truth(own: Stack, query: str, categories: tuple[str, ...]) -> list[str]:
-    """The 10 nearest to ``query`` among the items of ``categories``, by numpy."""
-    with psycopg.connect(own.admin_conninfo(), autocommit=True) as conn:
-        register_vector(conn)
-        rows = conn.execute("SELECT id, embedding FROM items WHERE category = ANY (%s) OR id = %s ORDER BY id",
-                            [list(categories), query]).fetchall()
-    ids = [r[0] for r in rows]
-    vectors = np.array([r[1].to_numpy() for r in rows], dtype=np.float64)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    scores = vectors @ vectors[ids.index(query)]
-    return [ids[i] for i in np.argsort(-scores, kind="stable") if ids[i] != query][:10]

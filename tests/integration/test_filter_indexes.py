@@ -305,6 +305,39 @@ def test_create_calibrates_the_sweep_on_sampled_items_and_on_items_whose_neighbo
     assert recall >= 0.95 and narrow_recall < recall - 0.1, (recall, narrow_recall)
 
 
+def test_create_calibrates_the_sweep_on_members_the_filter_surrounds_too(
+    stack: Stack, catalogue: Catalogue, tags: list[list[str]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The correlated 50 % tag holds the query cluster's items and their neighbours: members whose
+    # nearest are all members, a sample of their own beside the random items; none of its items
+    # lacks members nearby. Its sweep then serves the query items, which it surrounds.
+    near = selectivity_tag(0.5, correlated=True)
+    members = {i for i, t in enumerate(tags) if near in t}
+    try:
+        with (psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin,
+              caplog.at_level(logging.INFO, logger="recsys.filter_indexes")):
+            index = create_filter_index(admin, "tag", near, maintenance_work_mem="256MB")
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("sweep calibrated"))
+        assert "50 drawn at random, 0 avoided, 50 surrounded" in line, line
+        assert index.sweep_width is not None
+        with psycopg.connect(stack.direct_url(), autocommit=True) as conn:
+            recalls, methods = [], set()
+            for q in query_items(catalogue, RECALL_QUERIES):
+                rows = conn.execute(
+                    "SELECT id, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), %s, 100,"
+                    " NULL, ARRAY[%s], NULL, NULL, %s, false, %s)",
+                    [catalogue.ids[q], K, near, [catalogue.ids[q]], WITHIN_REACH]).fetchall()
+                found = {catalogue.ids.index(r[0]) for r in rows}
+                assert len(rows) == K and found <= members
+                best = truth(catalogue, catalogue.vectors[q], K, members.__contains__, {q})
+                recalls.append(len(found & set(best)) / K)
+                methods |= {r[1] for r in rows}
+        assert np.mean(recalls) >= 0.95, (recalls, methods)
+    finally:
+        with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+            drop_filter_index(admin, "tag", near)
+
+
 def test_the_migration_clears_the_widths_calibrated_before_the_sampled_items(
     stack: Stack, indexed: list[tuple[str, str]]
 ) -> None:
