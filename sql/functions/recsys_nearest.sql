@@ -266,19 +266,6 @@ BEGIN
             ORDER BY c.reltuples, f.kind, f.value
             LIMIT 1;
             index_pair := CASE WHEN index_kind = 'metadata' THEN index_value::jsonb END;
-            -- The union's parts: the categories, else the tags of which any will do, where there
-            -- are several and each has a valid filter index.
-            FOREACH parts_kind IN ARRAY ARRAY['category', 'tag'] LOOP
-                parts := CASE parts_kind WHEN 'category' THEN p_categories ELSE p_tags_any END;
-                EXIT WHEN index_kind IS NULL AND cardinality(parts) > 1 AND NOT EXISTS (
-                    SELECT FROM unnest(parts) v(value)
-                    WHERE NOT EXISTS (SELECT FROM filter_indexes f
-                                      JOIN pg_class c ON c.relname = f.index_name
-                                                     AND c.relnamespace = 'public'::regnamespace
-                                      JOIN pg_index x ON x.indexrelid = c.oid AND x.indisvalid AND x.indisready
-                                      WHERE f.kind = parts_kind AND f.value = v.value));
-                parts := NULL;
-            END LOOP;
             -- The copy's scan reads every member, whatever else the filter asks: the table is read
             -- instead where the rest of the filter leaves fewer rows than that costs.
             PERFORM set_config('plan_cache_mode', 'force_custom_plan', true);
@@ -359,8 +346,23 @@ BEGIN
             -- its members), and the nearest p_n of all they found answer (an item with two of the
             -- tags found twice counts once), where the parts' searches, about (2 ef + p_n) tuples
             -- each, cost less than the exact scan.
-            IF parts IS NOT NULL AND cardinality(found_ids) < p_n
-               AND cardinality(parts) * p_cost_ratio * (2 * ef + p_n) < exact_cost THEN
+            -- Its parts, looked for only then: the categories, else the tags of which any will do,
+            -- where there are several, none covers the filter alone and each has a valid filter
+            -- index.
+            IF filtered AND index_kind IS NULL AND cardinality(found_ids) < p_n THEN
+                FOREACH parts_kind IN ARRAY ARRAY['category', 'tag'] LOOP
+                    parts := CASE parts_kind WHEN 'category' THEN p_categories ELSE p_tags_any END;
+                    EXIT WHEN cardinality(parts) > 1 AND NOT EXISTS (
+                        SELECT FROM unnest(parts) v(value)
+                        WHERE NOT EXISTS (SELECT FROM filter_indexes f
+                                          JOIN pg_class c ON c.relname = f.index_name
+                                                         AND c.relnamespace = 'public'::regnamespace
+                                          JOIN pg_index x ON x.indexrelid = c.oid AND x.indisvalid AND x.indisready
+                                          WHERE f.kind = parts_kind AND f.value = v.value));
+                    parts := NULL;
+                END LOOP;
+            END IF;
+            IF parts IS NOT NULL AND cardinality(parts) * p_cost_ratio * (2 * ef + p_n) < exact_cost THEN
                 PERFORM set_config('enable_sort', sort_setting, true);
                 SELECT array_agg(u.id ORDER BY u.distance, u.id), array_agg(u.distance ORDER BY u.distance, u.id),
                        array_agg(DISTINCT u.method)
