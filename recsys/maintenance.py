@@ -195,7 +195,7 @@ async def housekeeping(settings: Settings | None = None, *, now: datetime | None
             log.warning("the copy of the filter index of %s %r is due to be built again (%s):"
                         " python -m recsys filter-index refresh --%s %s", kind, value, reason, kind, shlex.quote(value))
         for action, kind, key, value, members, bound in plan:
-            reason = field_plan_reason(action, kind, key, value, int(members), None if bound is None else int(bound))
+            reason = field_plan_reason(action, kind, key, value, members, bound)
             report.filter_indexes_due.append(f"{kind} {value!r}: to {action}, {reason}")
             log.warning("the filter index of %s %r is due to be %s (%s): python -m recsys filter-index refresh",
                         kind, value, "built" if action == "create" else "dropped", reason)

@@ -170,12 +170,7 @@ def _digest(kind: str, value: str) -> str:
 
 
 def _check(kind: str, value: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    if not 1 <= len(value) <= MAX_VALUE_LENGTH:
-        raise ValueError(f"a {kind} must be 1 to {MAX_VALUE_LENGTH} characters long")
-    if kind == "metadata":
-        metadata_pair(value)
+    _value(kind, value)
 
 
 def metadata_pair(text: str) -> str:
@@ -198,9 +193,13 @@ def metadata_pair(text: str) -> str:
 
 
 def _value(kind: str, value: str) -> str:
-    """The value as recorded: a metadata pair written as ``metadata_pair`` writes it."""
-    _check(kind, value)
-    return metadata_pair(value) if kind == "metadata" else value
+    """The value as recorded (a metadata pair written as ``metadata_pair`` writes it), checked."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    recorded = metadata_pair(value) if kind == "metadata" else value
+    if not 1 <= len(recorded) <= MAX_VALUE_LENGTH:
+        raise ValueError(f"a {kind} must be 1 to {MAX_VALUE_LENGTH} characters long")
+    return recorded
 
 
 def list_filter_indexes(conn: psycopg.Connection[Any]) -> list[FilterIndex]:
@@ -640,7 +639,7 @@ def apply_indexed_fields(conn: psycopg.Connection[Any], *, build: dict[str, Any]
     for action, kind, key, value, members, bound in conn.execute(FIELD_PLAN).fetchall():
         if field is not None and (kind, key) != field:
             continue
-        reason = field_plan_reason(action, kind, key, value, int(members), None if bound is None else int(bound))
+        reason = field_plan_reason(action, kind, key, value, members, bound)
         line: dict[str, Any] = {"action": action, "kind": kind, "value": value, "reason": reason}
         log.info("%s the filter index of %s %r: %s", "building" if action == "create" else "dropping",
                  kind, value, reason)
