@@ -126,13 +126,18 @@ def _filters() -> list[tuple[str, tuple[str, ...]]]:
     return [*single, ("anti/any", ANY_OF)]
 
 
-async def _filtered(conn: psycopg.AsyncConnection[Any], catalogue: Catalogue, tags: list[list[str]],
+def _truths(catalogue: Catalogue, tags: list[list[str]], queries: list[int]) -> dict[str, list[list[str]]]:
+    """Each filtered series' ground truth, by its name."""
+    return {name: _truth(catalogue, queries, np.asarray([not set(asked).isdisjoint(t) for t in tags]))
+            for name, asked in _filters()}
+
+
+async def _filtered(conn: psycopg.AsyncConnection[Any], catalogue: Catalogue, truths: dict[str, list[list[str]]],
                     queries: list[int], deadline: Deadline, suffix: str = "") -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for name, asked in _filters():
-        members = np.asarray([not set(asked).isdisjoint(t) for t in tags])
         figures[name + suffix] = await _warm(conn, catalogue, queries, SimilarQuery(k=K, tags_any=asked),
-                                             _truth(catalogue, queries, members), deadline)
+                                             truths[name], deadline)
         log.info("%s: %s", name + suffix, figures[name + suffix])
     return figures
 
@@ -146,7 +151,8 @@ async def _run(url: str, admin: str, catalogue: Catalogue, tags: list[list[str]]
     try:
         plain = SimilarQuery(k=K)
         figures["unfiltered"] = await _warm(conn, catalogue, queries, plain, _truth(catalogue, queries, None), deadline)
-        figures.update(await _filtered(conn, catalogue, tags, queries, deadline))
+        truths = _truths(catalogue, tags, queries)
+        figures.update(await _filtered(conn, catalogue, truths, queries, deadline))
         # The same filters with the tags field indexed (`filter-index create --every-tag`, its
         # default bound): the filter indexes of the tags that reach it, built here and dropped after.
         with psycopg.connect(admin, autocommit=True) as owner:
@@ -161,7 +167,7 @@ async def _run(url: str, admin: str, catalogue: Catalogue, tags: list[list[str]]
                                               "sweep_width": index["sweep_width"]}
                     started = now
                 figures["indexed_field"] = {"min_members": DEFAULT_MIN_MEMBERS, "indexes": indexes}
-                indexed = await _filtered(conn, catalogue, tags, queries, deadline, "/filter_index")
+                indexed = await _filtered(conn, catalogue, truths, queries, deadline, "/filter_index")
                 for name, asked in _filters():
                     indexed[f"{name}/filter_index"]["indexed"] = all(tag in indexes for tag in asked)
                 figures.update(indexed)
