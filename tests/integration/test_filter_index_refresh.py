@@ -88,12 +88,23 @@ def category(own: Stack) -> Iterator[str]:
         conn.execute("DELETE FROM items WHERE category = %s", [value])
 
 
+#: The type of each column the tests' items are given a value in.
+_COLUMN_TYPES = {"category": "text", "tags": "text[]", "metadata": "jsonb"}
+
+
+def _copy_spare(conn: psycopg.Connection[Any], prefix: str, column: str, values: dict[int, Any], *,
+                offset: int = 0) -> None:
+    """Items ``prefix-i`` with ``values[i]`` in ``column``, the catalogue's spare items from ``offset`` on."""
+    statement = sql.SQL("COPY items (id, embedding, {}) FROM STDIN WITH (FORMAT BINARY)").format(sql.Identifier(column))
+    with conn.cursor().copy(statement) as copy:
+        copy.set_types(["text", "vector", _COLUMN_TYPES[column]])
+        for i, value in values.items():
+            copy.write_row((f"{prefix}-{i:04d}", CATALOGUE.vectors[BASE + offset + i], value))
+
+
 def _add(conn: psycopg.Connection[Any], category: str, first: int, n: int) -> None:
     """``n`` members of ``category``, the catalogue's spare items from ``first`` on."""
-    with conn.cursor().copy("COPY items (id, embedding, category) FROM STDIN WITH (FORMAT BINARY)") as copy:
-        copy.set_types(["text", "vector", "text"])
-        for i in range(first, first + n):
-            copy.write_row((f"{category}-{i:04d}", CATALOGUE.vectors[BASE + i], category))
+    _copy_spare(conn, category, "category", dict.fromkeys(range(first, first + n), category))
 
 
 def _indexed(own: Stack, category: str) -> None:
@@ -250,10 +261,7 @@ def test_a_refresh_that_fails_leaves_the_filter_index_without_a_copy_answering_e
 
 def _tag_items(conn: psycopg.Connection[Any], prefix: str, tags: dict[int, list[str]]) -> None:
     """Items ``prefix-i`` with ``tags[i]``, from the catalogue's spare items (``i`` under 600)."""
-    with conn.cursor().copy("COPY items (id, embedding, tags) FROM STDIN WITH (FORMAT BINARY)") as copy:
-        copy.set_types(["text", "vector", "text[]"])
-        for i, names in tags.items():
-            copy.write_row((f"{prefix}-{i:04d}", CATALOGUE.vectors[BASE + 400 + i], names))
+    _copy_spare(conn, prefix, "tags", tags, offset=400)
 
 
 def _automatic(own: Stack, prefix: str) -> dict[str, bool]:
@@ -340,23 +348,23 @@ async def test_an_indexed_field_keeps_a_filter_index_for_every_value_of_its_boun
 
 
 
-def _scans(own: Stack, index: dict[str, Any]) -> int:
-    """The scans of a filter index's graph and copy that the statistics have counted."""
+def _scans(own: Stack, names: list[str]) -> int:
+    """The scans of the indexes ``names`` that the statistics have counted."""
     with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
-        row = admin.execute("SELECT sum(idx_scan) FROM pg_stat_user_indexes WHERE indexrelname = ANY (%s)",
-                            [[index["index_name"], index["copy_name"]]]).fetchone()
+        row = admin.execute("SELECT coalesce(sum(idx_scan), 0) FROM pg_stat_user_indexes"
+                            " WHERE indexrelname = ANY (%s)", [names]).fetchone()
     assert row is not None
     return int(row[0])
 
 
-def _scans_since(own: Stack, index: dict[str, Any], before: int) -> int:
-    """The scans of a filter index's graph and copy counted since ``before``, waiting up to 5 s for
-    a first one (after the backend that read them asked to flush its statistics)."""
+def _scans_since(own: Stack, names: list[str], before: int, *, wait_for: int = 1) -> int:
+    """The scans of the indexes ``names`` counted since ``before``, waiting up to 5 s for
+    ``wait_for`` of them (after the backend that read them asked to flush its statistics)."""
     for _ in range(50):
-        if _scans(own, index) > before:
+        if _scans(own, names) - before >= wait_for:
             break
         time.sleep(0.1)
-    return _scans(own, index) - before
+    return _scans(own, names) - before
 
 
 def _metadata_nearest(own: Stack, query: str, metadata: dict[str, Any], cost_ratio: float) -> list[tuple[str, str]]:
@@ -380,11 +388,10 @@ def test_a_metadata_key_indexed_as_a_field_and_a_pair_by_name(
     try:
         with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
             register_vector(admin)
-            with admin.cursor().copy("COPY items (id, embedding, metadata) FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["text", "vector", "jsonb"])
-                for i in range(600):
-                    metadata = {"brand": acme if i < 450 else zenith, "colour": "red" if i % 2 else "blue", "n": i}
-                    copy.write_row((f"{prefix}-{i:04d}", CATALOGUE.vectors[BASE + 400 + i], Jsonb(metadata)))
+            _copy_spare(admin, prefix, "metadata", {
+                i: Jsonb({"brand": acme if i < 450 else zenith, "colour": "red" if i % 2 else "blue", "n": i})
+                for i in range(600)
+            }, offset=400)
             admin.execute("ANALYZE items")
         # Every value of the key of 200 members or more: acme's 450, not zenith's 150, nor any `n` or
         # `colour` (another key).
@@ -409,10 +416,10 @@ def test_a_metadata_key_indexed_as_a_field_and_a_pair_by_name(
         recalls = []
         for query in (f"{prefix}-{i:04d}" for i in range(1, 450, 45)):
             truth = _truth(own, query, "metadata @> %s", [Jsonb(asked)])
-            before = _scans(own, made)
+            before = _scans(own, [made["index_name"], made["copy_name"]])
             found = _metadata_nearest(own, query, asked, 1e-6)
             assert {method for _, method in found} == {"filter_index"}
-            assert _scans_since(own, made, before) >= 1
+            assert _scans_since(own, [made["index_name"], made["copy_name"]], before) >= 1
             assert len(found) == 10 and {i for i, _ in found} <= passing
             recalls.append(len({i for i, _ in found} & set(truth)) / 10)
             # The exact scan (any search dearer) gives numpy's answer, from the copy or the table.
@@ -456,10 +463,7 @@ def test_several_categories_each_with_a_filter_index_are_answered_by_the_union_o
     try:
         with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
             register_vector(admin)
-            with admin.cursor().copy("COPY items (id, embedding, category) FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["text", "vector", "text"])
-                for j, category in spare.items():
-                    copy.write_row((f"{prefix}-{j:04d}", CATALOGUE.vectors[BASE + j], category))
+            _copy_spare(admin, prefix, "category", spare)
             made = [create_filter_index(admin, "category", value, maintenance_work_mem="64MB")
                     for value in (first, second)]
         names = [name for index in made for name in (index.index_name, index.copy_name)]
@@ -468,7 +472,7 @@ def test_several_categories_each_with_a_filter_index_are_answered_by_the_union_o
                 with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
                     drop_filter_index(admin, "category", second)
                 names = names[:2]
-            before = sum(_index_scans(own, name) for name in names)
+            before = _scans(own, names)
             recalls, methods = [], set()
             with psycopg.connect(own.admin_conninfo(), autocommit=True) as conn:
                 for query in queries:
@@ -481,12 +485,7 @@ def test_several_categories_each_with_a_filter_index_are_answered_by_the_union_o
                     recalls.append(len({r[0] for r in rows} & set(truth)) / 10)
                     methods |= {r[1] for r in rows}
                 conn.execute("SELECT pg_stat_force_next_flush()")
-            scanned = 0
-            for _ in range(50):
-                scanned = sum(_index_scans(own, name) for name in names) - before
-                if scanned >= len(queries) or not union:
-                    break
-                time.sleep(0.1)
+            scanned = _scans_since(own, names, before, wait_for=len(queries) if union else 0)
             assert np.mean(recalls) >= 0.95, (union, recalls, methods)
             if union:
                 assert scanned >= len(queries) and "hnsw" not in methods, (scanned, methods)
@@ -497,9 +496,3 @@ def test_several_categories_each_with_a_filter_index_are_answered_by_the_union_o
             for value in (first, second):
                 drop_filter_index(admin, "category", value)
             admin.execute("DELETE FROM items WHERE id LIKE %s", [f"{prefix}-%"])
-
-
-def _index_scans(own: Stack, name: str) -> int:
-    with psycopg.connect(own.admin_conninfo(), autocommit=True) as admin:
-        row = admin.execute("SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = %s", [name]).fetchone()
-    return int(row[0]) if row else 0

@@ -15,7 +15,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import numpy as np
 import psycopg
@@ -497,15 +497,10 @@ async def test_any_of_several_tags_each_with_a_filter_index_is_answered_by_the_u
         async with await psycopg.AsyncConnection.connect(stack.direct_url(), autocommit=True) as direct:
             await configure_connection(direct)
             with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
-                before = sum(_scans(admin, name) for name in names)
+                before = _scans(admin, *names)
                 recall, searches = await _recall(direct, catalogue, members, SimilarQuery(k=K, tags_any=asked), K)
                 await direct.execute("SELECT pg_stat_force_next_flush()")
-                scanned = 0
-                for _ in range(50):
-                    scanned = sum(_scans(admin, name) for name in names) - before
-                    if scanned >= RECALL_QUERIES or not union:
-                        break
-                    time.sleep(0.1)
+                scanned = _scans_since(admin, names, before, wait_for=RECALL_QUERIES if union else 0)
         assert recall >= 0.95, (asked, recall, searches)
         if union:
             assert scanned >= RECALL_QUERIES and "hnsw" not in searches, (scanned, searches)
@@ -665,23 +660,25 @@ def test_a_member_estimated_far_beyond_the_probe_means_the_filter_avoids_the_que
     assert recall >= 0.95, (recall, methods)
 
 
-def _scans(admin: psycopg.Connection, name: str) -> int:
-    """How many scans of the index ``name`` the statistics have counted, ``admin``'s own scans
+def _scans(admin: psycopg.Connection, *names: str) -> int:
+    """How many scans of the indexes ``names`` the statistics have counted, ``admin``'s own scans
     (a ``create``'s calibration) flushed first, so that they are not counted later."""
     admin.execute("SELECT pg_stat_force_next_flush()")
-    row = admin.execute("SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = %s", [name]).fetchone()
-    assert row is not None
-    return int(row[0])
+    row = admin.execute("SELECT count(*), coalesce(sum(idx_scan), 0) FROM pg_stat_user_indexes"
+                        " WHERE indexrelname = ANY (%s)", [list(names)]).fetchone()
+    assert row is not None and row[0] == len(set(names)), (names, row)
+    return int(row[1])
 
 
-def _scans_since(admin: psycopg.Connection, name: str, before: int) -> int:
-    """The scans of ``name`` counted since ``before``, waiting up to 5 s for a first one (after a
-    backend has asked to flush its statistics)."""
+def _scans_since(admin: psycopg.Connection, names: str | Sequence[str], before: int, *, wait_for: int = 1) -> int:
+    """The scans of the index or indexes ``names`` counted since ``before``, waiting up to 5 s for
+    ``wait_for`` of them (after a backend has asked to flush its statistics)."""
+    indexes = (names,) if isinstance(names, str) else tuple(names)
     for _ in range(50):
-        if _scans(admin, name) > before:
+        if _scans(admin, *indexes) - before >= wait_for:
             break
         time.sleep(0.1)
-    return _scans(admin, name) - before
+    return _scans(admin, *indexes) - before
 
 
 async def _scanned(admin: psycopg.Connection, conn: psycopg.AsyncConnection, name: str, before: int) -> int:
