@@ -116,6 +116,15 @@ CALIBRATION_QUERIES = 50
 #: make a sample of their own: fewer stand for a neighbourhood too small to weigh (under 0.5 % of
 #: the items sampled).
 CALIBRATION_AVOIDED = 10
+#: Members expected at random among the nearest of an item that the filter avoids: an item counts
+#: as avoided when none lies among its nearest ``AVOIDED_EXPECTED`` × catalogue ÷ members (at least
+#: ``CALIBRATION_EF``, at most ``AVOIDED_DEPTH``), where chance alone leaves none with probability
+#: e^-10. Counted among the nearest ``CALIBRATION_EF`` alone, a 5 % tag that avoids one cluster of
+#: 100 (200,000 items) let in items of the other clusters whose next members lay just beyond
+#: (e^-5 of them, 12 of the 35 found), each easy for the sweep: their mean reached 0.99 at 25 lists
+#: where the avoided cluster's own items needed 32, and queries from it found 0.90 at 20.
+AVOIDED_EXPECTED = 10
+AVOIDED_DEPTH = 1000
 #: The ef and k of the calibration: ``recsys_nearest`` reads a calibrated sweep at an ef of at
 #: least ``CALIBRATION_EF`` for every ``CALIBRATION_K`` results asked (its ``calibration_ef``
 #: and ``calibration_k``).
@@ -336,12 +345,13 @@ def calibrate_sweep(
 
     Up to three samples of the catalogue, each reproducible: ``CALIBRATION_QUERIES`` items drawn at
     random (the queries the service sees, members or not); as many items that fail the predicate
-    and have no member among their ``CALIBRATION_EF`` nearest (the filter avoids their
-    neighbourhood, the queries a graph's search serves worst); and as many members whose nearest
-    are all members (the filter surrounds them: where members are densest, the ten nearest lie in
-    lists whose centres are about as near, and a sweep calibrated on the others alone read too few
-    of them: a 50 % tag around the benchmark's query cluster, 4 of its 316 lists, recall@10 0.91
-    there in one build of three). Each of the last two counts where at least
+    and have no member among their nearest, as far as ``AVOIDED_EXPECTED`` members were to be
+    expected at random (the filter avoids their neighbourhood, the queries a graph's search serves
+    worst, and the sweep too: the members nearest them lie about equally far, in many lists); and
+    as many members whose nearest are all members (the filter surrounds them: where members are
+    densest, the ten nearest lie in lists whose centres are about as near, and a sweep calibrated
+    on the others alone read too few of them: a 50 % tag around the benchmark's query cluster, 4 of
+    its 316 lists, recall@10 0.91 there in one build of three). Each of the last two counts where at least
     ``CALIBRATION_AVOIDED`` are found among ``CALIBRATION_SAMPLE``. For each item the copy's exact
     scan (every list) gives its ten nearest members; the sweep reads the fewest lists nearest the
     query whose members hold them at ``SWEEP_RECALL`` on average over each sample. None where
@@ -351,15 +361,18 @@ def calibrate_sweep(
         return None
     samples = [_sample(conn, CALIBRATION_QUERIES, seed=0.24)]
     counts = {"drawn at random": len(samples[0]), "avoided": 0, "surrounded": 0}
+    row = conn.execute("SELECT count(*) FROM items").fetchone()
+    depth = avoided_depth(int(row[0]) if row else 0, members)
     for surrounded in (False, True):
-        found = _queries_the_filter_avoids_or_surrounds(conn, predicate, surrounded=surrounded)
+        found = _queries_the_filter_avoids_or_surrounds(conn, predicate, CALIBRATION_EF if surrounded else depth,
+                                                        surrounded=surrounded)
         if len(found) >= CALIBRATION_AVOIDED:
             samples.append(found)
             counts["surrounded" if surrounded else "avoided"] = len(found)
     if len(samples) == 1:
-        log.info("calibrated on sampled items only: of %d sampled items, none enough with no member, and of as"
-                 " many members none enough with only members, among their %d nearest",
-                 CALIBRATION_SAMPLE, CALIBRATION_EF)
+        log.info("calibrated on sampled items only: of %d sampled items, none enough with no member among their"
+                 " %d nearest, and of as many members none enough with only members among their %d nearest",
+                 CALIBRATION_SAMPLE, depth, CALIBRATION_EF)
     order = sql.SQL(
         "SELECT i.id FROM items i WHERE {predicate} AND i.id <> %(q)s ORDER BY"
         " l2_normalize(i.embedding)::halfvec({dim}) <=> l2_normalize((SELECT embedding FROM items WHERE id = %(q)s))"
@@ -400,6 +413,12 @@ def calibrate_sweep(
     return width
 
 
+def avoided_depth(catalogue: int, members: int) -> int:
+    """How many of an item's nearest must hold no member for the filter to avoid it: as many as
+    hold ``AVOIDED_EXPECTED`` of ``members`` at random in a catalogue of ``catalogue`` items."""
+    return min(AVOIDED_DEPTH, max(CALIBRATION_EF, math.ceil(AVOIDED_EXPECTED * catalogue / max(members, 1))))
+
+
 def _sample(conn: psycopg.Connection[Any], n: int, *, seed: float, where: sql.Composable = _EVERY_ITEM) -> list[str]:
     """``n`` items drawn at random among those ``where`` selects (the same for the same rows and seed)."""
     conn.execute("SELECT setseed(%s)", [seed])
@@ -409,10 +428,10 @@ def _sample(conn: psycopg.Connection[Any], n: int, *, seed: float, where: sql.Co
 
 
 def _queries_the_filter_avoids_or_surrounds(
-    conn: psycopg.Connection[Any], predicate: sql.Composable, *, surrounded: bool
+    conn: psycopg.Connection[Any], predicate: sql.Composable, depth: int, *, surrounded: bool
 ) -> list[str]:
-    """Up to ``CALIBRATION_QUERIES`` sampled items with no member among their nearest, or sampled
-    members with nothing but members among them."""
+    """Up to ``CALIBRATION_QUERIES`` sampled items with no member among their ``depth`` nearest, or
+    sampled members with nothing but members among them."""
     where = predicate if surrounded else sql.SQL("NOT ({})").format(predicate)
     sample = _sample(conn, CALIBRATION_SAMPLE, seed=0.63 if surrounded else 0.42, where=where)
     members_near = sql.SQL(
@@ -422,9 +441,9 @@ def _queries_the_filter_avoids_or_surrounds(
     found: list[str] = []
     for q in sample:
         with conn.transaction():
-            conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(CALIBRATION_EF)])
-            row = conn.execute(members_near, [q, CALIBRATION_EF]).fetchone()
-        if row and row[0] == (CALIBRATION_EF if surrounded else 0):
+            conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(depth)])
+            row = conn.execute(members_near, [q, depth]).fetchone()
+        if row and row[0] == (depth if surrounded else 0):
             found.append(q)
             if len(found) == CALIBRATION_QUERIES:
                 break

@@ -305,6 +305,30 @@ def test_create_calibrates_the_sweep_on_sampled_items_and_on_items_whose_neighbo
     assert recall >= 0.95 and narrow_recall < recall - 0.1, (recall, narrow_recall)
 
 
+def test_the_calibration_counts_an_item_as_avoided_where_members_were_to_be_expected_among_its_nearest(
+    stack: Stack, catalogue: Catalogue, tags: list[list[str]],
+) -> None:
+    # The 0.5 % tag: 100 members of 20,000, none in the query cluster. Among an item's nearest
+    # 100, half a member is expected at random, and most items of the other clusters have none:
+    # counted there, the sample of avoided items is mostly theirs, whose next members lie just
+    # beyond. Among the nearest 1,000 (the depth that holds ten members at random, at most
+    # 1,000), about five are expected elsewhere, and the items found are those of the cluster the
+    # tag avoids, where its members all lie far.
+    rare = selectivity_tag(0.005)
+    members = sum(rare in t for t in tags)
+    depth = filter_indexes.avoided_depth(len(catalogue.ids), members)
+    assert depth == 1_000
+    predicate = sql.SQL("tags && ARRAY[{}]::text[]").format(sql.Literal(rare))
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        deep = filter_indexes._queries_the_filter_avoids_or_surrounds(admin, predicate, depth, surrounded=False)
+        shallow = filter_indexes._queries_the_filter_avoids_or_surrounds(
+            admin, predicate, filter_indexes.CALIBRATION_EF, surrounded=False)
+    cluster = {catalogue.ids[i] for i in np.flatnonzero(catalogue.clusters == QUERY_CLUSTER)}
+    assert len(deep) == len(shallow) == filter_indexes.CALIBRATION_QUERIES
+    assert sum(q in cluster for q in deep) >= 0.9 * len(deep), sorted(deep)
+    assert sum(q in cluster for q in shallow) < 0.5 * len(shallow), sorted(shallow)
+
+
 def test_create_calibrates_the_sweep_on_members_the_filter_surrounds_too(
     stack: Stack, catalogue: Catalogue, tags: list[list[str]], caplog: pytest.LogCaptureFixture,
 ) -> None:
