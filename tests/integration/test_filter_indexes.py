@@ -246,6 +246,40 @@ def test_calibration_reads_the_lists_the_copy_has(
     assert abs(lists_read - round(lists_read)) < 1e-9 and 1 <= round(lists_read) < 10, lists_read
 
 
+def test_a_copy_whose_sweep_is_calibrated_wider_than_the_first_bound_is_built_again(
+    stack: Stack, indexed: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With the bound at 0 members per unit of ef_search every calibrated sweep is wider: the copy
+    # of the 1 % category is built three times in all, each calibrated, and the last is kept
+    # (valid, recorded). The 11 % category's sweep, a few of its 47 lists, is built once.
+    def copy_builds(kind: str, value: str) -> int:
+        copy = copy_index_name(kind, value)
+        return sum(r.getMessage().startswith(f"building {copy} ") for r in caplog.records)
+
+    def built_again() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "its copy built again" in r.getMessage()]
+
+    with (psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin,
+          caplog.at_level(logging.INFO, logger="recsys.filter_indexes")):
+        try:
+            monkeypatch.setattr(filter_indexes, "FIRST_WIDTH", 0)
+            rebuilt = create_filter_index(admin, "category", RARE_CATEGORY, maintenance_work_mem="64MB")
+        finally:
+            monkeypatch.undo()
+            drop_filter_index(admin, "category", RARE_CATEGORY)
+        assert copy_builds("category", RARE_CATEGORY) == filter_indexes.COPY_BUILDS == 3
+        assert [m.rsplit("(", 1)[1] for m in built_again()] == ["2 of at most 3)", "3 of at most 3)"], built_again()
+        assert rebuilt.copy_valid and rebuilt.copy_name == copy_index_name("category", RARE_CATEGORY)
+        caplog.clear()
+        drop_filter_index(admin, "category", CATEGORY)
+        once = create_filter_index(admin, "category", CATEGORY, maintenance_work_mem="256MB")
+        assert once.sweep_width is not None and once.sweep_width <= filter_indexes.FIRST_WIDTH
+        assert copy_builds("category", CATEGORY) == 1 and not built_again()
+        left = admin.execute("SELECT count(*) FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid"
+                             " WHERE c.relname LIKE 'items_copy_%%' AND NOT x.indisvalid").fetchone()
+        assert left == (0,)
+
+
 def test_the_sweep_reads_on_while_fewer_than_k_members_pass_the_rest_of_the_filter(
     stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]]
 ) -> None:
