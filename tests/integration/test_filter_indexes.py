@@ -566,6 +566,35 @@ async def test_any_of_several_tags_each_with_a_filter_index_is_answered_by_the_u
             assert scanned == 0 and "filter_index" not in searches, (scanned, searches)
 
 
+async def test_any_of_several_tags_whose_sweeps_are_calibrated_narrow_is_answered_without_the_probe(
+    stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]]
+) -> None:
+    # The 50 % tag's sweep calibrated at 64 members per unit of ef_search (the widest that answers
+    # first alone) and the 5 % tag's as `create` found it: together at most twice that, the parts
+    # answer before any probe, and the shared index is not read. With the 5 % tag's sweep not
+    # calibrated the probe comes first, once per query (the 5 % tag's own part, within the budget,
+    # is its copy's exact scan; the 50 % tag's its sweep, first and alone).
+    members = {i for i, t in enumerate(tags) if {WIDE, NARROW} & set(t)}
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        (narrow,) = [i.sweep_width for i in list_filter_indexes(admin) if i.value == NARROW]
+    for narrow_width, probed in ((min(narrow or 64.0, 64.0), False), (None, True)):
+        with _sweep_width(stack, "tag", WIDE, 64.0), _sweep_width(stack, "tag", NARROW, narrow_width):
+            async with await psycopg.AsyncConnection.connect(stack.direct_url(), autocommit=True) as direct:
+                await configure_connection(direct)
+                with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+                    before = _scans(admin, INDEX_NAME)
+                    recall, searches = await _recall(direct, catalogue, members,
+                                                     SimilarQuery(k=K, tags_any=(WIDE, NARROW)), K)
+                    await direct.execute("SELECT pg_stat_force_next_flush()")
+                    scanned = _scans_since(admin, INDEX_NAME, before, wait_for=RECALL_QUERIES if probed else 0)
+        if probed:
+            # A query whose probe finds k members among its ef nearest is answered by it alone.
+            assert scanned == RECALL_QUERIES and set(searches) <= {"filter_index", "hnsw"}, (scanned, searches)
+        else:
+            assert scanned == 0 and searches == {"filter_index": RECALL_QUERIES}, (scanned, searches)
+        assert recall >= 0.95, (narrow_width, recall)
+
+
 async def test_a_copy_that_costs_less_than_the_filter_index_search_answers_at_once(
     stack: Stack, catalogue: Catalogue, rare_indexed: None
 ) -> None:
