@@ -426,19 +426,20 @@ def test_a_calibrated_sweep_no_wider_than_two_probes_answers_first_and_alone(
     # no more: it answers at once, for query items whose neighbourhood the tag avoids (the query
     # cluster) as for its own members, whose neighbours are members: the copy is read once per
     # query, neither graph. One member more per unit of ef_search, and the probe comes first.
+    # (`create` builds a copy again above the same bound, filter_indexes.FIRST_WIDTH.)
     members = {i for i, t in enumerate(tags) if WIDE in t}
     queries = _around(catalogue, members, around)
     copy, graph = copy_index_name("tag", WIDE), filter_index_name("tag", WIDE)
     with psycopg.connect(stack.direct_url(), autocommit=True) as conn, \
             psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
-        with _sweep_width(stack, "tag", WIDE, 64.0):
+        with _sweep_width(stack, "tag", WIDE, float(filter_indexes.FIRST_WIDTH)):
             before = {name: _scans(admin, name) for name in (copy, graph, INDEX_NAME)}
             answers = [_wide_recall(conn, catalogue, members, q, WITHIN_REACH) for q in queries]
             conn.execute("SELECT pg_stat_force_next_flush()")
             assert _scans_since(admin, copy, before[copy]) == RECALL_QUERIES
             assert _scans(admin, INDEX_NAME) == before[INDEX_NAME]
             assert _scans(admin, graph) == before[graph]
-        with _sweep_width(stack, "tag", WIDE, 65.0):
+        with _sweep_width(stack, "tag", WIDE, filter_indexes.FIRST_WIDTH + 1.0):
             probed = _scans(admin, INDEX_NAME)
             wider = [_wide_recall(conn, catalogue, members, q, WITHIN_REACH) for q in queries]
             conn.execute("SELECT pg_stat_force_next_flush()")
