@@ -287,14 +287,13 @@ BEGIN
                 ORDER BY v.covers DESC, c.reltuples, f.kind, f.value
             LOOP
                 IF found_index.covers THEN
-                    -- The smallest covering filter index, the first row.
-                    IF index_kind IS NULL THEN
-                        index_kind := found_index.kind;
-                        index_value := found_index.value;
-                        index_rows := found_index.rows;
-                        copy_lists := found_index.lists;
-                        calibrated_width := found_index.sweep_width;
-                    END IF;
+                    -- The smallest covering filter index, the first row: no union is asked then.
+                    index_kind := found_index.kind;
+                    index_value := found_index.value;
+                    index_rows := found_index.rows;
+                    copy_lists := found_index.lists;
+                    calibrated_width := found_index.sweep_width;
+                    EXIT;
                 ELSIF found_index.kind = 'category' THEN
                     category_parts := category_parts + 1;
                     category_widths := category_widths
