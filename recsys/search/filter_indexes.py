@@ -324,7 +324,6 @@ def create_filter_index(
         log.info("the sweep of %s %r reads %s members per unit of ef_search, more than %d: its copy built again"
                  " (%d of at most %d)", kind, value, "every one of its" if width is None else f"{width:.1f}",
                  FIRST_WIDTH, builds, COPY_BUILDS)
-        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(sql.Identifier(copy)))
         _build(conn, copy, exact_copy, predicate, maintenance_work_mem, f"for {kind} {value!r} again")
         width = calibrate_sweep(conn, predicate, dimension, members, _lists(conn, copy))
     conn.execute(
@@ -345,9 +344,9 @@ def create_filter_index(
 
 def _build(conn: psycopg.Connection[Any], index: str, method: sql.Composable, predicate: sql.Composable,
            maintenance_work_mem: str, purpose: str) -> None:
-    """``CREATE INDEX CONCURRENTLY index ON items USING method WHERE predicate``, in place of an
-    invalid one of that name; none is left behind where it fails."""
-    # What a failed concurrent build leaves: an invalid index that writes still maintain.
+    """``CREATE INDEX CONCURRENTLY index ON items USING method WHERE predicate``, in place of any
+    index of that name; none is left behind where it fails."""
+    # Also what a failed concurrent build leaves: an invalid index that writes still maintain.
     conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(index)))
     conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", [maintenance_work_mem])
     log.info("building %s %s", index, purpose)

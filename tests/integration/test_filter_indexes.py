@@ -578,8 +578,9 @@ async def test_any_of_several_tags_whose_sweeps_are_calibrated_narrow_is_answere
     members = {i for i, t in enumerate(tags) if {WIDE, NARROW} & set(t)}
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
         (narrow,) = [i.sweep_width for i in list_filter_indexes(admin) if i.value == NARROW]
-    for narrow_width, probed in ((min(narrow or 64.0, 64.0), False), (None, True)):
-        with _sweep_width(stack, "tag", WIDE, 64.0), _sweep_width(stack, "tag", NARROW, narrow_width):
+    bound = float(filter_indexes.FIRST_WIDTH)
+    for narrow_width, probed in ((min(narrow or bound, bound), False), (None, True)):
+        with _sweep_width(stack, "tag", WIDE, bound), _sweep_width(stack, "tag", NARROW, narrow_width):
             async with await psycopg.AsyncConnection.connect(stack.direct_url(), autocommit=True) as direct:
                 await configure_connection(direct)
                 with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
