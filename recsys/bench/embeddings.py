@@ -13,6 +13,12 @@ cosine truth (numpy) per ``ef_search``; then ``python -m recsys calibrate`` on t
 and whether ``recall_target`` 0.95 reaches 0.95 on queries the calibration did not sample.
 The same figures on a synthetic catalogue of the same size (clusters in a subspace) show
 whether synthetic data flatters the index.
+
+Filtered, on the verses: ``/similar`` with ``category`` = each genre, asked from verses of that
+genre (a filter around the query) and of the other genres (a filter away from it), against the
+exact nearest verses of the genre (numpy), without filter indexes and with the category field
+indexed (``filter-index create --every-category`` at its default bound), each series beside the
+same verses unfiltered.
 """
 
 from __future__ import annotations
@@ -34,16 +40,18 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 
-from recsys.bench.harness import BenchOptions, bench_stack, server_versions
+from recsys.bench.filters import indexed_field, warm_series
+from recsys.bench.harness import BenchOptions, Deadline, bench_stack, server_versions
 from recsys.bench.plots import line_plot
 from recsys.bench.results import BenchResult, Headline
-from recsys.bench.stats import percentile
+from recsys.bench.stats import percentile, ratio
 from recsys.datasets import subspace_vectors
 from recsys.db.pool import configure_connection
 from recsys.local import tools
 from recsys.local.stack import Stack
 from recsys.search import service
 from recsys.search.calibration import calibrate, forget_calibrations
+from recsys.search.filter_indexes import DEFAULT_MIN_MEMBERS
 from recsys.search.params import SimilarQuery
 from recsys.search.service import DEFAULT_EF_SEARCH
 
@@ -162,6 +170,89 @@ async def _measure(stack: Stack, ids: Sequence[str], vectors: Vectors, queries: 
     return figures
 
 
+#: Verses asked per genre and side of the filtered series: from the genre, and from the others.
+FILTER_QUERIES = 50
+
+
+def _filtered_truth(vectors: Vectors, rows: Sequence[int], members: npt.NDArray[np.bool_]) -> list[list[int]]:
+    """The K nearest members (cosine) to each of ``rows``, the row itself left out."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = unit[list(rows)] @ unit.T
+    scores[:, ~members] = -np.inf
+    for i, row in enumerate(rows):
+        scores[i, row] = -np.inf
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :K]
+    return [[int(j) for j in line if np.isfinite(scores[i, j])] for i, line in enumerate(best)]
+
+
+async def _measure_filters(stack: Stack, ids: Sequence[str], vectors: Vectors, categories: Sequence[str],
+                           seconds: float) -> dict[str, Any]:
+    """``/similar`` filtered by each genre (``category``), asked from verses of the genre and of the
+    others, without filter indexes and with the category field indexed, beside the same verses
+    unfiltered: recall@10 against numpy, latencies, and how each request was answered."""
+    genres = sorted(set(categories))
+    labels = np.asarray(categories)
+    rng = np.random.default_rng(11)
+    asked: dict[str, list[int]] = {}
+    for genre in genres:
+        inside = np.flatnonzero(labels == genre)
+        outside = np.flatnonzero(labels != genre)
+        for side, pool in (("same genre", inside), ("other genres", outside)):
+            asked[f"{genre}/{side}"] = [int(i) for i in rng.choice(pool, min(FILTER_QUERIES, len(pool)), replace=False)]
+    every = sorted({q for rows in asked.values() for q in rows})
+    names = [str(i) for i in ids]
+    truths = {name: [[names[j] for j in line]
+                     for line in _filtered_truth(vectors, rows, labels == name.split("/")[0])]
+              for name, rows in asked.items()}
+    deadline = Deadline(seconds)
+    figures: dict[str, Any] = {"genres": {g: int((labels == g).sum()) for g in genres}}
+    url = stack.bouncer_url(user="recsys_loader")
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None) as conn:
+        await configure_connection(conn)
+        unfiltered_truth = [[names[j] for j in line] for line in _truth(vectors, every, K)]
+        figures["unfiltered"] = await warm_series(conn, names, every, SimilarQuery(k=K), unfiltered_truth, deadline)
+
+        async def each(suffix: str) -> None:
+            for name, rows in asked.items():
+                query = SimilarQuery(k=K, categories=(name.split("/")[0],))
+                figures[name + suffix] = await warm_series(conn, names, rows, query, truths[name], deadline)
+
+        await each("")
+        with indexed_field(stack.admin_conninfo(), "category") as indexes:
+            figures["indexed_field"] = {"min_members": DEFAULT_MIN_MEMBERS, "indexes": indexes}
+            await each("/filter_index")
+    return figures
+
+
+def _filter_headlines(figures: dict[str, Any]) -> list[Headline]:
+    """The worst filtered series without filter indexes and with the category field indexed."""
+    base = figures["unfiltered"]
+    sizes = figures["genres"]
+    total = sum(sizes.values())
+    headlines = [Headline(
+        f"real embeddings, unfiltered p95 of the filtered series' verses (p50 {base['p50_ms']} ms, recall@10 "
+        f"{base['recall']})", base["p95_ms"], "ms")]
+    series = [name for name in figures if name.endswith(("same genre", "other genres"))]
+    for suffix, label in (("", "without filter indexes"),
+                          ("/filter_index", f"every genre of {DEFAULT_MIN_MEMBERS:,} verses or more indexed "
+                                            f"({len(figures['indexed_field']['indexes'])} of {len(sizes)})")):
+        points = {name: figures[name + suffix] for name in series}
+        lowest = min(points, key=lambda name: points[name]["recall"])
+        slowest = max(points, key=lambda name: points[name]["p95_ms"])
+        share = ratio(points[slowest]["p95_ms"], base["p95_ms"])
+        fewest = min(point["min_results"] for point in points.values())
+        headlines += [
+            Headline(f"real embeddings, a genre as category filter ({len(sizes)} genres of {min(sizes.values()):,}"
+                     f"–{max(sizes.values()):,} of {total:,} verses, asked from verses of the genre and of the"
+                     f" others), {label}: lowest recall@10 ({lowest}; fewest results {fewest})",
+                     points[lowest]["recall"], "", "≥ 0.95", points[lowest]["recall"] >= 0.95),
+            Headline(f"real embeddings, a genre as category filter, {label}: worst p95 ÷ unfiltered p95 ({slowest}: "
+                     f"p95 {points[slowest]['p95_ms']} ms, recall@10 {points[slowest]['recall']})",
+                     round(share, 2), "×", "≤ 3×", share <= 3),
+        ]
+    return headlines
+
+
 def run(options: BenchOptions) -> BenchResult:
     install_requirements()
     limit = 2000 if options.quick else None
@@ -179,6 +270,8 @@ def run(options: BenchOptions) -> BenchResult:
         servers = server_versions(stack)
         _load(stack, ids, vectors, categories)
         figures["real"] = asyncio.run(_measure(stack, ids, vectors, queries, held_out))
+        figures["real_filtered"] = asyncio.run(_measure_filters(stack, ids, vectors, categories,
+                                                                options.size(1200, 300)))
         _load(stack, ids, synthetic, categories)
         figures["synthetic"] = asyncio.run(_measure(stack, ids, synthetic, queries, held_out))
     real, synth = figures["real"], figures["synthetic"]
@@ -201,6 +294,7 @@ def run(options: BenchOptions) -> BenchResult:
                  target["recall_at_10"], "", f"≥ {TARGET}", target["recall_at_10"] >= TARGET),
         Headline(f"real embeddings: recall@10 at ef_search 10 (synthetic: {synth['by_ef'][10]['recall_at_10']})",
                  real["by_ef"][10]["recall_at_10"]),
+        *_filter_headlines(figures["real_filtered"]),
         Headline(f"embedding {len(ids):,} verses with all-MiniLM-L6-v2 on the CPU", figures["embed_s"], "s"),
     ]
     return BenchResult(

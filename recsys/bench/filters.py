@@ -11,8 +11,10 @@ PgBouncer; recall@10 against ground truth computed with numpy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,7 +45,7 @@ from recsys.search.filter_indexes import (
 from recsys.search.params import SimilarQuery
 from recsys.search.service import INDEX_COST_RATIO, similar_items
 
-__all__ = ["run"]
+__all__ = ["indexed_field", "run", "warm_series"]
 
 log = logging.getLogger("recsys")
 
@@ -83,16 +85,16 @@ def _truth(catalogue: Catalogue, queries: list[int], members: np.ndarray | None)
     return truth
 
 
-async def _series(conn: psycopg.AsyncConnection[Any], catalogue: Catalogue, queries: list[int],
+async def _series(conn: psycopg.AsyncConnection[Any], ids: Sequence[str], queries: Sequence[int],
                   query: SimilarQuery, truth: list[list[str]], deadline: Deadline) -> dict[str, Any]:
     found: list[list[str]] = []
     latencies: list[float] = []
     searches: dict[str, int] = {}
     for q in queries:
         if not deadline:
-            raise TimeoutError("the filters benchmark ran out of time; use fewer queries")
+            raise TimeoutError("the benchmark ran out of time; use fewer queries")
         started = time.perf_counter()
-        answer = await similar_items(conn, catalogue.ids[q], query, timeout_ms=60_000)
+        answer = await similar_items(conn, ids[q], query, timeout_ms=60_000)
         latencies.append(time.perf_counter() - started)
         found.append([r["id"] for r in answer["results"]])
         searches[answer.get("search", "none")] = searches.get(answer.get("search", "none"), 0) + 1
@@ -104,13 +106,39 @@ async def _series(conn: psycopg.AsyncConnection[Any], catalogue: Catalogue, quer
     }
 
 
-async def _warm(conn: psycopg.AsyncConnection[Any], catalogue: Catalogue, queries: list[int],
-                query: SimilarQuery, truth: list[list[str]], deadline: Deadline) -> dict[str, Any]:
-    """A series measured warm: the queries are asked once (the first pass, reported beside) and
-    measured the second time, the unfiltered series as the filtered ones."""
-    first = await _series(conn, catalogue, queries, query, truth, deadline)
-    warm = await _series(conn, catalogue, queries, query, truth, deadline)
+async def warm_series(conn: psycopg.AsyncConnection[Any], ids: Sequence[str], queries: Sequence[int],
+                      query: SimilarQuery, truth: list[list[str]], deadline: Deadline) -> dict[str, Any]:
+    """``/similar`` of each of ``queries`` (positions in ``ids``) asked as ``query``, one after
+    another on ``conn``: recall@10 against ``truth``, the fewest results, how each was answered
+    (``search``) and the latencies. Measured warm: the queries are asked once (the first pass,
+    reported beside) and measured the second time, the unfiltered series as the filtered ones."""
+    first = await _series(conn, ids, queries, query, truth, deadline)
+    warm = await _series(conn, ids, queries, query, truth, deadline)
     return {**warm, "first_pass": {key: first[key] for key in ("p50_ms", "p95_ms", "recall")}}
+
+
+@contextlib.contextmanager
+def indexed_field(admin: str, kind: str) -> Iterator[dict[str, dict[str, Any]]]:
+    """The field ``kind`` indexed at the default bound (``filter-index create --every-tag`` or
+    ``--every-category``), on the owner's connection string ``admin``: yields each value's
+    filter index as built (seconds, members, bytes, the copy's lists, the sweep's width); the
+    rule is forgotten and its filter indexes dropped after."""
+    with psycopg.connect(admin, autocommit=True) as owner:
+        set_indexed_field(owner, kind, DEFAULT_MIN_MEMBERS)
+        indexes: dict[str, dict[str, Any]] = {}
+        try:
+            started = time.perf_counter()
+            for line in apply_indexed_fields(owner, build={}):
+                index, now = line["index"], time.perf_counter()
+                indexes[line["value"]] = {"build_s": round(now - started, 1), "members": index["members"],
+                                          "index_bytes": index["size_bytes"], "copy_lists": index["copy_lists"],
+                                          "sweep_width": index["sweep_width"]}
+                started = now
+            yield indexes
+        finally:
+            unset_indexed_field(owner, kind)
+            for _ in apply_indexed_fields(owner, build={}):
+                pass
 
 
 #: Any of two tags: the anti-correlated 50 % and 5 % tags (nested: the items of the 5 % tag carry
@@ -136,7 +164,7 @@ async def _filtered(conn: psycopg.AsyncConnection[Any], catalogue: Catalogue, tr
                     queries: list[int], deadline: Deadline, suffix: str = "") -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for name, asked in _filters():
-        figures[name + suffix] = await _warm(conn, catalogue, queries, SimilarQuery(k=K, tags_any=asked),
+        figures[name + suffix] = await warm_series(conn, catalogue.ids, queries, SimilarQuery(k=K, tags_any=asked),
                                              truths[name], deadline)
         log.info("%s: %s", name + suffix, figures[name + suffix])
     return figures
@@ -150,31 +178,18 @@ async def _run(url: str, admin: str, catalogue: Catalogue, tags: list[list[str]]
     figures: dict[str, Any] = {}
     try:
         plain = SimilarQuery(k=K)
-        figures["unfiltered"] = await _warm(conn, catalogue, queries, plain, _truth(catalogue, queries, None), deadline)
+        figures["unfiltered"] = await warm_series(conn, catalogue.ids, queries, plain,
+                                                  _truth(catalogue, queries, None), deadline)
         truths = _truths(catalogue, tags, queries)
         figures.update(await _filtered(conn, catalogue, truths, queries, deadline))
         # The same filters with the tags field indexed (`filter-index create --every-tag`, its
         # default bound): the filter indexes of the tags that reach it, built here and dropped after.
-        with psycopg.connect(admin, autocommit=True) as owner:
-            set_indexed_field(owner, "tag", DEFAULT_MIN_MEMBERS)
-            indexes: dict[str, dict[str, Any]] = {}
-            try:
-                started = time.perf_counter()
-                for line in apply_indexed_fields(owner, build={}):
-                    index, now = line["index"], time.perf_counter()
-                    indexes[line["value"]] = {"build_s": round(now - started, 1), "members": index["members"],
-                                              "index_bytes": index["size_bytes"], "copy_lists": index["copy_lists"],
-                                              "sweep_width": index["sweep_width"]}
-                    started = now
-                figures["indexed_field"] = {"min_members": DEFAULT_MIN_MEMBERS, "indexes": indexes}
-                indexed = await _filtered(conn, catalogue, truths, queries, deadline, "/filter_index")
-                for name, asked in _filters():
-                    indexed[f"{name}/filter_index"]["indexed"] = all(tag in indexes for tag in asked)
-                figures.update(indexed)
-            finally:
-                unset_indexed_field(owner, "tag")
-                for _ in apply_indexed_fields(owner, build={}):
-                    pass
+        with indexed_field(admin, "tag") as indexes:
+            figures["indexed_field"] = {"min_members": DEFAULT_MIN_MEMBERS, "indexes": indexes}
+            indexed = await _filtered(conn, catalogue, truths, queries, deadline, "/filter_index")
+            for name, asked in _filters():
+                indexed[f"{name}/filter_index"]["indexed"] = all(tag in indexes for tag in asked)
+            figures.update(indexed)
     finally:
         await conn.close()
     return figures
