@@ -321,9 +321,9 @@ def create_filter_index(
     builds = 1
     while copy_built and builds < COPY_BUILDS and (width is None or width > FIRST_WIDTH):
         builds += 1
-        log.info("the sweep of %s %r reads %s members per unit of ef_search, more than %d: its copy built again"
-                 " (%d of at most %d)", kind, value, "every one of its" if width is None else f"{width:.1f}",
-                 FIRST_WIDTH, builds, COPY_BUILDS)
+        reads = "every list" if width is None else f"{width:.1f} members per unit of ef_search"
+        log.info("the sweep of %s %r needs %s, more than %d members per unit: its copy built again"
+                 " (%d of at most %d)", kind, value, reads, FIRST_WIDTH, builds, COPY_BUILDS)
         _build(conn, copy, exact_copy, predicate, maintenance_work_mem, f"for {kind} {value!r} again")
         width = calibrate_sweep(conn, predicate, dimension, members, _lists(conn, copy))
     conn.execute(
