@@ -263,6 +263,26 @@ async def test_diversity_zero_is_plain_search_and_half_spreads_results_within_fi
     assert all(after < before for before, after in spreads), spreads
 
 
+async def test_a_diversity_too_small_to_move_a_score_is_plain_search(
+    catalogue: Catalogue, conn: psycopg.AsyncConnection
+) -> None:
+    # MMR multiplies the weight by similarities, and PostgreSQL raises an error where a product
+    # of doubles underflows: 5e-324 times any similarity under 0.5, as among the 840 candidates of
+    # a page at offset 200. Under service.MIN_DIVERSITY the request is plain search.
+    for q in query_items(catalogue, 3):
+        plain = await service.similar_items(conn, catalogue.ids[q], SimilarQuery(k=K, offset=200),
+                                            timeout_ms=TIMEOUT_MS)
+        for tiny in (5e-324, 1e-300, service.MIN_DIVERSITY / 2):
+            answer = await service.similar_items(conn, catalogue.ids[q],
+                                                 SimilarQuery(k=K, offset=200, diversity=tiny), timeout_ms=TIMEOUT_MS)
+            assert answer["results"] == plain["results"], tiny
+        least = await service.similar_items(
+            conn, catalogue.ids[q], SimilarQuery(k=K, offset=200, diversity=service.MIN_DIVERSITY),
+            timeout_ms=TIMEOUT_MS,
+        )
+        assert len(least["results"]) == K
+
+
 def best_score(catalogue: Catalogue, i: int, positive: list[np.ndarray], negative: list[np.ndarray]) -> float:
     """Qdrant's best_score, written from its definition."""
     def sigmoid(x: float) -> float:
