@@ -490,7 +490,12 @@ BEGIN
                         IF found_distances[1] <= farthest THEN
                             rank_estimate := positives;
                         ELSIF dimension IS NOT NULL THEN
-                            rank_estimate := positives * exp(dimension / 2 * ln(found_distances[1] / farthest));
+                            -- The exponent held under 700: probe distances within a hair of each
+                            -- other (near-duplicates around the query) estimate a dimension in the
+                            -- tens of thousands, and exp past 709 is an error (a 500), where any
+                            -- rank above 1e300 says the same: far beyond.
+                            rank_estimate := positives
+                                * exp(least(dimension / 2 * ln(found_distances[1] / farthest), 700));
                         END IF;
                     END IF;
                     IF rank_estimate IS NULL OR rank_estimate > 2 * expected THEN

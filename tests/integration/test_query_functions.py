@@ -116,35 +116,6 @@ async def test_the_functions_serve_a_halfvec_catalogue_above_2000_dimensions(tmp
         big.down()
 
 
-async def test_a_negative_example_whose_component_is_the_smallest_float_is_no_error(stack: Stack) -> None:
-    # average_vector weighs the negatives' mean by 0.5, and pgvector raises an error where a
-    # product underflows to zero: 1.4e-45, the smallest float32, times 0.5 did. q is scaled by
-    # 1 / 0.5 instead, the same direction: the exact answer is numpy's.
-    catalogue = ensure_catalogue(stack)
-    tiny = np.zeros(catalogue.vectors.shape[1], dtype=np.float32)
-    tiny[0], tiny[1] = 1.0, np.float32(1.4e-45)
-    assert tiny[1] > 0
-    positive = catalogue.ids[5]
-    query = catalogue.vectors[5] / np.linalg.norm(catalogue.vectors[5]) - 0.5 * tiny.astype(np.float64)
-    scores = catalogue.vectors @ query / np.linalg.norm(catalogue.vectors, axis=1)
-    truth = [catalogue.ids[i] for i in np.argsort(-scores) if i != 5][:10]
-    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
-        register_vector(admin)
-        admin.execute("INSERT INTO items (id, embedding, category) VALUES ('smallest-float', %s, 'none')", [tiny])
-    conn = await psycopg.AsyncConnection.connect(stack.bouncer_url(), autocommit=True, prepare_threshold=None)
-    await configure_connection(conn)
-    try:
-        answer = await service.recommend(
-            conn, RecommendationQuery(positive=(positive,), negative=("smallest-float",), k=10, exact=True),
-            timeout_ms=5000,
-        )
-        assert [r["id"] for r in answer["results"]] == truth
-    finally:
-        await conn.close()
-        with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
-            admin.execute("DELETE FROM items WHERE id = 'smallest-float'")
-
-
 #: Reads of the items table in the current transaction other than the HNSW index and lookups by
 #: id: sequential scans and scans of the filter indexes (categories, tags, metadata).
 FILTER_READS = (
