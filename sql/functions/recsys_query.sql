@@ -2,7 +2,8 @@
 -- statement (queries.SEARCH), defined here once and applied by the migrations runner after the
 -- numbered migrations whenever this file changes. It was defined by migration 070, whose
 -- comments give the reasons for its rules; here the average_vector strategy scales q by
--- 1 / p_alpha rather than the negatives' mean by p_alpha (below). Its search is recsys_nearest
+-- 1 / p_alpha rather than the negatives' mean by p_alpha, and the request's vector is scaled to
+-- unit length before it takes the column's type (below). Its search is recsys_nearest
 -- (functions/recsys_nearest.sql).
 DO $migration$
 DECLARE
@@ -138,7 +139,9 @@ BEGIN
             SELECT i.embedding AS v, u.n FROM unnest(p_positive) WITH ORDINALITY AS u(wanted, n)
             JOIN items i ON i.id = u.wanted
             UNION ALL
-            SELECT p_vector::@vec@, 0 WHERE p_vector IS NOT NULL
+            -- Scaled to unit length before the column's type: a component past 65504 is out of
+            -- range for halfvec (a 500), and every input is scaled so below anyway.
+            SELECT l2_normalize(p_vector)::@vec@, 0 WHERE p_vector IS NOT NULL
         ) s;
         SELECT array_agg(i.embedding ORDER BY u.n) INTO negatives
         FROM unnest(p_negative) WITH ORDINALITY AS u(wanted, n) JOIN items i ON i.id = u.wanted;

@@ -108,6 +108,11 @@ async def test_the_functions_serve_a_halfvec_catalogue_above_2000_dimensions(tmp
                 timeout_ms=5000,
             )
             assert len(recommended["results"]) == 5
+            # A component past halfvec's largest, 65504: the vector is scaled to unit length first.
+            far = catalogue.vectors[2].copy()
+            far[0] = 1e5
+            beyond = await service.recommend(conn, RecommendationQuery(vector=far, k=5), timeout_ms=5000)
+            assert len(beyond["results"]) == 5
             item = await service.get_item(conn, catalogue.ids[0], include_vector=True, timeout_ms=5000)
             assert np.array_equal(np.asarray(item["embedding"], dtype=np.float32), halves[0])
         finally:
