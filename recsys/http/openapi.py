@@ -11,6 +11,7 @@ from typing import Any
 import azure.functions as func
 
 from recsys.config import get_settings
+from recsys.search.params import HALFVEC_MAX
 from recsys.telemetry import invocation_span
 
 __all__ = ["OPENAPI_PATH", "bp", "openapi_document"]
@@ -47,18 +48,34 @@ def _set_dimension(node: Any, dim: int) -> None:
             _set_dimension(value, dim)
 
 
+def _set_halfvec_bounds(doc: dict[str, Any]) -> None:
+    """The stored embedding's components within ±HALFVEC_MAX, for a catalogue in half precision
+    (a query's vector is scaled to unit length first, and keeps its bounds)."""
+    item = doc["components"]["schemas"]["IngestItem"]["properties"]
+    bounds = item["embedding"]["items"]
+    bounds["minimum"], bounds["maximum"] = -HALFVEC_MAX, HALFVEC_MAX
+    for field in ("embedding", "embedding_b64"):
+        item[field]["description"] = item[field]["description"].replace(
+            "±1e17", f"±{HALFVEC_MAX:g} (the catalogue stores half precision)")
+
+
 @functools.cache
-def openapi_document(dim: int | None = None) -> bytes:
-    """The document kept next to this module, with vector sizes for ``dim`` (as is when ``None``)."""
-    if dim is None:
+def openapi_document(dim: int | None = None, vector_type: str = "vector") -> bytes:
+    """The document kept next to this module, with vector sizes for ``dim`` and the stored
+    components' bounds for ``vector_type`` (as is when ``None`` and ``vector``)."""
+    if dim is None and vector_type != "halfvec":
         return OPENAPI_PATH.read_bytes()
     doc = json.loads(OPENAPI_PATH.read_bytes())
-    _set_dimension(doc, dim)
+    if dim is not None:
+        _set_dimension(doc, dim)
+    if vector_type == "halfvec":
+        _set_halfvec_bounds(doc)
     return json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8")
 
 
 @bp.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 @invocation_span
 async def openapi_get(req: func.HttpRequest) -> func.HttpResponse:
-    document = openapi_document(get_settings().embedding_dim)
+    settings = get_settings()
+    document = openapi_document(settings.embedding_dim, settings.vector_type)
     return func.HttpResponse(document, status_code=200, mimetype="application/json", charset="utf-8")

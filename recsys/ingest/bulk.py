@@ -30,6 +30,7 @@ from psycopg import sql
 from recsys.errors import InvalidArgument
 from recsys.ingest.loader import copy_items
 from recsys.ingest.messages import Item, decode_json, parse_item
+from recsys.search.params import MAX_VECTOR_COMPONENT
 
 __all__ = ["INDEX_NAME", "BulkResult", "bulk_load", "count_items", "read_items"]
 
@@ -62,13 +63,13 @@ def count_items(path: Path) -> int:
     return sum(1 for _ in _lines(path))
 
 
-def _read_jsonl(path: Path, dim: int) -> Iterator[Item]:
+def _read_jsonl(path: Path, dim: int, limit: float) -> Iterator[Item]:
     for number, line in _lines(path):
         where = f"{path.name}:{number}"
-        yield parse_item(decode_json(line, what=f"line {number}", field=where), dim, where)
+        yield parse_item(decode_json(line, what=f"line {number}", field=where), dim, where, limit=limit)
 
 
-def _read_npy(path: Path, items_path: Path, dim: int) -> Iterator[Item]:
+def _read_npy(path: Path, items_path: Path, dim: int, limit: float) -> Iterator[Item]:
     vectors = np.load(path, mmap_mode="r")
     if vectors.ndim != 2 or vectors.shape[1] != dim:
         raise InvalidArgument(f"{path.name} must be a matrix of n × {dim} vectors, got shape {vectors.shape}",
@@ -84,19 +85,23 @@ def _read_npy(path: Path, items_path: Path, dim: int) -> Iterator[Item]:
         meta = decode_json(line, what=f"line {number}", field=where)
         if not isinstance(meta, dict):
             raise InvalidArgument(f"{where} must be an object with an id", field=where)
-        yield parse_item(meta, dim, where, vector=np.asarray(vectors[row], dtype=np.float32))
+        yield parse_item(meta, dim, where, vector=np.asarray(vectors[row], dtype=np.float32), limit=limit)
     if next(lines, None) is not None:
         raise InvalidArgument(f"{items_path.name} has more lines than {path.name} has vectors", field=items_path.name)
 
 
-def read_items(path: Path, dim: int, items_path: Path | None = None) -> Iterator[Item]:
-    """Validated items of a bulk file; :class:`InvalidArgument` names the file and line at fault."""
+def read_items(path: Path, dim: int, items_path: Path | None = None, *,
+               limit: float = MAX_VECTOR_COMPONENT) -> Iterator[Item]:
+    """Validated items of a bulk file; :class:`InvalidArgument` names the file and line at fault.
+
+    ``limit``: the largest magnitude of a component (``recsys.search.params.max_component``).
+    """
     if path.suffix == ".npy":
         if items_path is None:
             raise InvalidArgument("a .npy file needs a .jsonl of ids (--items)", field="items")
-        return _read_npy(path, items_path, dim)
+        return _read_npy(path, items_path, dim, limit)
     if path.suffix == ".jsonl":
-        return _read_jsonl(path, dim)
+        return _read_jsonl(path, dim, limit)
     raise InvalidArgument(f"{path.name}: expected a .jsonl or a .npy file", field="file")
 
 

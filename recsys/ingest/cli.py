@@ -52,6 +52,7 @@ def _progress(total: int, enabled: bool) -> tuple[Callable[[int], None] | None, 
 def load_main(argv: list[str]) -> int:
     """``python -m recsys load FILE``: bulk-load a file straight into the database (initial loads)."""
     from recsys.ingest.bulk import bulk_load, count_items, read_items
+    from recsys.search.params import max_component
 
     parser = argparse.ArgumentParser(
         prog="python -m recsys load",
@@ -78,7 +79,8 @@ def load_main(argv: list[str]) -> int:
         parser.error("--chunk-size must be at least 1 and --workers at least 0")
     try:
         total = count_items(args.file)
-        items: Iterator[Any] = read_items(args.file, settings.embedding_dim, args.items)
+        items: Iterator[Any] = read_items(args.file, settings.embedding_dim, args.items,
+                                          limit=max_component(settings.vector_type))
     except (OSError, ValueError, InvalidArgument) as exc:
         print(f"recsys load: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ host delivers the message again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -68,6 +69,7 @@ from recsys.ingest.messages import (
     message_key,
     parse_part,
 )
+from recsys.search.params import max_component
 
 __all__ = [
     "WRITE_LOCK_KEY",
@@ -255,19 +257,19 @@ def _slot(size: int) -> asyncio.Semaphore:
     return semaphore
 
 
-def _parse_blob(data: bytes, dim: int, what: str) -> Part:
+def _parse_blob(data: bytes, dim: int, what: str, limit: float) -> Part:
     doc = decode_json(data, what=what, field="blob")
     if not isinstance(doc, dict):
         raise InvalidArgument(f"{what} must be a JSON object with items or delete", field="blob")
-    return parse_part(doc, dim)
+    return parse_part(doc, dim, limit=limit)
 
 
 async def _part_of(message: Message, settings: Settings, pool: AsyncConnectionPool) -> Part | None:
     """The message's validated part; ``None`` when its blob is gone because it already loaded."""
-    dim = settings.embedding_dim
+    dim, limit = settings.embedding_dim, max_component(settings.vector_type)
     if message.blob is None:
         doc = {"items": message.items, "delete": message.deletes}
-        return await asyncio.to_thread(parse_part, doc, dim)
+        return await asyncio.to_thread(functools.partial(parse_part, doc, dim, limit=limit))
     data = await storage.download_blob(settings, message.blob, max_bytes=MAX_PART_BYTES)
     if data is None:
         # The loader deletes a part's blob once it has loaded: a late redelivery finds it gone.
@@ -275,7 +277,7 @@ async def _part_of(message: Message, settings: Settings, pool: AsyncConnectionPo
             if await ledger.part_status(conn, message.batch_id, message.part) == "loaded":
                 return None
         raise InvalidArgument(f"blob {message.blob} not found", field="blob")
-    return await asyncio.to_thread(_parse_blob, data, dim, f"blob {message.blob}")
+    return await asyncio.to_thread(_parse_blob, data, dim, f"blob {message.blob}", limit)
 
 
 async def _reject(

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys.errors import InvalidArgument
-from recsys.search.params import MAX_VECTOR_COMPONENT
+from recsys.search.params import HALFVEC_MAX, MAX_VECTOR_COMPONENT
 
 __all__ = [
     "INLINE_MAX_BYTES",
@@ -265,18 +265,23 @@ def _parse_metadata(value: Any, name: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- vectors
 
 
-def _finite_vector(vector: Vector, name: str) -> Vector:
+def _finite_vector(vector: Vector, name: str, limit: float = MAX_VECTOR_COMPONENT) -> Vector:
+    """``vector`` if its components are finite, within ``limit`` and not all zero.
+
+    ``limit``: ``MAX_VECTOR_COMPONENT``, or ``HALFVEC_MAX`` for a catalogue stored in half
+    precision (``recsys.search.params.max_component``).
+    """
     if not np.isfinite(vector).all():
         raise InvalidArgument(f"{name} must contain only finite numbers (float32 range)", field=name)
-    if vector.size and float(np.abs(vector).max()) > MAX_VECTOR_COMPONENT:
-        message = f"{name} must contain only numbers within ±{MAX_VECTOR_COMPONENT:g} (cosine overflows past it)"
-        raise InvalidArgument(message, field=name)
+    if vector.size and float(np.abs(vector).max()) > limit:
+        reason = "the catalogue stores half precision" if limit == HALFVEC_MAX else "cosine overflows past it"
+        raise InvalidArgument(f"{name} must contain only numbers within ±{limit:g} ({reason})", field=name)
     if not vector.any():
         raise InvalidArgument(f"{name} must not be all zeros: its cosine similarity is undefined", field=name)
     return vector
 
 
-def parse_embedding(value: Any, dim: int, name: str) -> Vector:
+def parse_embedding(value: Any, dim: int, name: str, limit: float = MAX_VECTOR_COMPONENT) -> Vector:
     """A JSON array of exactly ``dim`` finite numbers, as float32."""
     if not isinstance(value, list):
         raise InvalidArgument(f"{name} must be an array of {dim} numbers", field=name)
@@ -292,10 +297,10 @@ def parse_embedding(value: Any, dim: int, name: str) -> Vector:
         raise InvalidArgument(f"{name} must contain only finite numbers (float32 range)", field=name) from None
     with np.errstate(over="ignore", invalid="ignore"):
         vector = wide.astype(np.float32)
-    return _finite_vector(vector, name)
+    return _finite_vector(vector, name, limit)
 
 
-def parse_embedding_b64(value: Any, dim: int, name: str) -> Vector:
+def parse_embedding_b64(value: Any, dim: int, name: str, limit: float = MAX_VECTOR_COMPONENT) -> Vector:
     """Base64 of ``dim`` little-endian float32 values, decoded with numpy."""
     if not isinstance(value, str):
         raise InvalidArgument(f"{name} must be a base64 string", field=name)
@@ -309,7 +314,7 @@ def parse_embedding_b64(value: Any, dim: int, name: str) -> Vector:
             field=name,
         )
     vector = np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False)
-    return _finite_vector(vector, name)
+    return _finite_vector(vector, name, limit)
 
 
 def encode_embedding(vector: Vector) -> str:
@@ -319,10 +324,12 @@ def encode_embedding(vector: Vector) -> str:
 # ----------------------------------------------------------------------------- items
 
 
-def parse_item(raw: Any, dim: int, name: str, *, vector: Vector | None = None) -> Item:
+def parse_item(raw: Any, dim: int, name: str, *, vector: Vector | None = None,
+               limit: float = MAX_VECTOR_COMPONENT) -> Item:
     """One item object; ``name`` prefixes the fields in errors (``items[3]``).
 
     ``vector``, when given, is the item's embedding from elsewhere (the bulk loader's ``.npy``).
+    ``limit``: the largest magnitude of a component (``recsys.search.params.max_component``).
     """
     if not isinstance(raw, dict):
         raise InvalidArgument(f"{name} must be an object", field=name)
@@ -334,13 +341,13 @@ def parse_item(raw: Any, dim: int, name: str, *, vector: Vector | None = None) -
     if vector is not None:
         if vector.shape != (dim,):
             raise InvalidArgument(f"{name}.embedding must have {dim} dimensions", field=f"{name}.embedding")
-        vector = _finite_vector(np.asarray(vector, dtype=np.float32), f"{name}.embedding")
+        vector = _finite_vector(np.asarray(vector, dtype=np.float32), f"{name}.embedding", limit)
     elif has_list and has_b64:
         raise InvalidArgument(f"{name} must have embedding or embedding_b64, not both", field=f"{name}.embedding")
     elif has_b64:
-        vector = parse_embedding_b64(raw["embedding_b64"], dim, f"{name}.embedding_b64")
+        vector = parse_embedding_b64(raw["embedding_b64"], dim, f"{name}.embedding_b64", limit)
     elif has_list:
-        vector = parse_embedding(raw["embedding"], dim, f"{name}.embedding")
+        vector = parse_embedding(raw["embedding"], dim, f"{name}.embedding", limit)
     else:
         raise InvalidArgument(f"{name}.embedding (or embedding_b64) is required", field=f"{name}.embedding")
     return Item(
@@ -353,7 +360,8 @@ def parse_item(raw: Any, dim: int, name: str, *, vector: Vector | None = None) -
     )
 
 
-def parse_items(raw: Any, dim: int, *, name: str = "items", max_items: int | None = None) -> list[Item]:
+def parse_items(raw: Any, dim: int, *, name: str = "items", max_items: int | None = None,
+                limit: float = MAX_VECTOR_COMPONENT) -> list[Item]:
     """A non-empty list of items with distinct ids.
 
     Duplicate ids in one batch are refused: one upsert cannot write a row twice, and which of
@@ -368,7 +376,7 @@ def parse_items(raw: Any, dim: int, *, name: str = "items", max_items: int | Non
     items: list[Item] = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(raw):
-        item = parse_item(entry, dim, f"{name}[{i}]")
+        item = parse_item(entry, dim, f"{name}[{i}]", limit=limit)
         first = seen.setdefault(item.id, i)
         if first != i:
             raise InvalidArgument(
@@ -405,7 +413,8 @@ def parse_deletes(raw: Any, *, name: str = "delete", max_entries: int | None = N
     return deletes
 
 
-def parse_part(doc: Any, dim: int, *, max_entries: int | None = MAX_PART_ENTRIES) -> Part:
+def parse_part(doc: Any, dim: int, *, max_entries: int | None = MAX_PART_ENTRIES,
+               limit: float = MAX_VECTOR_COMPONENT) -> Part:
     """The ``items`` and ``delete`` lists of a batch document, message or blob, validated.
 
     At least one of the two must be non-empty, together they hold at most ``max_entries``
@@ -427,7 +436,7 @@ def parse_part(doc: Any, dim: int, *, max_entries: int | None = MAX_PART_ENTRIES
         raise InvalidArgument(
             f"items and delete must hold at most {max_entries} entries in all, got {count}", field=field
         )
-    items = parse_items(raw_items, dim) if raw_items else []
+    items = parse_items(raw_items, dim, limit=limit) if raw_items else []
     deletes = parse_deletes(raw_deletes) if raw_deletes else []
     if items and deletes:
         upserted = {item.id for item in items}
@@ -440,12 +449,13 @@ def parse_part(doc: Any, dim: int, *, max_entries: int | None = MAX_PART_ENTRIES
     return Part(items, deletes)
 
 
-def parse_batch_document(doc: Any, dim: int, *, max_entries: int | None = MAX_BATCH_ENTRIES) -> tuple[str | None, Part]:
+def parse_batch_document(doc: Any, dim: int, *, max_entries: int | None = MAX_BATCH_ENTRIES,
+                         limit: float = MAX_VECTOR_COMPONENT) -> tuple[str | None, Part]:
     """``{"batch_id"?, "items"?: [...], "delete"?: [...]}``: the batch id if given, and the content."""
     if not isinstance(doc, dict):
         raise InvalidArgument("the batch must be a JSON object with items or delete", field="body")
     batch_id = None if doc.get("batch_id") is None else parse_batch_id(doc["batch_id"])
-    return batch_id, parse_part(doc, dim, max_entries=max_entries)
+    return batch_id, parse_part(doc, dim, max_entries=max_entries, limit=limit)
 
 
 # ----------------------------------------------------------------------------- messages

@@ -39,6 +39,7 @@ from recsys.ingest.messages import (
     new_batch_id,
     parse_batch_document,
 )
+from recsys.search.params import max_component
 
 __all__ = [
     "PART_BYTES",
@@ -206,6 +207,7 @@ async def enqueue_document(
     Raises :class:`~recsys.errors.InvalidArgument` naming the first bad field; nothing is sent then.
     """
     settings = settings or get_settings()
-    batch_id, part = await asyncio.to_thread(parse_batch_document, doc, settings.embedding_dim, max_entries=max_entries)
+    batch_id, part = await asyncio.to_thread(parse_batch_document, doc, settings.embedding_dim,
+                                             max_entries=max_entries, limit=max_component(settings.vector_type))
     return await enqueue_items(part.items, deletes=part.deletes, batch_id=batch_id, settings=settings,
                                part_items=part_items)

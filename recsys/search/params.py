@@ -60,6 +60,14 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: distances: components near FLOAT32_MAX overflow to inf and the distance to NaN (which no JSON
 #: answer can carry). 1e17 keeps the sum of squares finite up to 16,000 dimensions.
 MAX_VECTOR_COMPONENT = 1e17
+#: Largest magnitude a halfvec (float16) element holds: a catalogue stored in half precision
+#: takes no component beyond it (pgvector refuses the cast).
+HALFVEC_MAX = 65504.0
+
+
+def max_component(vector_type: str) -> float:
+    """The largest magnitude of a stored component in a catalogue of ``vector_type``."""
+    return HALFVEC_MAX if vector_type == "halfvec" else MAX_VECTOR_COMPONENT
 
 #: alpha of the recommendation query vector: q = mean(positives) - alpha * mean(negatives).
 NEGATIVE_WEIGHT = 0.5

@@ -261,3 +261,59 @@ def test_components_past_1e17_are_refused_since_cosine_would_overflow() -> None:
     with pytest.raises(InvalidArgument) as caught:
         parse_embedding([-3.4e38, 0.0, 0.0, 0.0], 4, "items[0].embedding")
     assert caught.value.field == "items[0].embedding"
+
+
+def test_a_halfvec_catalogue_refuses_components_past_65504_before_anything_is_sent() -> None:
+    # pgvector refuses to cast such a component to halfvec: in the loader the database refused the
+    # whole part after the batch had been accepted. The producer refuses it first, naming the field.
+    import asyncio
+
+    from recsys.config import Settings
+    from recsys.ingest.producer import enqueue_document
+    from recsys.search.params import HALFVEC_MAX, max_component
+
+    assert max_component("halfvec") == HALFVEC_MAX == 65504.0 and max_component("vector") == 1e17
+    past = [70_000.0, 0.0, 0.0, 1.0]
+    assert parse_batch_document({"items": [item(embedding=past)]}, DIM)[1].items[0].embedding[0] == 70_000.0
+    for field, value in (("embedding", past),
+                         ("embedding_b64", encode_embedding(np.asarray(past, dtype=np.float32)))):
+        with pytest.raises(InvalidArgument) as caught:
+            parse_batch_document({"items": [{"id": "a", field: value}]}, DIM, limit=HALFVEC_MAX)
+        assert caught.value.field == f"items[0].{field}" and "65504" in str(caught.value)
+    within = parse_part({"items": [item(embedding=[65504.0, 0.0, 0.0, -65504.0])]}, DIM, limit=HALFVEC_MAX)
+    assert within.items[0].embedding[0] == 65504.0
+    settings = Settings(embedding_dim=DIM, vector_type="halfvec", storage_connection="UseDevelopmentStorage=true")
+    with pytest.raises(InvalidArgument) as caught:
+        asyncio.run(enqueue_document({"items": [item(embedding=past)]}, settings=settings))
+    assert caught.value.field == "items[0].embedding"
+
+
+def test_the_served_document_of_a_halfvec_catalogue_bounds_stored_components_by_65504() -> None:
+    from recsys.http.openapi import openapi_document
+
+    doc = json.loads(openapi_document(8, "halfvec"))
+    stored = doc["components"]["schemas"]["IngestItem"]["properties"]
+    assert stored["embedding"]["items"]["maximum"] == 65504 and stored["embedding"]["items"]["minimum"] == -65504
+    assert "±65504" in stored["embedding"]["description"] and "±65504" in stored["embedding_b64"]["description"]
+    # A query's vector is scaled to unit length before it takes the column's type.
+    asked = doc["components"]["schemas"]["RecommendationRequest"]["properties"]["vector"]["items"]
+    assert asked["maximum"] == 1e17
+    plain = json.loads(openapi_document(8))["components"]["schemas"]["IngestItem"]["properties"]
+    assert plain["embedding"]["items"]["maximum"] == 1e17
+
+
+def test_the_loader_refuses_a_message_past_a_halfvec_catalogues_bound_as_bad_input() -> None:
+    # A message another producer wrote: the loader's validation refuses it naming the field, where
+    # the database would have refused the whole part's rows at the cast.
+    import asyncio
+
+    from recsys.config import Settings
+    from recsys.ingest.loader import _part_of
+
+    message = parse_message(json.dumps({"batch_id": "b-1", "items": [item(embedding=[70_000.0, 0.0, 0.0, 1.0])]}))
+    halfvec = Settings(embedding_dim=DIM, vector_type="halfvec")
+    with pytest.raises(InvalidArgument) as caught:
+        asyncio.run(_part_of(message, halfvec, None))  # type: ignore[arg-type]
+    assert caught.value.field == "items[0].embedding"
+    part = asyncio.run(_part_of(message, Settings(embedding_dim=DIM), None))  # type: ignore[arg-type]
+    assert part is not None and part.items[0].embedding[0] == 70_000.0
