@@ -71,6 +71,12 @@ def max_component(vector_type: str) -> float:
 
 #: alpha of the recommendation query vector: q = mean(positives) - alpha * mean(negatives).
 NEGATIVE_WEIGHT = 0.5
+#: Smallest ``diversity`` that picks by MMR; below it the request is plain search (MMR would move
+#: no score by more than the weight). PostgreSQL raises an error where a product of doubles
+#: underflows to zero, and MMR multiplies the weight by similarities: the cosine similarity of
+#: float32 vectors within ±1e17 is 0 or about 1e-82 and more in magnitude, so from this weight on
+#: no product comes near underflow (5e-324 times a similarity under 0.5 did: a 500).
+MIN_DIVERSITY = 1e-9
 
 _INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
 _TRUE = ("true", "1", "yes")
@@ -103,6 +109,11 @@ class SearchOptions:
     def ranked(self) -> int:
         """How many results are ranked: the page and the ``offset`` results before it."""
         return self.k + self.offset
+
+    @property
+    def mmr_weight(self) -> float:
+        """The ``diversity`` that MMR picks with: 0 (plain search) under ``MIN_DIVERSITY``."""
+        return self.diversity if self.diversity >= MIN_DIVERSITY else 0.0
 
     @property
     def pool(self) -> int:

@@ -29,7 +29,7 @@ from recsys.db.retry import Database, run_read
 from recsys.errors import InvalidArgument, NotFound, RecsysError
 from recsys.search import queries
 from recsys.search.calibration import choose_ef_search
-from recsys.search.params import NEGATIVE_WEIGHT, RecommendationQuery, SearchOptions, SimilarQuery
+from recsys.search.params import MIN_DIVERSITY, NEGATIVE_WEIGHT, RecommendationQuery, SearchOptions, SimilarQuery
 from recsys.telemetry import database_span, record_ef_search
 
 __all__ = [
@@ -58,13 +58,6 @@ DEFAULT_EF_SEARCH = 100
 #: sql/070_query_filters.sql and README, Queries): a visited tuple costs a few distance computations
 #: to graph neighbours plus a heap fetch, a scored row one distance (about 1.7 µs here).
 INDEX_COST_RATIO = 2.0
-
-#: Smallest ``diversity`` that picks by MMR; below it the request is plain search (MMR would move
-#: no score by more than the weight). PostgreSQL raises an error where a product of doubles
-#: underflows to zero, and MMR multiplies the weight by similarities: the cosine similarity of
-#: float32 vectors within ±1e17 is 0 or about 1e-82 and more in magnitude, so from this weight on
-#: no product comes near underflow (5e-324 times a similarity under 0.5 did: a 500).
-MIN_DIVERSITY = 1e-9
 
 #: Seconds a request waits for the database beyond its statement timeout before giving up:
 #: past that, the statement never reached PostgreSQL (which would have cancelled it).
@@ -259,7 +252,7 @@ def _option_params(query: SearchOptions, ef_search: int, cost_ratio: float) -> d
         "score_threshold": query.score_threshold,
         "exact": query.exact,
         "with_vector": query.with_vector,
-        "diversity": query.diversity if query.diversity >= MIN_DIVERSITY else 0.0,
+        "diversity": query.mmr_weight,
         "candidates": query.pool,
         "cost_ratio": float(cost_ratio),
     }
@@ -267,7 +260,7 @@ def _option_params(query: SearchOptions, ef_search: int, cost_ratio: float) -> d
 
 async def _choose(db: Database, query: SearchOptions, shape: str = "item") -> EfChoice:
     # The index is asked for every candidate the request ranks or picks from.
-    wanted = query.pool if query.diversity >= MIN_DIVERSITY else query.ranked
+    wanted = query.pool if query.mmr_weight else query.ranked
     return await resolve_ef_search(
         db, k=wanted, ef_search=query.ef_search, recall_target=query.recall_target, shape=shape)
 
