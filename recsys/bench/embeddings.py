@@ -110,13 +110,18 @@ def embed(texts: Sequence[str]) -> Vectors:
     return np.asarray(vectors, dtype=np.float32)
 
 
-def _truth(vectors: Vectors, rows: Sequence[int], k: int) -> list[list[int]]:
+def _truth(vectors: Vectors, rows: Sequence[int], k: int,
+           members: npt.NDArray[np.bool_] | None = None) -> list[list[int]]:
+    """The ``k`` nearest (cosine) to each of ``rows``, the row itself left out; among ``members``
+    where given."""
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     scores = unit[list(rows)] @ unit.T
+    if members is not None:
+        scores[:, ~members] = -np.inf
     for i, row in enumerate(rows):
         scores[i, row] = -np.inf
     best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return [[int(j) for j in line] for line in best]
+    return [[int(j) for j in line if np.isfinite(scores[i, j])] for i, line in enumerate(best)]
 
 
 def _load(stack: Stack, ids: Sequence[str], vectors: Vectors, categories: Sequence[str]) -> None:
@@ -174,17 +179,6 @@ async def _measure(stack: Stack, ids: Sequence[str], vectors: Vectors, queries: 
 FILTER_QUERIES = 50
 
 
-def _filtered_truth(vectors: Vectors, rows: Sequence[int], members: npt.NDArray[np.bool_]) -> list[list[int]]:
-    """The K nearest members (cosine) to each of ``rows``, the row itself left out."""
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    scores = unit[list(rows)] @ unit.T
-    scores[:, ~members] = -np.inf
-    for i, row in enumerate(rows):
-        scores[i, row] = -np.inf
-    best = np.argsort(-scores, axis=1, kind="stable")[:, :K]
-    return [[int(j) for j in line if np.isfinite(scores[i, j])] for i, line in enumerate(best)]
-
-
 async def _measure_filters(stack: Stack, ids: Sequence[str], vectors: Vectors, categories: Sequence[str],
                            seconds: float) -> dict[str, Any]:
     """``/similar`` filtered by each genre (``category``), asked from verses of the genre and of the
@@ -200,22 +194,20 @@ async def _measure_filters(stack: Stack, ids: Sequence[str], vectors: Vectors, c
         for side, pool in (("same genre", inside), ("other genres", outside)):
             asked[f"{genre}/{side}"] = [int(i) for i in rng.choice(pool, min(FILTER_QUERIES, len(pool)), replace=False)]
     every = sorted({q for rows in asked.values() for q in rows})
-    names = [str(i) for i in ids]
-    truths = {name: [[names[j] for j in line]
-                     for line in _filtered_truth(vectors, rows, labels == name.split("/")[0])]
+    truths = {name: [[ids[j] for j in line] for line in _truth(vectors, rows, K, labels == name.split("/")[0])]
               for name, rows in asked.items()}
     deadline = Deadline(seconds)
     figures: dict[str, Any] = {"genres": {g: int((labels == g).sum()) for g in genres}}
     url = stack.bouncer_url(user="recsys_loader")
     async with await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None) as conn:
         await configure_connection(conn)
-        unfiltered_truth = [[names[j] for j in line] for line in _truth(vectors, every, K)]
-        figures["unfiltered"] = await warm_series(conn, names, every, SimilarQuery(k=K), unfiltered_truth, deadline)
+        unfiltered_truth = [[ids[j] for j in line] for line in _truth(vectors, every, K)]
+        figures["unfiltered"] = await warm_series(conn, ids, every, SimilarQuery(k=K), unfiltered_truth, deadline)
 
         async def each(suffix: str) -> None:
             for name, rows in asked.items():
                 query = SimilarQuery(k=K, categories=(name.split("/")[0],))
-                figures[name + suffix] = await warm_series(conn, names, rows, query, truths[name], deadline)
+                figures[name + suffix] = await warm_series(conn, ids, rows, query, truths[name], deadline)
 
         await each("")
         with indexed_field(stack.admin_conninfo(), "category") as indexes:
