@@ -81,6 +81,8 @@ AS $function$
 #variable_conflict use_column
 DECLARE
     missing text[];
+    -- Which examples are looked for: 'positive', then 'negative'.
+    examples_field text;
     positives @vec@[];
     negatives @vec@[];
     positive_mean @vec@;
@@ -117,22 +119,18 @@ BEGIN
                 MESSAGE = 'the item''s vector has length zero: cosine similarity is undefined';
         END IF;
     ELSE
-        SELECT array_agg(u.wanted ORDER BY u.n) INTO missing
-        FROM unnest(p_positive) WITH ORDINALITY AS u(wanted, n)
-        WHERE NOT EXISTS (SELECT 1 FROM items i WHERE i.id = u.wanted);
-        IF missing IS NOT NULL THEN
-            RAISE EXCEPTION USING ERRCODE = 'no_data_found', COLUMN = 'positive',
-                MESSAGE = format('positive items not found: %s', array_to_string(missing, ', ')),
-                DETAIL = to_json(missing)::text;
-        END IF;
-        SELECT array_agg(u.wanted ORDER BY u.n) INTO missing
-        FROM unnest(p_negative) WITH ORDINALITY AS u(wanted, n)
-        WHERE NOT EXISTS (SELECT 1 FROM items i WHERE i.id = u.wanted);
-        IF missing IS NOT NULL THEN
-            RAISE EXCEPTION USING ERRCODE = 'no_data_found', COLUMN = 'negative',
-                MESSAGE = format('negative items not found: %s', array_to_string(missing, ', ')),
-                DETAIL = to_json(missing)::text;
-        END IF;
+        -- The positive examples first, then the negative ones.
+        FOREACH examples_field IN ARRAY ARRAY['positive', 'negative'] LOOP
+            SELECT array_agg(u.wanted ORDER BY u.n) INTO missing
+            FROM unnest(CASE examples_field WHEN 'positive' THEN p_positive ELSE p_negative END)
+                 WITH ORDINALITY AS u(wanted, n)
+            WHERE NOT EXISTS (SELECT 1 FROM items i WHERE i.id = u.wanted);
+            IF missing IS NOT NULL THEN
+                RAISE EXCEPTION USING ERRCODE = 'no_data_found', COLUMN = examples_field,
+                    MESSAGE = format('%s items not found: %s', examples_field, array_to_string(missing, ', ')),
+                    DETAIL = to_json(missing)::text;
+            END IF;
+        END LOOP;
         p_exclude := p_exclude || p_positive || p_negative;
 
         SELECT array_agg(s.v ORDER BY s.n) INTO positives FROM (
