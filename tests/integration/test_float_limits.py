@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 from stack_support import stack_folder
+from test_query_filters import truth
 
 from recsys.datasets import Catalogue, clustered_catalogue
 from recsys.db.pool import configure_connection
@@ -58,11 +59,6 @@ def own_stack(catalogue: Catalogue) -> Iterator[Stack]:
             stack.down()
 
 
-def _nearest_among(catalogue: Catalogue, query: np.ndarray, members: np.ndarray, skip: int) -> list[str]:
-    scores = catalogue.vectors @ (query / np.linalg.norm(query)) / np.linalg.norm(catalogue.vectors, axis=1)
-    return [catalogue.ids[i] for i in np.argsort(-scores, kind="stable") if members[i] and i != skip][:K]
-
-
 async def test_a_negative_example_whose_component_is_the_smallest_float_is_no_error(
     own_stack: Stack, catalogue: Catalogue
 ) -> None:
@@ -75,7 +71,7 @@ async def test_a_negative_example_whose_component_is_the_smallest_float_is_no_er
         register_vector(admin)
         admin.execute("INSERT INTO items (id, embedding, category) VALUES ('smallest-float', %s, 'none')", [tiny])
     query = catalogue.vectors[5] / np.linalg.norm(catalogue.vectors[5]) - 0.5 * tiny.astype(np.float64)
-    expected = _nearest_among(catalogue, query, np.ones(len(catalogue.ids), dtype=bool), skip=5)
+    expected = [catalogue.ids[i] for i in truth(catalogue, query, K, lambda i: True, {5})]
     conn = await psycopg.AsyncConnection.connect(own_stack.bouncer_url(), autocommit=True, prepare_threshold=None)
     await configure_connection(conn)
     try:
@@ -119,5 +115,6 @@ def test_near_duplicates_around_the_query_leave_the_rank_estimate_finite(
             " ARRAY[%s], NULL, NULL, NULL, ARRAY[%s], false, 2)",
             [catalogue.ids[q], K, CATEGORY, catalogue.ids[q]],
         ).fetchall()
-    assert [r[0] for r in rows] == _nearest_among(catalogue, catalogue.vectors[q], members, skip=q)
+    expected = [catalogue.ids[i] for i in truth(catalogue, catalogue.vectors[q], K, lambda i: bool(members[i]), {q})]
+    assert [r[0] for r in rows] == expected
     assert {r[1] for r in rows} == {"exact"}
