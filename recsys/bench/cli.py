@@ -44,7 +44,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "filters": (
         "recsys.bench.filters",
-        "filtered `/similar` (the service's query path) at selectivities 50%, 5%, 0.5% and 0.05%, with "
+        "filtered `/similar` (the service's query path) at selectivities 50%, 30%, 5%, 0.5% and 0.05%, with "
         "filters anti-correlated and correlated with the query, and any of two anti-correlated tags, next to "
         "unfiltered: p50/p95, recall@10, "
         "each series warm (asked twice, measured the second time), without filter indexes and with the "
