@@ -22,6 +22,18 @@ DECLARE
             AND (p_tags_all IS NULL OR i.tags @> p_tags_all)
             AND (p_metadata IS NULL OR i.metadata @> p_metadata)
             AND i.id <> ALL (p_exclude)$filter$;
+    -- The best_score ranking (best first, the best `pool`) of the rows @candidates@ names: every
+    -- passing item for an exact request, else the candidates found near each positive example.
+    rank text := $rank$SELECT s.id, recsys_best_score(s.best_positive, s.best_negative) AS score, 1 - s.best_positive AS distance
+            FROM (
+                SELECT i.id,
+                       (SELECT max(1 - (i.embedding <=> v)) FROM unnest(positives) v) AS best_positive,
+                       (SELECT max(1 - (i.embedding <=> v)) FROM unnest(negatives) v) AS best_negative
+                FROM @candidates@
+            ) s
+            WHERE s.best_positive <> 'NaN'::double precision
+            ORDER BY 2 DESC, 1
+            LIMIT pool$rank$;
     template text;
 BEGIN
     -- recsys_query: /similar (p_similar_to: the item whose embedding is the query, itself
@@ -198,17 +210,7 @@ BEGIN
                array_agg(r.distance ORDER BY r.score DESC, r.id), ARRAY['exact']
         INTO pool_ids, pool_scores, pool_distances, methods
         FROM (
-            SELECT s.id, recsys_best_score(s.best_positive, s.best_negative) AS score, 1 - s.best_positive AS distance
-            FROM (
-                SELECT i.id,
-                       (SELECT max(1 - (i.embedding <=> v)) FROM unnest(positives) v) AS best_positive,
-                       (SELECT max(1 - (i.embedding <=> v)) FROM unnest(negatives) v) AS best_negative
-                FROM items i
-                WHERE @filter@
-            ) s
-            WHERE s.best_positive <> 'NaN'::double precision
-            ORDER BY 2 DESC, 1
-            LIMIT pool
+            @rank_passing@
         ) r;
     ELSE
         SELECT array_agg(DISTINCT n.id), array_agg(DISTINCT n.method) INTO pool_ids, methods
@@ -220,17 +222,7 @@ BEGIN
                array_agg(r.distance ORDER BY r.score DESC, r.id)
         INTO pool_ids, pool_scores, pool_distances
         FROM (
-            SELECT s.id, recsys_best_score(s.best_positive, s.best_negative) AS score, 1 - s.best_positive AS distance
-            FROM (
-                SELECT i.id,
-                       (SELECT max(1 - (i.embedding <=> v)) FROM unnest(positives) v) AS best_positive,
-                       (SELECT max(1 - (i.embedding <=> v)) FROM unnest(negatives) v) AS best_negative
-                FROM unnest(pool_ids) AS c(item_id)
-                JOIN items i ON i.id = c.item_id
-            ) s
-            WHERE s.best_positive <> 'NaN'::double precision
-            ORDER BY 2 DESC, 1
-            LIMIT pool
+            @rank_pool@
         ) r;
     END IF;
     chosen := CASE
@@ -273,6 +265,10 @@ BEGIN
 END
 $function$
 $template$;
+    template := replace(template, '@rank_passing@', replace(rank, '@candidates@', $passing$items i
+                WHERE @filter@$passing$));
+    template := replace(template, '@rank_pool@', replace(rank, '@candidates@', $pool$unnest(pool_ids) AS c(item_id)
+                JOIN items i ON i.id = c.item_id$pool$));
     EXECUTE replace(replace(replace(template, '@vec@', vec), '@norm@', norm_fn), '@filter@', filter);
 END
 $migration$;
