@@ -7,13 +7,14 @@ and recall figure misleading. Used by the demo catalogue, the tests and the benc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["SELECTIVITIES", "Catalogue", "clustered_catalogue", "selectivity_tag", "selectivity_tags",
-           "subspace_vectors"]
+__all__ = ["SELECTIVITIES", "Catalogue", "clustered_catalogue", "exact_nearest", "selectivity_tag",
+           "selectivity_tags", "subspace_vectors"]
 
 CATEGORIES = ("books", "music", "movies", "games", "garden", "kitchen", "sports", "toys", "tools", "travel")
 
@@ -145,3 +146,28 @@ def subspace_vectors(
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         out[start:start + rows] = vectors
     return out
+
+
+def exact_nearest(
+    vectors: npt.NDArray[np.float32],
+    rows: Sequence[int],
+    k: int,
+    members: npt.NDArray[np.bool_] | None = None,
+) -> list[list[int]]:
+    """Ground truth: the ``k`` nearest (cosine) to each of ``rows`` (positions in ``vectors``),
+    nearest first, the row itself left out; among ``members`` where given (fewer where fewer
+    of them exist). Equal scores go in order of position, as a stable sort of every score
+    would put them (duplicate vectors tie)."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    nearest = []
+    for row in rows:
+        scores = unit @ unit[row]
+        if members is not None:
+            scores[~members] = -np.inf
+        scores[row] = -np.inf
+        # Every score from the k-th best on (ties included), in order of position, then ranked.
+        kth = np.partition(scores, len(scores) - k)[len(scores) - k] if k < len(scores) else -np.inf
+        candidates = np.flatnonzero((scores >= kth) & np.isfinite(scores))
+        top = candidates[np.argsort(-scores[candidates], kind="stable")][:k]
+        nearest.append([int(i) for i in top])
+    return nearest

@@ -45,7 +45,7 @@ from recsys.bench.harness import BenchOptions, Deadline, bench_stack, server_ver
 from recsys.bench.plots import line_plot
 from recsys.bench.results import BenchResult, Headline
 from recsys.bench.stats import percentile, ratio
-from recsys.datasets import subspace_vectors
+from recsys.datasets import exact_nearest, subspace_vectors
 from recsys.db.pool import configure_connection
 from recsys.local import tools
 from recsys.local.stack import Stack
@@ -110,20 +110,6 @@ def embed(texts: Sequence[str]) -> Vectors:
     return np.asarray(vectors, dtype=np.float32)
 
 
-def _truth(vectors: Vectors, rows: Sequence[int], k: int,
-           members: npt.NDArray[np.bool_] | None = None) -> list[list[int]]:
-    """The ``k`` nearest (cosine) to each of ``rows``, the row itself left out; among ``members``
-    where given."""
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    scores = unit[list(rows)] @ unit.T
-    if members is not None:
-        scores[:, ~members] = -np.inf
-    for i, row in enumerate(rows):
-        scores[i, row] = -np.inf
-    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return [[int(j) for j in line if np.isfinite(scores[i, j])] for i, line in enumerate(best)]
-
-
 def _load(stack: Stack, ids: Sequence[str], vectors: Vectors, categories: Sequence[str]) -> None:
     from pgvector.psycopg import register_vector
 
@@ -145,7 +131,7 @@ def _load(stack: Stack, ids: Sequence[str], vectors: Vectors, categories: Sequen
 async def _measure(stack: Stack, ids: Sequence[str], vectors: Vectors, queries: Sequence[int],
                    held_out: Sequence[int]) -> dict[str, Any]:
     asked = [*queries, *held_out]
-    truth = {q: [ids[j] for j in row] for q, row in zip(asked, _truth(vectors, asked, K), strict=True)}
+    truth = {q: [ids[j] for j in row] for q, row in zip(asked, exact_nearest(vectors, asked, K), strict=True)}
     figures: dict[str, Any] = {"by_ef": {}}
     url = stack.bouncer_url(user="recsys_loader")
     async with await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None) as conn:
@@ -194,14 +180,14 @@ async def _measure_filters(stack: Stack, ids: Sequence[str], vectors: Vectors, c
         for side, pool in (("same genre", inside), ("other genres", outside)):
             asked[f"{genre}/{side}"] = [int(i) for i in rng.choice(pool, min(FILTER_QUERIES, len(pool)), replace=False)]
     every = sorted({q for rows in asked.values() for q in rows})
-    truths = {name: [[ids[j] for j in line] for line in _truth(vectors, rows, K, labels == name.split("/")[0])]
+    truths = {name: [[ids[j] for j in line] for line in exact_nearest(vectors, rows, K, labels == name.split("/")[0])]
               for name, rows in asked.items()}
     deadline = Deadline(seconds)
     figures: dict[str, Any] = {"genres": {g: int((labels == g).sum()) for g in genres}}
     url = stack.bouncer_url(user="recsys_loader")
     async with await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None) as conn:
         await configure_connection(conn)
-        unfiltered_truth = [[ids[j] for j in line] for line in _truth(vectors, every, K)]
+        unfiltered_truth = [[ids[j] for j in line] for line in exact_nearest(vectors, every, K)]
         figures["unfiltered"] = await warm_series(conn, ids, every, SimilarQuery(k=K), unfiltered_truth, deadline)
 
         async def each(suffix: str) -> None:

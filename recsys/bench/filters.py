@@ -34,7 +34,14 @@ from recsys.bench.plots import line_plot
 from recsys.bench.results import BenchResult, Headline
 from recsys.bench.stats import ratio, recall_at_k, summarize
 from recsys.config import Settings
-from recsys.datasets import SELECTIVITIES, Catalogue, clustered_catalogue, selectivity_tag, selectivity_tags
+from recsys.datasets import (
+    SELECTIVITIES,
+    Catalogue,
+    clustered_catalogue,
+    exact_nearest,
+    selectivity_tag,
+    selectivity_tags,
+)
 from recsys.db.pool import configure_connection, connection_kwargs
 from recsys.search.filter_indexes import (
     DEFAULT_MIN_MEMBERS,
@@ -77,16 +84,7 @@ def _load(stack: Any, catalogue: Catalogue, tags: list[list[str]]) -> dict[str, 
 
 
 def _truth(catalogue: Catalogue, queries: list[int], members: np.ndarray | None) -> list[list[str]]:
-    truth = []
-    for q in queries:
-        scores = catalogue.vectors @ catalogue.vectors[q]
-        if members is not None:
-            scores[~members] = -np.inf
-        scores[q] = -np.inf
-        top = np.argpartition(-scores, K)[:K]
-        top = top[np.argsort(-scores[top], kind="stable")]
-        truth.append([catalogue.ids[i] for i in top if np.isfinite(scores[i])])
-    return truth
+    return [[catalogue.ids[i] for i in line] for line in exact_nearest(catalogue.vectors, queries, K, members)]
 
 
 async def _series(conn: psycopg.AsyncConnection[Any], ids: Sequence[str], queries: Sequence[int],
