@@ -178,7 +178,10 @@ async def _measure_filters(stack: Stack, ids: Sequence[str], vectors: Vectors, c
         inside = np.flatnonzero(labels == genre)
         outside = np.flatnonzero(labels != genre)
         for side, pool in (("same genre", inside), ("other genres", outside)):
-            asked[f"{genre}/{side}"] = [int(i) for i in rng.choice(pool, min(FILTER_QUERIES, len(pool)), replace=False)]
+            # A side with no verse has no series (with --quick every verse loaded is of one genre).
+            if len(pool):
+                asked[f"{genre}/{side}"] = [int(i) for i in rng.choice(pool, min(FILTER_QUERIES, len(pool)),
+                                                                      replace=False)]
     every = sorted({q for rows in asked.values() for q in rows})
     truths = {name: [[ids[j] for j in line] for line in exact_nearest(vectors, rows, K, labels == name.split("/")[0])]
               for name, rows in asked.items()}
