@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from recsys.bench.embeddings import RANDOM_TAGS, random_tags
@@ -14,7 +16,7 @@ def test_each_tag_holds_about_its_share_and_the_smaller_tags() -> None:
         # Binomial: within four standard deviations of its mean.
         assert abs(members.sum() - share * 31_102) < 4 * np.sqrt(31_102 * share * (1 - share))
     ordered = sorted(tags.values(), key=lambda members: int(members.sum()))
-    for smaller, larger in zip(ordered, ordered[1:], strict=False):
+    for smaller, larger in itertools.pairwise(ordered):
         assert not (smaller & ~larger).any()
 
 
