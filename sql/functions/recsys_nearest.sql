@@ -104,6 +104,13 @@ DECLARE
     -- How far past the budget an exact scan still answers a filter that avoids the query's
     -- neighbourhood (072).
     reach constant integer := 10;
+    -- The probe of a filtered request searches this many times wider than the request's ef: its
+    -- nearest passing items are the unfiltered search's nearest to a depth of about k over the
+    -- share passing, where an HNSW search at ef finds fewer of them than of its first k.
+    -- Categories drawn independently of the vectors, 20,000 items, five graph builds each:
+    -- recall@10 at ef 100 of an 11 % category 0.935-0.97 with a probe at ef, 0.98-0.985 at 2 ef;
+    -- three categories (33 %) 0.9475-0.9775 and 0.995-0.9975.
+    probe_width constant integer := 2;
     -- A filter index that covers the filter (090), its size, and the cost of its search.
     index_kind text;
     index_value text;
@@ -369,6 +376,7 @@ BEGIN
                 -- Fetched a row at a time: a FOR loop fetches ahead (10 rows, then 50), and a row
                 -- fetched past the iterative scan's first ef starts its next search (the probe of
                 -- a 5 % tag on 200,000 items: 1.1 ms at p50 so, 1.5-1.8 ms by a FOR loop).
+                PERFORM set_config('hnsw.ef_search', least(probe_width * ef, widest)::text, true);
                 OPEN probe FOR
                     SELECT i.id, i.embedding <=> p_query AS distance, (@filter@) AS passes
                     FROM items i
@@ -411,6 +419,7 @@ BEGIN
                     EXIT WHEN visited >= allowance;
                 END LOOP;
                 CLOSE probe;
+                PERFORM set_config('hnsw.ef_search', ef::text, true);
             END IF;
             -- The union: where the probe found fewer than p_n passing (or was left out), each part is
             -- asked alone, as a request for its value would be (its filter index's way, or the

@@ -108,6 +108,37 @@ async def test_correlated_filters_keep_recall_and_k_results(
     assert np.mean(recalls) >= 0.95, recalls
 
 
+#: Categories are drawn independently of the clusters: 1 % (within the budget: the exact scan), one
+#: of 11 % (past it: the shared index's nearest, read on where fewer than k pass), and three and
+#: seven of them (any of several: 33 % and 77 %).
+INDEPENDENT_FILTERS = (("books",), ("music",), ("music", "movies", "games"),
+                       ("music", "movies", "games", "garden", "kitchen", "sports", "toys"))
+
+
+@pytest.mark.parametrize("categories", INDEPENDENT_FILTERS, ids=lambda c: "+".join(c))
+async def test_filters_independent_of_the_vectors_keep_recall_and_k_results(
+    catalogue: Catalogue, conn: psycopg.AsyncConnection, categories: tuple[str, ...]
+) -> None:
+    members = {i for i, c in enumerate(catalogue.categories) if c in categories}
+    rows = np.random.default_rng(5).choice(len(catalogue.ids), size=RECALL_QUERIES, replace=False)
+    recalls = []
+    for q in (int(r) for r in rows):
+        expected = truth(catalogue, catalogue.vectors[q], K, members.__contains__, {q})
+        body = await service.similar_items(
+            conn, catalogue.ids[q], SimilarQuery(k=K, categories=categories), timeout_ms=TIMEOUT_MS
+        )
+        found = positions(catalogue, body)
+        assert len(found) == K and set(found) <= members
+        recalls.append(len(set(found) & set(expected)) / len(expected))
+    assert np.mean(recalls) >= 0.95, recalls
+    # The probe searches wider than the request's ef_search, never past pgvector's 1,000.
+    body = await service.similar_items(
+        conn, catalogue.ids[int(rows[0])], SimilarQuery(k=K, ef_search=1000, categories=categories),
+        timeout_ms=TIMEOUT_MS,
+    )
+    assert len(body["results"]) == K and body["ef_search"] == 1000
+
+
 async def test_every_filter_combined_with_exclude_is_exact_when_asked(
     catalogue: Catalogue, tags: list[list[str]], conn: psycopg.AsyncConnection
 ) -> None:
