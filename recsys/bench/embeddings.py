@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -120,6 +120,12 @@ RANDOM_TAGS = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 RANDOM_TAG_QUERIES = 100
 
 
+def _truth(ids: Sequence[str], vectors: Vectors, rows: Sequence[int],
+           members: npt.NDArray[np.bool_] | None = None) -> list[list[str]]:
+    """The ids of the K nearest verses to each of ``rows`` (among ``members`` where given), nearest first."""
+    return [[ids[j] for j in line] for line in exact_nearest(vectors, rows, K, members)]
+
+
 def random_tags(count: int, seed: int = 13) -> dict[str, npt.NDArray[np.bool_]]:
     """Each random tag's members among ``count`` verses: a verse carries ``random-s`` when its one
     uniform draw falls under s, so that every set holds the smaller ones."""
@@ -151,7 +157,7 @@ def _load(stack: Stack, ids: Sequence[str], vectors: Vectors, categories: Sequen
 async def _measure(stack: Stack, ids: Sequence[str], vectors: Vectors, queries: Sequence[int],
                    held_out: Sequence[int]) -> dict[str, Any]:
     asked = [*queries, *held_out]
-    truth = {q: [ids[j] for j in row] for q, row in zip(asked, exact_nearest(vectors, asked, K), strict=True)}
+    truth = dict(zip(asked, _truth(ids, vectors, asked), strict=True))
     figures: dict[str, Any] = {"by_ef": {}}
     url = stack.bouncer_url(user="recsys_loader")
     async with await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None) as conn:
@@ -203,15 +209,14 @@ async def _measure_filters(stack: Stack, ids: Sequence[str], vectors: Vectors, c
                 asked[f"{genre}/{side}"] = [int(i) for i in rng.choice(pool, min(FILTER_QUERIES, len(pool)),
                                                                       replace=False)]
     every = sorted({q for rows in asked.values() for q in rows})
-    truths = {name: [[ids[j] for j in line] for line in exact_nearest(vectors, rows, K, labels == name.split("/")[0])]
-              for name, rows in asked.items()}
+    truths = {name: _truth(ids, vectors, rows, labels == name.split("/")[0]) for name, rows in asked.items()}
     deadline = Deadline(seconds)
     figures: dict[str, Any] = {"genres": {g: int((labels == g).sum()) for g in genres}}
     url = stack.bouncer_url(user="recsys_loader")
     async with await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None) as conn:
         await configure_connection(conn)
-        unfiltered_truth = [[ids[j] for j in line] for line in exact_nearest(vectors, every, K)]
-        figures["unfiltered"] = await warm_series(conn, ids, every, SimilarQuery(k=K), unfiltered_truth, deadline)
+        figures["unfiltered"] = await warm_series(conn, ids, every, SimilarQuery(k=K), _truth(ids, vectors, every),
+                                                  deadline)
 
         async def each(suffix: str) -> None:
             for name, rows in asked.items():
@@ -237,22 +242,36 @@ async def _measure_random_tags(stack: Stack, ids: Sequence[str], vectors: Vector
     url = stack.bouncer_url(user="recsys_loader")
     async with await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None) as conn:
         await configure_connection(conn)
-        truth = [[ids[j] for j in line] for line in exact_nearest(vectors, rows, K)]
-        figures["unfiltered"] = await warm_series(conn, ids, rows, SimilarQuery(k=K), truth, deadline)
+        figures["unfiltered"] = await warm_series(conn, ids, rows, SimilarQuery(k=K), _truth(ids, vectors, rows),
+                                                  deadline)
         for tag, members in tags.items():
-            truth = [[ids[j] for j in line] for line in exact_nearest(vectors, rows, K, members)]
-            figures[tag] = await warm_series(conn, ids, rows, SimilarQuery(k=K, tags_all=(tag,)), truth, deadline)
+            figures[tag] = await warm_series(conn, ids, rows, SimilarQuery(k=K, tags_all=(tag,)),
+                                             _truth(ids, vectors, rows, members), deadline)
     return figures
+
+
+class _Worst(NamedTuple):
+    """The series of lowest recall and of highest p95 among filtered series, that p95 over the
+    unfiltered one, and the fewest results any request got."""
+
+    lowest: str
+    slowest: str
+    share: float
+    fewest: int
+
+
+def _worst(points: dict[str, dict[str, Any]], base: dict[str, Any]) -> _Worst:
+    slowest = max(points, key=lambda name: points[name]["p95_ms"])
+    return _Worst(lowest=min(points, key=lambda name: points[name]["recall"]), slowest=slowest,
+                  share=ratio(points[slowest]["p95_ms"], base["p95_ms"]),
+                  fewest=min(point["min_results"] for point in points.values()))
 
 
 def _random_tag_headlines(figures: dict[str, Any]) -> list[Headline]:
     """The lowest recall and the worst p95 ratio of the random tags."""
     base = figures["unfiltered"]
     points = {tag: figures[tag] for tag in figures["tags"]}
-    lowest = min(points, key=lambda tag: points[tag]["recall"])
-    slowest = max(points, key=lambda tag: points[tag]["p95_ms"])
-    share = ratio(points[slowest]["p95_ms"], base["p95_ms"])
-    fewest = min(point["min_results"] for point in points.values())
+    lowest, slowest, share, fewest = _worst(points, base)
     sizes = figures["tags"]
     described = (f"real embeddings, a random tag ({len(sizes)} tags of {min(sizes.values()):,}–{max(sizes.values()):,}"
                  f" verses, asked from random verses), without filter indexes")
@@ -278,10 +297,7 @@ def _filter_headlines(figures: dict[str, Any]) -> list[Headline]:
                           ("/filter_index", f"every genre of {DEFAULT_MIN_MEMBERS:,} verses or more indexed "
                                             f"({len(figures['indexed_field']['indexes'])} of {len(sizes)})")):
         points = {name: figures[name + suffix] for name in series}
-        lowest = min(points, key=lambda name: points[name]["recall"])
-        slowest = max(points, key=lambda name: points[name]["p95_ms"])
-        share = ratio(points[slowest]["p95_ms"], base["p95_ms"])
-        fewest = min(point["min_results"] for point in points.values())
+        lowest, slowest, share, fewest = _worst(points, base)
         headlines += [
             Headline(f"real embeddings, a genre as category filter ({len(sizes)} genres of {min(sizes.values()):,}"
                      f"–{max(sizes.values()):,} of {total:,} verses, asked from verses of the genre and of the"
