@@ -8,7 +8,8 @@
 -- several tags, each with a filter index, is answered where the shared index's probe finds fewer
 -- than k passing by the union of the requests for each value alone (this function called once
 -- per value), when those searches cost less than the exact scan; and before any probe where the
--- values' calibrated sweeps together read at most twice what one sweep first may read.
+-- values' calibrated sweeps together read at most twice what one sweep first may read, in this
+-- call where a request for each value alone would be answered by its sweep first.
 --
 -- The filter indexes' exact copies (091): where the exact scan answers a filter that a filter
 -- index covers and that index has a valid copy, the copy is read instead of the table. The copy
@@ -130,6 +131,17 @@ DECLARE
     -- The union asked before any probe, where its parts' calibrated sweeps read together at most
     -- twice `first_width`.
     union_first boolean := false;
+    -- The filter indexes found that do not cover the filter alone, each with its copy's lists, its
+    -- calibrated sweep's width and its members: a union asked first sweeps its parts from these.
+    part_kinds text[] := '{}';
+    part_values text[] := '{}';
+    part_lists integer[] := '{}';
+    part_widths double precision[] := '{}';
+    part_rows double precision[] := '{}';
+    part_ids text[];
+    part_distances double precision[];
+    part_no integer;
+    swept boolean;
     found_index record;
     part_methods text[];
     united boolean := false;
@@ -301,7 +313,13 @@ BEGIN
                     copy_lists := found_index.lists;
                     calibrated_width := found_index.sweep_width;
                     EXIT;
-                ELSIF found_index.kind = 'category' THEN
+                END IF;
+                part_kinds := part_kinds || found_index.kind;
+                part_values := part_values || found_index.value;
+                part_lists := part_lists || found_index.lists;
+                part_widths := part_widths || found_index.sweep_width;
+                part_rows := part_rows || found_index.rows::double precision;
+                IF found_index.kind = 'category' THEN
                     category_parts := category_parts + 1;
                     category_widths := category_widths
                         + CASE WHEN found_index.lists IS NOT NULL THEN found_index.sweep_width END;
@@ -428,7 +446,64 @@ BEGIN
             -- asked alone, as a request for its value would be (its filter index's way, or the
             -- exact scan of its members), and the nearest p_n of all they found answer (an item with
             -- two of the tags found twice counts once).
-            IF parts IS NOT NULL AND cardinality(found_ids) < p_n THEN
+            --
+            -- Asked first, a union whose every part a request for its value alone would answer by
+            -- its sweep, first and alone (more members than the budget, a sweep no wider than
+            -- `first_width` that leaves lists unread), reads those sweeps here, each in turn,
+            -- where a call of this function for each part weighed its estimate, its filter index
+            -- and its way anew (any of two tags avoiding the query on 200,000 items, side by side
+            -- in SQL over four rounds: 4.4-5.3 ms at p50 so, 5.0-5.9 ms by the calls).
+            swept := union_first;
+            FOR part_no IN 1 .. cardinality(part_values) LOOP
+                EXIT WHEN NOT swept;
+                CONTINUE WHEN part_kinds[part_no] <> parts_kind;
+                swept := part_rows[part_no] > budget AND part_widths[part_no] * sweep_ef <= first_width * ef
+                    AND ceil(part_lists[part_no] * least(part_widths[part_no] * sweep_ef
+                                                         / greatest(part_rows[part_no], 1), 1)) < part_lists[part_no];
+            END LOOP;
+            IF swept THEN
+                index_kind := parts_kind;
+                PERFORM set_config('ivfflat.iterative_scan', 'relaxed_order', true);
+                FOR part_no IN 1 .. cardinality(part_values) LOOP
+                    CONTINUE WHEN part_kinds[part_no] <> parts_kind;
+                    index_value := part_values[part_no];
+                    PERFORM set_config('ivfflat.max_probes', part_lists[part_no]::text, true);
+                    PERFORM set_config('ivfflat.probes', ceil(part_lists[part_no]
+                        * least(part_widths[part_no] * sweep_ef / greatest(part_rows[part_no], 1), 1))::text, true);
+                    SELECT array_agg(r.id), array_agg(r.distance)
+                    INTO part_ids, part_distances
+                    FROM (
+                        SELECT i.id, i.embedding <=> p_query AS distance
+                        FROM items i
+                        WHERE @members@
+                        ORDER BY l2_normalize(i.embedding)::@copy_column@ <=> l2_normalize(p_query)::@copy_column@
+                        LIMIT p_n
+                    ) r;
+                    found_ids := found_ids || coalesce(part_ids, '{}');
+                    found_distances := found_distances || coalesce(part_distances, '{}');
+                END LOOP;
+                PERFORM set_config('ivfflat.iterative_scan', 'off', true);
+                PERFORM set_config('enable_sort', sort_setting, true);
+                index_kind := NULL;
+                index_value := NULL;
+                -- The nearest p_n of all the parts found, an item found twice counting once.
+                SELECT array_agg(u.id ORDER BY u.distance, u.id), array_agg(u.distance ORDER BY u.distance, u.id)
+                INTO found_ids, found_distances
+                FROM (
+                    SELECT d.id, d.distance
+                    FROM (
+                        SELECT DISTINCT ON (f.id) f.id, f.distance
+                        FROM unnest(found_ids, found_distances) AS f(id, distance)
+                        ORDER BY f.id, f.distance
+                    ) d
+                    ORDER BY d.distance, d.id
+                    LIMIT p_n
+                ) u;
+                found_ids := coalesce(found_ids, '{}');
+                found_distances := coalesce(found_distances, '{}');
+                answered := 'filter_index';
+                united := true;
+            ELSIF parts IS NOT NULL AND cardinality(found_ids) < p_n THEN
                 PERFORM set_config('enable_sort', sort_setting, true);
                 SELECT array_agg(u.id ORDER BY u.distance, u.id), array_agg(u.distance ORDER BY u.distance, u.id),
                        array_agg(DISTINCT u.method)

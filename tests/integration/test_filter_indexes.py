@@ -597,6 +597,54 @@ async def test_any_of_several_tags_whose_sweeps_are_calibrated_narrow_is_answere
         assert recall >= 0.95, (narrow_width, recall)
 
 
+#: recsys_nearest of a query item, any of the tags given, excluding the ids given, at the cost
+#: ratio given: ids, distances and how each was found.
+ANY_NEAREST = (
+    "SELECT id, distance, method FROM recsys_nearest((SELECT embedding FROM items WHERE id = %s), %s, 100,"
+    " NULL, %s, NULL, NULL, %s, false, %s)"
+)
+
+CALLS = "SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions WHERE funcname = 'recsys_nearest'"
+
+
+def test_a_union_asked_first_answers_as_its_parts_asked_alone(
+    stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]]
+) -> None:
+    # Both sweeps calibrated within the first bound and, at the cost ratio 0.01, both tags' members
+    # beyond the budget: each tag asked alone is answered by its sweep, first and alone, and the
+    # union asked first reads the same sweeps in one call. Its answer is the nearest k of the
+    # parts' answers (an item both find counting once), with the rest of the filter (the excluded
+    # ids: the union's two nearest) applied to each part. At the service's ratio the 5 % tag's
+    # members lie within the budget, its part is its copy's exact scan, and each part is asked as
+    # a request of its own (the function called again for each), with the same answer.
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        (narrow,) = [i.sweep_width for i in list_filter_indexes(admin) if i.value == NARROW]
+    bound = float(filter_indexes.FIRST_WIDTH)
+    members = {catalogue.ids[i] for i, t in enumerate(tags) if {WIDE, NARROW} & set(t)}
+    with _sweep_width(stack, "tag", WIDE, bound), _sweep_width(stack, "tag", NARROW, min(narrow or bound, bound)), \
+            psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        conn.execute("SET track_functions = 'pl'")
+        for ratio, narrow_part, calls in ((BEYOND_REACH, {"filter_index"}, 1), (WITHIN_REACH, {"exact"}, 3)):
+            for q in query_items(catalogue, RECALL_QUERIES):
+                item = catalogue.ids[q]
+                first = conn.execute(ANY_NEAREST, [item, 2, [WIDE, NARROW], [item], ratio]).fetchall()
+                excluded = [item, *(row[0] for row in first)]
+                # The function's calls counted by this backend and not yet flushed, before and after,
+                # in one transaction: statistics are flushed only between transactions.
+                with conn.transaction():
+                    before = conn.execute(CALLS).fetchone()
+                    union = conn.execute(ANY_NEAREST, [item, K, [WIDE, NARROW], excluded, ratio]).fetchall()
+                    after = conn.execute(CALLS).fetchone()
+                assert before is not None and after is not None and after[0] - before[0] == calls
+                parts = [conn.execute(ANY_NEAREST, [item, K, [tag], excluded, ratio]).fetchall()
+                         for tag in (WIDE, NARROW)]
+                assert {row[2] for row in parts[0]} == {"filter_index"} and {row[2] for row in parts[1]} == narrow_part
+                merged = sorted({row[:2] for part in parts for row in part}, key=lambda row: (row[1], row[0]))[:K]
+                assert [row[:2] for row in union] == merged
+                assert {row[2] for row in union} == {row[2] for row in first} == {"filter_index"}
+                assert {row[0] for row in union} <= members - set(excluded)
+
+
 async def test_a_copy_that_costs_less_than_the_filter_index_search_answers_at_once(
     stack: Stack, catalogue: Catalogue, rare_indexed: None
 ) -> None:
