@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 
-from recsys.bench.filters import indexed_field, warm_series
+from recsys.bench.filters import indexed_field, side_by_side, warm_series
 from recsys.bench.harness import BenchOptions, Deadline, bench_stack, server_versions
 from recsys.bench.plots import line_plot
 from recsys.bench.results import BenchResult, Headline
@@ -233,8 +233,8 @@ async def _measure_filters(stack: Stack, ids: Sequence[str], vectors: Vectors, c
 async def _measure_random_tags(stack: Stack, ids: Sequence[str], vectors: Vectors,
                                tags: dict[str, npt.NDArray[np.bool_]], seconds: float) -> dict[str, Any]:
     """``/similar`` with ``tags_all`` = each random tag, from the same verses drawn at random, without
-    filter indexes, beside those verses unfiltered: recall@10 against numpy, latencies, and how
-    each request was answered."""
+    filter indexes, side by side with those verses unfiltered (each verse asked as every series in
+    turn): recall@10 against numpy, latencies, and how each request was answered."""
     rng = np.random.default_rng(17)
     rows = [int(i) for i in rng.choice(len(ids), min(RANDOM_TAG_QUERIES, len(ids)), replace=False)]
     deadline = Deadline(seconds)
@@ -242,11 +242,10 @@ async def _measure_random_tags(stack: Stack, ids: Sequence[str], vectors: Vector
     url = stack.bouncer_url(user="recsys_loader")
     async with await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None) as conn:
         await configure_connection(conn)
-        figures["unfiltered"] = await warm_series(conn, ids, rows, SimilarQuery(k=K), _truth(ids, vectors, rows),
-                                                  deadline)
-        for tag, members in tags.items():
-            figures[tag] = await warm_series(conn, ids, rows, SimilarQuery(k=K, tags_all=(tag,)),
-                                             _truth(ids, vectors, rows, members), deadline)
+        asked = {"unfiltered": (SimilarQuery(k=K), _truth(ids, vectors, rows))}
+        asked.update({tag: (SimilarQuery(k=K, tags_all=(tag,)), _truth(ids, vectors, rows, members))
+                      for tag, members in tags.items()})
+        figures.update(await side_by_side(conn, ids, rows, asked, deadline))
     return figures
 
 

@@ -4,8 +4,9 @@ The catalogue carries nested filter tags (``recsys.datasets.selectivity_tags``) 
 0.5 % and 0.05 % of the items: anti-correlated ones that never occur in the query items' cluster
 (an index scan has to walk past the whole neighbourhood) and correlated ones that surround it.
 Every query goes through the project's query path (``similar_items``: one statement, the cost
-model choosing the index or an exact scan), one after another on one connection through
-PgBouncer; recall@10 against ground truth computed with numpy.
+model choosing the index or an exact scan), on one connection through PgBouncer, side by side:
+each query item asked as every series in turn, the unfiltered one among them, without filter
+indexes and again with the tags field indexed; recall@10 against ground truth computed with numpy.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from recsys.search.filter_indexes import (
 from recsys.search.params import SimilarQuery
 from recsys.search.service import INDEX_COST_RATIO, similar_items
 
-__all__ = ["indexed_field", "run", "warm_series"]
+__all__ = ["indexed_field", "run", "side_by_side", "warm_series"]
 
 log = logging.getLogger("recsys")
 
@@ -87,36 +88,44 @@ def _truth(catalogue: Catalogue, queries: list[int], members: np.ndarray | None)
     return [[catalogue.ids[i] for i in line] for line in exact_nearest(catalogue.vectors, queries, K, members)]
 
 
-async def _series(conn: psycopg.AsyncConnection[Any], ids: Sequence[str], queries: Sequence[int],
-                  query: SimilarQuery, truth: list[list[str]], deadline: Deadline) -> dict[str, Any]:
-    found: list[list[str]] = []
-    latencies: list[float] = []
-    searches: dict[str, int] = {}
-    for q in queries:
-        if not deadline:
-            raise TimeoutError("the benchmark ran out of time; use fewer queries")
-        started = time.perf_counter()
-        answer = await similar_items(conn, ids[q], query, timeout_ms=60_000)
-        latencies.append(time.perf_counter() - started)
-        found.append([r["id"] for r in answer["results"]])
-        searches[answer.get("search", "none")] = searches.get(answer.get("search", "none"), 0) + 1
-    return {
-        "recall": round(recall_at_k(found, truth, K), 4),
-        "min_results": min(map(len, found)),
-        "searches": searches,
-        **summarize(latencies),
-    }
+async def side_by_side(conn: psycopg.AsyncConnection[Any], ids: Sequence[str], queries: Sequence[int],
+                       asked: dict[str, tuple[SimilarQuery, list[list[str]]]],
+                       deadline: Deadline) -> dict[str, dict[str, Any]]:
+    """``/similar`` of each of ``queries`` (positions in ``ids``) asked as each series of ``asked``
+    (by name: its query and its ground truth), on ``conn``: for each series, recall@10, the fewest
+    results, how each was answered (``search``) and the latencies. Side by side: each query item is
+    asked as every series in turn before the next item, so that a slow spell of the shared machine
+    falls on every series alike rather than on those measured in it. Measured warm: every query is
+    asked once (the first pass, reported beside) and measured the second time."""
+    passes: list[dict[str, dict[str, Any]]] = []
+    for _ in range(2):
+        found: dict[str, list[list[str]]] = {name: [] for name in asked}
+        latencies: dict[str, list[float]] = {name: [] for name in asked}
+        searches: dict[str, dict[str, int]] = {name: {} for name in asked}
+        for q in queries:
+            for name, (query, _) in asked.items():
+                if not deadline:
+                    raise TimeoutError("the benchmark ran out of time; use fewer queries")
+                started = time.perf_counter()
+                answer = await similar_items(conn, ids[q], query, timeout_ms=60_000)
+                latencies[name].append(time.perf_counter() - started)
+                found[name].append([r["id"] for r in answer["results"]])
+                search = answer.get("search", "none")
+                searches[name][search] = searches[name].get(search, 0) + 1
+        passes.append({name: {"recall": round(recall_at_k(found[name], truth, K), 4),
+                              "min_results": min(map(len, found[name])),
+                              "searches": searches[name],
+                              **summarize(latencies[name])}
+                       for name, (_, truth) in asked.items()})
+    first, warm = passes
+    return {name: {**warm[name], "first_pass": {key: first[name][key] for key in ("p50_ms", "p95_ms", "recall")}}
+            for name in asked}
 
 
 async def warm_series(conn: psycopg.AsyncConnection[Any], ids: Sequence[str], queries: Sequence[int],
                       query: SimilarQuery, truth: list[list[str]], deadline: Deadline) -> dict[str, Any]:
-    """``/similar`` of each of ``queries`` (positions in ``ids``) asked as ``query``, one after
-    another on ``conn``: recall@10 against ``truth``, the fewest results, how each was answered
-    (``search``) and the latencies. Measured warm: the queries are asked once (the first pass,
-    reported beside) and measured the second time, the unfiltered series as the filtered ones."""
-    first = await _series(conn, ids, queries, query, truth, deadline)
-    warm = await _series(conn, ids, queries, query, truth, deadline)
-    return {**warm, "first_pass": {key: first[key] for key in ("p50_ms", "p95_ms", "recall")}}
+    """One series of :func:`side_by_side`: ``queries`` asked as ``query``, one after another."""
+    return (await side_by_side(conn, ids, queries, {"series": (query, truth)}, deadline))["series"]
 
 
 @contextlib.contextmanager
@@ -156,20 +165,14 @@ def _filters() -> list[tuple[str, tuple[str, ...]]]:
     return [*single, ("anti/any", ANY_OF)]
 
 
-def _truths(catalogue: Catalogue, tags: list[list[str]], queries: list[int]) -> dict[str, list[list[str]]]:
-    """Each filtered series' ground truth, by its name."""
-    return {name: _truth(catalogue, queries, np.asarray([not set(asked).isdisjoint(t) for t in tags]))
-            for name, asked in _filters()}
-
-
-async def _filtered(conn: psycopg.AsyncConnection[Any], catalogue: Catalogue, truths: dict[str, list[list[str]]],
-                    queries: list[int], deadline: Deadline, suffix: str = "") -> dict[str, Any]:
-    figures: dict[str, Any] = {}
-    for name, asked in _filters():
-        figures[name + suffix] = await warm_series(conn, catalogue.ids, queries, SimilarQuery(k=K, tags_any=asked),
-                                             truths[name], deadline)
-        log.info("%s: %s", name + suffix, figures[name + suffix])
-    return figures
+def _asked(catalogue: Catalogue, tags: list[list[str]], queries: list[int],
+           suffix: str = "") -> dict[str, tuple[SimilarQuery, list[list[str]]]]:
+    """The unfiltered series and each filtered one, by name (with ``suffix``): its query and truth."""
+    asked = {"unfiltered" + suffix: (SimilarQuery(k=K), _truth(catalogue, queries, None))}
+    for name, tags_any in _filters():
+        members = np.asarray([not set(tags_any).isdisjoint(t) for t in tags])
+        asked[name + suffix] = (SimilarQuery(k=K, tags_any=tags_any), _truth(catalogue, queries, members))
+    return asked
 
 
 async def _run(url: str, admin: str, catalogue: Catalogue, tags: list[list[str]], queries: list[int],
@@ -179,18 +182,20 @@ async def _run(url: str, admin: str, catalogue: Catalogue, tags: list[list[str]]
     deadline = Deadline(seconds)
     figures: dict[str, Any] = {}
     try:
-        plain = SimilarQuery(k=K)
-        figures["unfiltered"] = await warm_series(conn, catalogue.ids, queries, plain,
-                                                  _truth(catalogue, queries, None), deadline)
-        truths = _truths(catalogue, tags, queries)
-        figures.update(await _filtered(conn, catalogue, truths, queries, deadline))
-        # The same filters with the tags field indexed (`filter-index create --every-tag`, its
-        # default bound): the filter indexes of the tags that reach it, built here and dropped after.
+        figures.update(await side_by_side(conn, catalogue.ids, queries, _asked(catalogue, tags, queries), deadline))
+        for name in figures:
+            log.info("%s: %s", name, figures[name])
+        # The same filters, and the unfiltered search beside them again, with the tags field indexed
+        # (`filter-index create --every-tag`, its default bound): the filter indexes of the tags that
+        # reach it, built here and dropped after.
         with indexed_field(admin, "tag") as indexes:
             figures["indexed_field"] = {"min_members": DEFAULT_MIN_MEMBERS, "indexes": indexes}
-            indexed = await _filtered(conn, catalogue, truths, queries, deadline, "/filter_index")
-            for name, asked in _filters():
-                indexed[f"{name}/filter_index"]["indexed"] = all(tag in indexes for tag in asked)
+            indexed = await side_by_side(conn, catalogue.ids, queries,
+                                         _asked(catalogue, tags, queries, "/filter_index"), deadline)
+            for name, tags_any in _filters():
+                indexed[f"{name}/filter_index"]["indexed"] = all(tag in indexes for tag in tags_any)
+            for name in indexed:
+                log.info("%s: %s", name, indexed[name])
             figures.update(indexed)
     finally:
         await conn.close()
@@ -215,21 +220,24 @@ def run(options: BenchOptions) -> BenchResult:
         figures = asyncio.run(_run(stack.bouncer_url(), stack.admin_conninfo(), catalogue, tags, queries, seconds))
     figures["load"] = loaded
 
-    base = figures["unfiltered"]
     percent = [100 * s for s in BENCH_SELECTIVITIES]
-    series = {"unfiltered": (percent, [base["p95_ms"]] * len(percent))}
-    for kind in ("anti", "correlated"):
-        label = "anti-correlated filter" if kind == "anti" else "correlated filter"
-        series[label] = (percent, [figures[f"{kind}/{s:g}"]["p95_ms"] for s in BENCH_SELECTIVITIES])
-        series[f"{label}, tags indexed"] = (percent, [figures[f"{kind}/{s:g}/filter_index"]["p95_ms"]
-                                                      for s in BENCH_SELECTIVITIES])
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for suffix, tail in (("", ""), ("/filter_index", ", tags indexed")):
+        series[f"unfiltered{tail}"] = (percent, [figures[f"unfiltered{suffix}"]["p95_ms"]] * len(percent))
+        for kind in ("anti", "correlated"):
+            label = "anti-correlated filter" if kind == "anti" else "correlated filter"
+            series[f"{label}{tail}"] = (percent, [figures[f"{kind}/{s:g}{suffix}"]["p95_ms"]
+                                                  for s in BENCH_SELECTIVITIES])
     plot = "filters.png"
     line_plot(options.out_dir / plot, series, title=f"p95 of filtered /similar, {items:,} × {dim}, k={K}",
               xlabel="selectivity of the filter (% of the catalogue, log)", ylabel="p95 latency (ms, log)",
               logx=True, logy=True)
-    headlines = [Headline(f"unfiltered p95 (p50 {base['p50_ms']} ms, recall@10 {base['recall']}; first pass p95 "
-                          f"{base['first_pass']['p95_ms']} ms)",
-                          base["p95_ms"], "ms")]
+    headlines = [
+        Headline(f"unfiltered p95{tail} (p50 {base['p50_ms']} ms, recall@10 {base['recall']}; first pass p95 "
+                 f"{base['first_pass']['p95_ms']} ms)", base["p95_ms"], "ms")
+        for base, tail in ((figures["unfiltered"], ", beside the filters without filter indexes"),
+                           (figures["unfiltered/filter_index"], ", beside them with the tags field indexed"))
+    ]
     indexed = figures["indexed_field"]["indexes"]
     headlines.append(Headline(
         f"tags field indexed (every tag of {DEFAULT_MIN_MEMBERS:,} members or more): filter indexes built, "
@@ -245,11 +253,12 @@ def run(options: BenchOptions) -> BenchResult:
              for suffix, tail in (("", ""), ("/filter_index", indexed_label))]
     for key, label in rows:
         point = figures[key]
+        base = figures["unfiltered/filter_index" if key.endswith("/filter_index") else "unfiltered"]
         share = ratio(point["p95_ms"], base["p95_ms"])
         met = share <= 3 and point["recall"] >= 0.95
         searches = ", ".join(f"{k} {v}" for k, v in sorted(point["searches"].items()))
         headlines.append(Headline(
-            f"{label}: p95 ÷ unfiltered p95 (p95 {point['p95_ms']} ms, p50 "
+            f"{label}: p95 ÷ unfiltered p95 beside it (p95 {point['p95_ms']} ms, p50 "
             f"{point['p50_ms']} ms, recall@10 {point['recall']}, fewest results {point['min_results']}; "
             f"{searches}; first pass p95 {point['first_pass']['p95_ms']} ms)",
             round(share, 2), "×", "≤ 3× with recall ≥ 0.95", met,
@@ -267,8 +276,10 @@ def run(options: BenchOptions) -> BenchResult:
             "service": "recsys.search.service.similar_items (recsys_query / recsys_nearest)",
             "filter_index": "each filter again with the tags field indexed: python -m recsys filter-index create "
                             f"--every-tag (bound {DEFAULT_MIN_MEMBERS}), its filter indexes built, then dropped",
-            "measured": "each series asked twice, one query after another; figures from the second (warm) pass, "
-                        "the first pass beside them",
+            "measured": "side by side: each query item asked as every series in turn (the unfiltered one among "
+                        "them) before the next, once without filter indexes and once with the tags field indexed, "
+                        "each series' filtered p95 divided by the unfiltered p95 measured beside it; every query "
+                        "asked twice, figures from the second (warm) pass, the first pass beside them",
             "postgres": dict(SERVER_SIZED_FOR_CATALOGUE),
         },
         figures=figures,
