@@ -46,9 +46,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "recsys.bench.filters",
         "filtered `/similar` (the service's query path) at selectivities 50%, 30%, 5%, 0.5% and 0.05%, with "
         "filters anti-correlated and correlated with the query, and any of two anti-correlated tags, next to "
-        "unfiltered: p50/p95, recall@10, "
-        "each series warm (asked twice, measured the second time), without filter indexes and with the "
-        "tags field indexed (a filter index for every tag of 2,000 members or more); "
+        "unfiltered: p50/p95, recall@10, side by side (each query item asked as every series in turn, the "
+        "unfiltered one among them), warm (asked twice, measured the second time), without filter indexes and "
+        "with the tags field indexed (a filter index for every tag of 2,000 members or more); "
         "PostgreSQL with 4 GB of shared buffers.",
     ),
     "endpoint": (

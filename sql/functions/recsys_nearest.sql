@@ -601,6 +601,14 @@ BEGIN
                 END IF;
             END LOOP;
             IF walk THEN
+                -- A filter that avoids the query's neighbourhood, beyond `reach`: the walk searches
+                -- at its widest, as a filter index's graph does there, where its members all lie
+                -- about equally far (a 50 % tag avoiding the query on 200,000 items, side by side
+                -- in SQL over two rounds: recall@10 0.969 at p95 22-24 ms, against 0.850 at
+                -- 15-16 ms at ef; on the tests' 20,000 items 0.95 against 0.72).
+                IF filtered THEN
+                    PERFORM set_config('hnsw.ef_search', widest::text, true);
+                END IF;
                 SELECT array_agg(r.id ORDER BY r.distance, r.id), array_agg(r.distance ORDER BY r.distance, r.id)
                 INTO found_ids, found_distances
                 FROM (

@@ -166,7 +166,8 @@ def _wide_recall(conn: psycopg.Connection, catalogue: Catalogue, members: set[in
 def test_beyond_reach_the_widest_search_of_the_filter_index_replaces_the_walk(
     stack: Stack, catalogue: Catalogue, tags: list[list[str]], indexed: list[tuple[str, str]]
 ) -> None:
-    # Without a filter index the shared index is walked.
+    # Without a filter index the shared index is walked, at its widest search; with one (and no
+    # copy) the filter index's graph is searched at its widest instead, among its members only.
     members = {i for i, t in enumerate(tags) if WIDE in t}
     queries = query_items(catalogue, RECALL_QUERIES)
 
@@ -189,8 +190,11 @@ def test_beyond_reach_the_widest_search_of_the_filter_index_replaces_the_walk(
         finally:
             admin.execute("INSERT INTO filter_indexes (kind, value, index_name, sweep_width)"
                           " VALUES ('tag', %s, %s, %s)", [WIDE, *record])
-    # Measured: 0.93 against 0.72 (40 queries; the graphs are built anew in every session).
-    assert indexed_recall >= walked_recall + 0.1, (indexed_recall, walked_recall)
+    # Both search at their widest, ef_search 1,000 (the walk past the ef nearest: 0.72 where it
+    # searched at ef): measured 0.97 and 0.95 in one session, 0.93 for the filter index in another
+    # (40 queries; the graphs are built anew in every session).
+    assert walked_recall >= 0.88, walked_recall
+    assert indexed_recall >= walked_recall - 0.05, (indexed_recall, walked_recall)
 
 
 def test_beyond_reach_the_sweep_of_the_copy_answers_before_any_graph(
