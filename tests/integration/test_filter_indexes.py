@@ -24,6 +24,7 @@ from psycopg import sql
 from query_catalogue import QUERY_CLUSTER, RARE_CATEGORY, item_tags
 from test_query_filters import RECALL_QUERIES, positions, query_items, truth
 
+from recsys.bench.graph import LOST_BELOW, search_recalls
 from recsys.datasets import CATEGORIES, Catalogue, selectivity_tag
 from recsys.db.pool import configure_connection
 from recsys.ingest.bulk import INDEX_NAME
@@ -135,22 +136,17 @@ def _lost_by_the_graph(stack: Stack, catalogue: Catalogue, queries: Sequence[int
     of their K nearest items.
 
     In this catalogue's ten wide clusters the greedy descent of a few searches ends in another
-    cluster, and the search at ef then returns none of the query's neighbours: at ef 100, 4 to 14
-    of 2,000 items per build (m 16, ef_construction 64; 0 to 3 at ef_construction 128). The probe
+    cluster, and the search at ef then returns none of the query's neighbours: at ef 100, 4 to 18
+    of 2,000 items per build (m 16, ef_construction 64; 0 to 3 at ef_construction 128: README,
+    "Lost searches", and ``python -m recsys bench graph``). The probe
     of such a query reads that cluster, and what it finds there decides the way, as it would for
     any filter: these queries tell nothing of how the filter's way is chosen. The graph is built
     anew in every session, so which queries are lost changes from one session to the next.
     """
-    lost = set()
-    with psycopg.connect(stack.direct_url(), autocommit=True) as conn, conn.transaction():
-        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(ef)])
-        for q in queries:
-            rows = conn.execute("SELECT id FROM items"
-                                " ORDER BY embedding <=> (SELECT embedding FROM items WHERE id = %s) LIMIT %s",
-                                [catalogue.ids[q], K + 1]).fetchall()
-            found = {catalogue.ids.index(r[0]) for r in rows} - {q}
-            if len(found & set(truth(catalogue, catalogue.vectors[q], K, lambda i: True, {q}))) < K / 2:
-                lost.add(q)
+    nearest = [set(truth(catalogue, catalogue.vectors[q], K, lambda i: True, {q})) for q in queries]
+    with psycopg.connect(stack.direct_url(), autocommit=True) as conn:
+        recalls = search_recalls(conn, catalogue, queries, nearest, ef)
+    lost = {q for q, recall in zip(queries, recalls, strict=True) if recall < LOST_BELOW}
     # At most two of the 40, else the build itself is broken (at 0.7 %, 0.28 of 40 per session).
     assert len(lost) <= 2, lost
     return lost
