@@ -9,7 +9,7 @@ import psycopg
 
 from recsys.local.stack import Stack
 
-__all__ = ["pool_rows", "settled_query_count"]
+__all__ = ["close_server_connections", "pool_rows", "settled_query_count"]
 
 
 def _show(stack: Stack, command: str) -> list[dict[str, object]]:
@@ -18,6 +18,30 @@ def _show(stack: Stack, command: str) -> list[dict[str, object]]:
         cur = admin.execute(command)
         names = [d.name for d in cur.description or []]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def close_server_connections(stack: Stack, timeout: float = 5.0) -> None:
+    """PgBouncer's server connections to the app database closed (its ``RECONNECT``), once their
+    backends have ended.
+
+    A backend kept idle behind PgBouncer reports its statistics (the index scans it made, ...) up
+    to 10 s after its last statement, when it is idle within a second of its last report; a
+    backend that ends reports them at once. A count read after this call holds what the
+    connections through PgBouncer did in the transactions they have ended.
+    """
+    # A server connection in a transaction (active) is closed only once it is released.
+    pids = [int(str(r["remote_pid"])) for r in _show(stack, "SHOW SERVERS")
+            if r["database"] == stack.config.database and r["state"] != "active"]
+    # `postgres` is the console's admin user (``recsys`` may only read it).
+    with psycopg.connect(stack.bouncer_admin_url(user="postgres"), autocommit=True, prepare_threshold=None,
+                         cursor_factory=psycopg.ClientCursor) as admin:
+        admin.execute("RECONNECT")
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
+        while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY (%s)", [pids]).fetchone() != (0,):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"PgBouncer's server connections {pids} did not end in {timeout} s")
+            time.sleep(0.05)
 
 
 def _query_count(stack: Stack) -> int:

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 import numpy as np
 import psycopg
 import pytest
+from bouncer_stats import close_server_connections
 from psycopg import sql
 from query_catalogue import QUERY_CLUSTER, RARE_CATEGORY, item_tags
 from test_query_filters import RECALL_QUERIES, positions, query_items, truth
@@ -238,18 +239,18 @@ def test_beyond_reach_the_sweep_of_the_copy_answers_before_any_graph(
             psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin, _sweep_width(stack, "tag", WIDE, None):
         (lists,) = [i.copy_lists for i in list_filter_indexes(admin) if i.value == WIDE]
         assert lists == copy_lists(len(members)) == 100
-        before = {name: _scans(admin, name) for name in (copy, graph, INDEX_NAME)}
+        before = {name: _scans(stack, admin, name) for name in (copy, graph, INDEX_NAME)}
         for q in queries:
             found, methods = _wide_recall(conn, catalogue, members, q)
             if q not in lost:  # a lost probe finds members in another cluster, and answers with them
                 assert methods == {"filter_index"}, (q, methods)
                 recalls.append(found)
         conn.execute("SELECT pg_stat_force_next_flush()")
-        swept = _scans_since(admin, copy, before[copy], wait_for=RECALL_QUERIES - len(lost))
+        swept = _scans_since(stack, admin, copy, before[copy], wait_for=RECALL_QUERIES - len(lost))
         assert RECALL_QUERIES - len(lost) <= swept <= RECALL_QUERIES, (swept, lost)
         # The shared index is probed once per query (no member among its ef nearest).
-        assert _scans(admin, INDEX_NAME) - before[INDEX_NAME] == RECALL_QUERIES
-        assert _scans(admin, graph) - before[graph] <= len(lost)
+        assert _scans(stack, admin, INDEX_NAME) - before[INDEX_NAME] == RECALL_QUERIES
+        assert _scans(stack, admin, graph) - before[graph] <= len(lost)
     # Measured: 0.935 (40 queries), where the widest search of the graph found 0.93 above.
     assert np.mean(recalls) >= 0.9, np.mean(recalls)
 
@@ -466,17 +467,17 @@ def test_a_calibrated_sweep_no_wider_than_two_probes_answers_first_and_alone(
     with psycopg.connect(stack.direct_url(), autocommit=True) as conn, \
             psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
         with _sweep_width(stack, "tag", WIDE, float(filter_indexes.FIRST_WIDTH)):
-            before = {name: _scans(admin, name) for name in (copy, graph, INDEX_NAME)}
+            before = {name: _scans(stack, admin, name) for name in (copy, graph, INDEX_NAME)}
             answers = [_wide_recall(conn, catalogue, members, q, WITHIN_REACH) for q in queries]
             conn.execute("SELECT pg_stat_force_next_flush()")
-            assert _scans_since(admin, copy, before[copy]) == RECALL_QUERIES
-            assert _scans(admin, INDEX_NAME) == before[INDEX_NAME]
-            assert _scans(admin, graph) == before[graph]
+            assert _scans_since(stack, admin, copy, before[copy]) == RECALL_QUERIES
+            assert _scans(stack, admin, INDEX_NAME) == before[INDEX_NAME]
+            assert _scans(stack, admin, graph) == before[graph]
         with _sweep_width(stack, "tag", WIDE, filter_indexes.FIRST_WIDTH + 1.0):
-            probed = _scans(admin, INDEX_NAME)
+            probed = _scans(stack, admin, INDEX_NAME)
             wider = [_wide_recall(conn, catalogue, members, q, WITHIN_REACH) for q in queries]
             conn.execute("SELECT pg_stat_force_next_flush()")
-            assert _scans_since(admin, INDEX_NAME, probed) >= RECALL_QUERIES
+            assert _scans_since(stack, admin, INDEX_NAME, probed) >= RECALL_QUERIES
     assert {m for _, methods in answers for m in methods} == {"filter_index"}
     assert {m for _, methods in wider for m in methods} <= {"filter_index", "exact", "hnsw", "hnsw+exact"}
     recall = float(np.mean([r for r, _ in answers]))
@@ -591,11 +592,11 @@ async def test_any_of_several_tags_each_with_a_filter_index_is_answered_by_the_u
         async with await psycopg.AsyncConnection.connect(stack.direct_url(), autocommit=True) as direct:
             await configure_connection(direct)
             with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
-                before = _scans(admin, *names)
+                before = _scans(stack, admin, *names)
                 recall, searches = await _recall(direct, catalogue, members, SimilarQuery(k=K, tags_any=asked), K,
                                                  lost)
                 await direct.execute("SELECT pg_stat_force_next_flush()")
-                scanned = _scans_since(admin, names, before, wait_for=RECALL_QUERIES - len(lost) if union else 0)
+                scanned = _scans_since(stack, admin, names, before, wait_for=RECALL_QUERIES - len(lost) if union else 0)
         assert recall >= 0.95, (asked, recall, searches)
         if union:
             assert scanned >= RECALL_QUERIES - len(lost) and "hnsw" not in searches, (scanned, searches)
@@ -620,11 +621,11 @@ async def test_any_of_several_tags_whose_sweeps_are_calibrated_narrow_is_answere
             async with await psycopg.AsyncConnection.connect(stack.direct_url(), autocommit=True) as direct:
                 await configure_connection(direct)
                 with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
-                    before = _scans(admin, INDEX_NAME)
+                    before = _scans(stack, admin, INDEX_NAME)
                     recall, searches = await _recall(direct, catalogue, members,
                                                      SimilarQuery(k=K, tags_any=(WIDE, NARROW)), K)
                     await direct.execute("SELECT pg_stat_force_next_flush()")
-                    scanned = _scans_since(admin, INDEX_NAME, before, wait_for=RECALL_QUERIES if probed else 0)
+                    scanned = _scans_since(stack, admin, INDEX_NAME, before, wait_for=RECALL_QUERIES if probed else 0)
         if probed:
             # A query whose probe finds k members among its ef nearest is answered by it alone.
             assert scanned == RECALL_QUERIES and set(searches) <= {"filter_index", "hnsw"}, (scanned, searches)
@@ -697,14 +698,14 @@ async def test_a_copy_that_costs_less_than_the_filter_index_search_answers_at_on
     async with await psycopg.AsyncConnection.connect(stack.direct_url(), autocommit=True) as conn:
         await configure_connection(conn)
         with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
-            probed = _scans(admin, shared)
+            probed = _scans(stack, admin, shared)
             with _graph_only(stack, "category", RARE_CATEGORY):
                 without = [await service.similar_items(conn, q, query, timeout_ms=TIMEOUT_MS) for q in queries]
-            assert await _scanned(admin, conn, shared, probed) >= RECALL_QUERIES // 2
-            before = {name: _scans(admin, name) for name in (copy, shared)}
+            assert await _scanned(stack, admin, conn, shared, probed) >= RECALL_QUERIES // 2
+            before = {name: _scans(stack, admin, name) for name in (copy, shared)}
             answers = [await service.similar_items(conn, q, query, timeout_ms=TIMEOUT_MS) for q in queries]
-            assert await _scanned(admin, conn, copy, before[copy]) == RECALL_QUERIES
-            assert _scans(admin, shared) == before[shared]
+            assert await _scanned(stack, admin, conn, copy, before[copy]) == RECALL_QUERIES
+            assert _scans(stack, admin, shared) == before[shared]
         tables = [await service.similar_items(conn, q, SimilarQuery(k=K, categories=(RARE_CATEGORY,), exact=True),
                                               timeout_ms=TIMEOUT_MS) for q in queries]
     searched = [a["search"] for a in without]
@@ -838,9 +839,12 @@ def test_a_member_estimated_far_beyond_the_probe_means_the_filter_avoids_the_que
     assert recall >= 0.95, (recall, methods)
 
 
-def _scans(admin: psycopg.Connection, *names: str) -> int:
+def _scans(stack: Stack, admin: psycopg.Connection, *names: str) -> int:
     """How many scans of the indexes ``names`` the statistics have counted, ``admin``'s own scans
-    (a ``create``'s calibration) flushed first, so that they are not counted later."""
+    (a ``create``'s calibration) flushed first, so that they are not counted later, and those of
+    the backends behind PgBouncer too (their connections closed), which would otherwise report
+    them up to 10 s later, within a later count."""
+    close_server_connections(stack)
     admin.execute("SELECT pg_stat_force_next_flush()")
     row = admin.execute("SELECT count(*), coalesce(sum(idx_scan), 0) FROM pg_stat_user_indexes"
                         " WHERE indexrelname = ANY (%s)", [list(names)]).fetchone()
@@ -848,21 +852,23 @@ def _scans(admin: psycopg.Connection, *names: str) -> int:
     return int(row[1])
 
 
-def _scans_since(admin: psycopg.Connection, names: str | Sequence[str], before: int, *, wait_for: int = 1) -> int:
+def _scans_since(stack: Stack, admin: psycopg.Connection, names: str | Sequence[str], before: int, *,
+                 wait_for: int = 1) -> int:
     """The scans of the index or indexes ``names`` counted since ``before``, waiting up to 5 s for
     ``wait_for`` of them (after a backend has asked to flush its statistics)."""
     indexes = (names,) if isinstance(names, str) else tuple(names)
     for _ in range(50):
-        if _scans(admin, *indexes) - before >= wait_for:
+        if _scans(stack, admin, *indexes) - before >= wait_for:
             break
         time.sleep(0.1)
-    return _scans(admin, *indexes) - before
+    return _scans(stack, admin, *indexes) - before
 
 
-async def _scanned(admin: psycopg.Connection, conn: psycopg.AsyncConnection, name: str, before: int) -> int:
+async def _scanned(stack: Stack, admin: psycopg.Connection, conn: psycopg.AsyncConnection, name: str,
+                   before: int) -> int:
     """The scans of ``name`` counted since ``before``, once ``conn``'s backend has flushed its statistics."""
     await conn.execute("SELECT pg_stat_force_next_flush()")
-    return _scans_since(admin, name, before)
+    return _scans_since(stack, admin, name, before)
 
 
 async def test_the_planner_reads_the_filter_index(
@@ -873,12 +879,12 @@ async def test_the_planner_reads_the_filter_index(
     async with await psycopg.AsyncConnection.connect(stack.direct_url(), autocommit=True) as conn:
         await configure_connection(conn)
         with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
-            before = _scans(admin, name)
+            before = _scans(stack, admin, name)
             q = catalogue.ids[query_items(catalogue)[1]]
             body = await service.similar_items(conn, q, SimilarQuery(k=30, categories=(CATEGORY,)),
                                                timeout_ms=TIMEOUT_MS)
             assert body["search"] == "filter_index"
-            assert await _scanned(admin, conn, name, before) == 1
+            assert await _scanned(stack, admin, conn, name, before) == 1
 
 
 @pytest.mark.parametrize(("categories", "from_the_copy"), [
@@ -905,14 +911,14 @@ async def test_the_exact_scan_of_a_covered_filter_reads_the_copy_and_answers_as_
     async with await psycopg.AsyncConnection.connect(stack.direct_url(), autocommit=True) as conn:
         await configure_connection(conn)
         with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
-            before = _scans(admin, copy)
+            before = _scans(stack, admin, copy)
             from_copy = await answers(conn)
             if from_the_copy:
-                assert await _scanned(admin, conn, copy, before) >= RECALL_QUERIES - 2
+                assert await _scanned(stack, admin, conn, copy, before) >= RECALL_QUERIES - 2
             else:
                 await conn.execute("SELECT pg_stat_force_next_flush()")
                 await asyncio.sleep(0.5)
-                assert _scans(admin, copy) == before
+                assert _scans(stack, admin, copy) == before
             with _graph_only(stack, "tag", NARROW):
                 from_table = await answers(conn)
     exact = sum(1 for rows in from_copy if rows[0][2] == "exact")
@@ -967,11 +973,11 @@ def test_members_that_tie_across_the_copys_margin_are_answered_from_the_table(
             create_filter_index(admin, "tag", tag, maintenance_work_mem="64MB")
             with psycopg.connect(stack.direct_url(), autocommit=True) as conn:
                 copy = copy_index_name("tag", tag)
-                before = _scans(admin, copy)
+                before = _scans(stack, admin, copy)
                 rows = conn.execute(statement, [catalogue.ids[q], K, tag, catalogue.ids[q], False]).fetchall()
                 table = conn.execute(statement, [catalogue.ids[q], K, tag, catalogue.ids[q], True]).fetchall()
                 conn.execute("SELECT pg_stat_force_next_flush()")
-            assert _scans_since(admin, copy, before) == 1
+            assert _scans_since(stack, admin, copy, before) == 1
         finally:
             drop_filter_index(admin, "tag", tag)
             admin.execute("DELETE FROM items WHERE id = ANY(%s)", [ties])
@@ -1007,20 +1013,20 @@ def test_a_copy_of_an_earlier_kind_is_ignored_until_create_replaces_it(
         listed = {i.value: i for i in list_filter_indexes(admin)}[NARROW]
         assert listed.copy_name == copy and listed.copy_valid is False
         with psycopg.connect(stack.direct_url(), autocommit=True) as conn:
-            before = _scans(admin, copy)
+            before = _scans(stack, admin, copy)
             old = [conn.execute(statement, [q, K, NARROW, q]).fetchall() for q in queries]
             conn.execute("SELECT pg_stat_force_next_flush()")
             time.sleep(0.5)
-            assert _scans(admin, copy) == before
+            assert _scans(stack, admin, copy) == before
             replaced = create_filter_index(admin, "tag", NARROW, maintenance_work_mem="64MB")
             assert replaced.copy_valid is True
             definition = admin.execute("SELECT pg_get_indexdef(%s::regclass)", [copy]).fetchone()
             assert definition is not None and "halfvec_cosine_ops" in definition[0]
             assert f"lists='{replaced.copy_lists}'" in definition[0] and replaced.copy_lists > 1
-            before = _scans(admin, copy)
+            before = _scans(stack, admin, copy)
             new = [conn.execute(statement, [q, K, NARROW, q]).fetchall() for q in queries]
             conn.execute("SELECT pg_stat_force_next_flush()")
-            assert _scans_since(admin, copy, before) > 0
+            assert _scans_since(stack, admin, copy, before) > 0
     assert {r[2] for rows in old + new for r in rows} == {"exact"}
     assert [[r[:2] for r in rows] for rows in new] == [[r[:2] for r in rows] for rows in old]
 
