@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import psycopg
 
 from recsys.bench.harness import BenchOptions, bench_stack, build_hnsw_index, load_catalogue, server_versions
+from recsys.bench.recall import ground_truth
 from recsys.bench.results import BenchResult, Headline
 from recsys.datasets import Catalogue, clustered_catalogue
 
@@ -38,45 +38,33 @@ LOST_BELOW = 0.5
 SEARCH = "SELECT id FROM items ORDER BY embedding <=> (SELECT embedding FROM items WHERE id = %s) LIMIT %s"
 
 
-def _truth(catalogue: Catalogue, positions: list[int]) -> list[set[int]]:
-    """Each item's ten nearest (cosine; the vectors are unit vectors), the item itself left out."""
-    vectors: npt.NDArray[np.float32] = catalogue.vectors
-    truth = []
-    for p in positions:
-        scores = vectors @ vectors[p]
-        scores[p] = -np.inf
-        truth.append({int(i) for i in np.argpartition(-scores, K)[:K]})
-    return truth
-
-
-def search_recalls(conn: psycopg.Connection[Any], catalogue: Catalogue, positions: Sequence[int],
-                   truth: Sequence[set[int]], ef_search: int) -> list[float]:
-    """Recall@10 of the index's search at ``ef_search`` for each item at ``positions``: its own
-    vector asked, the item left out, against ``truth`` (each item's ten nearest positions)."""
-    index = {item: p for p, item in enumerate(catalogue.ids)}
+def search_recalls(conn: psycopg.Connection[Any], query_ids: Sequence[str], truth: Sequence[set[str]],
+                   ef_search: int) -> list[float]:
+    """Recall@10 of the index's search at ``ef_search`` for each item of ``query_ids``: its own
+    vector asked, the item left out, against ``truth`` (each item's ten nearest ids)."""
     recalls = []
     with conn.transaction():
         conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(ef_search)])
-        for p, nearest in zip(positions, truth, strict=True):
-            rows = conn.execute(SEARCH, [catalogue.ids[p], K + 1]).fetchall()
-            found = [index[r[0]] for r in rows if index[r[0]] != p][:K]
+        for item, nearest in zip(query_ids, truth, strict=True):
+            rows = conn.execute(SEARCH, [item, K + 1]).fetchall()
+            found = [r[0] for r in rows if r[0] != item][:K]
             recalls.append(len(nearest.intersection(found)) / K)
     return recalls
 
 
-def lost_searches(conn: psycopg.Connection[Any], catalogue: Catalogue, positions: list[int], truth: list[set[int]],
+def lost_searches(conn: psycopg.Connection[Any], query_ids: list[str], truth: list[set[str]],
                   ef_search: int) -> dict[str, Any]:
     """Mean recall@10 of ``search_recalls``, and how many searches found fewer than
     ``LOST_BELOW`` of the ten."""
-    shares = np.asarray(search_recalls(conn, catalogue, positions, truth, ef_search))
+    shares = np.asarray(search_recalls(conn, query_ids, truth, ef_search))
     return {"recall": round(float(shares.mean()), 4), "lost": int((shares < LOST_BELOW).sum()),
             "queries": len(shares)}
 
 
 def _measure(options: BenchOptions, name: str, catalogue: Catalogue, stride: int, builds: int) -> dict[str, Any]:
     """Every build of ``catalogue``'s index, the two ``ef_construction`` in turn, and its searches."""
-    positions = list(range(0, len(catalogue.ids), stride))
-    truth = _truth(catalogue, positions)
+    query_ids = catalogue.ids[::stride]
+    truth = [set(nearest) for nearest in ground_truth(catalogue, query_ids, None, K)]
     runs: list[dict[str, Any]] = []
     with bench_stack(options, f"graph-{name}", embedding_dim=catalogue.vectors.shape[1]) as stack:
         loaded = load_catalogue(stack, catalogue, index=False)
@@ -85,10 +73,10 @@ def _measure(options: BenchOptions, name: str, catalogue: Catalogue, stride: int
             for ef_construction in EF_CONSTRUCTIONS:
                 seconds = build_hnsw_index(stack, m=M, ef_construction=ef_construction)
                 with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
-                    searches = {str(ef): lost_searches(conn, catalogue, positions, truth, ef) for ef in EF_SEARCHES}
+                    searches = {str(ef): lost_searches(conn, query_ids, truth, ef) for ef in EF_SEARCHES}
                 runs.append({"build": build, "ef_construction": ef_construction, "build_s": round(seconds, 1),
                              "searches": searches})
-    return {"items": len(catalogue.ids), "queries": len(positions), "load": loaded, "servers": servers,
+    return {"items": len(catalogue.ids), "queries": len(query_ids), "load": loaded, "servers": servers,
             "runs": runs}
 
 

@@ -12,12 +12,21 @@ from recsys.local.stack import Stack
 __all__ = ["close_server_connections", "pool_rows", "settled_query_count"]
 
 
+def _console(stack: Stack, user: str = "recsys") -> psycopg.Connection[tuple[object, ...]]:
+    """PgBouncer's admin console, as ``user`` (``recsys`` may read it, ``postgres`` also command it)."""
+    return psycopg.connect(stack.bouncer_admin_url(user=user), autocommit=True, prepare_threshold=None,
+                           cursor_factory=psycopg.ClientCursor)
+
+
+def _rows(console: psycopg.Connection[tuple[object, ...]], command: str) -> list[dict[str, object]]:
+    cur = console.execute(command)
+    names = [d.name for d in cur.description or []]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
 def _show(stack: Stack, command: str) -> list[dict[str, object]]:
-    with psycopg.connect(stack.bouncer_admin_url(), autocommit=True, prepare_threshold=None,
-                         cursor_factory=psycopg.ClientCursor) as admin:
-        cur = admin.execute(command)
-        names = [d.name for d in cur.description or []]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    with _console(stack) as console:
+        return _rows(console, command)
 
 
 def close_server_connections(stack: Stack, timeout: float = 5.0) -> None:
@@ -29,13 +38,11 @@ def close_server_connections(stack: Stack, timeout: float = 5.0) -> None:
     backend that ends reports them at once. A count read after this call holds what the
     connections through PgBouncer did in the transactions they have ended.
     """
-    # A server connection in a transaction (active) is closed only once it is released.
-    pids = [int(str(r["remote_pid"])) for r in _show(stack, "SHOW SERVERS")
-            if r["database"] == stack.config.database and r["state"] != "active"]
-    # `postgres` is the console's admin user (``recsys`` may only read it).
-    with psycopg.connect(stack.bouncer_admin_url(user="postgres"), autocommit=True, prepare_threshold=None,
-                         cursor_factory=psycopg.ClientCursor) as admin:
-        admin.execute("RECONNECT")
+    with _console(stack, "postgres") as console:
+        # A server connection in a transaction (active) is closed only once it is released.
+        pids = [int(str(r["remote_pid"])) for r in _rows(console, "SHOW SERVERS")
+                if r["database"] == stack.config.database and r["state"] != "active"]
+        console.execute("RECONNECT")
     deadline = time.monotonic() + timeout
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
         while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY (%s)", [pids]).fetchone() != (0,):

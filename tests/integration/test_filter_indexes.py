@@ -144,9 +144,10 @@ def _lost_by_the_graph(stack: Stack, catalogue: Catalogue, queries: Sequence[int
     any filter: these queries tell nothing of how the filter's way is chosen. The graph is built
     anew in every session, so which queries are lost changes from one session to the next.
     """
-    nearest = [set(truth(catalogue, catalogue.vectors[q], K, lambda i: True, {q})) for q in queries]
+    nearest = [{catalogue.ids[i] for i in truth(catalogue, catalogue.vectors[q], K, lambda i: True, {q})}
+               for q in queries]
     with psycopg.connect(stack.direct_url(), autocommit=True) as conn:
-        recalls = search_recalls(conn, catalogue, queries, nearest, ef)
+        recalls = search_recalls(conn, [catalogue.ids[q] for q in queries], nearest, ef)
     lost = {q for q, recall in zip(queries, recalls, strict=True) if recall < LOST_BELOW}
     # At most two of the 40, else the build itself is broken (at 0.7 %, 0.28 of 40 per session).
     assert len(lost) <= 2, lost
@@ -840,11 +841,16 @@ def test_a_member_estimated_far_beyond_the_probe_means_the_filter_avoids_the_que
 
 
 def _scans(stack: Stack, admin: psycopg.Connection, *names: str) -> int:
-    """How many scans of the indexes ``names`` the statistics have counted, ``admin``'s own scans
-    (a ``create``'s calibration) flushed first, so that they are not counted later, and those of
-    the backends behind PgBouncer too (their connections closed), which would otherwise report
-    them up to 10 s later, within a later count."""
+    """How many scans of the indexes ``names`` the statistics have counted, those of the backends
+    behind PgBouncer included (their connections closed), which would otherwise report them up to
+    10 s later, within a later count."""
     close_server_connections(stack)
+    return _counted(admin, names)
+
+
+def _counted(admin: psycopg.Connection, names: Sequence[str]) -> int:
+    """The scans of the indexes ``names`` counted so far, ``admin``'s own scans (a ``create``'s
+    calibration) flushed first, so that they are not counted later."""
     admin.execute("SELECT pg_stat_force_next_flush()")
     row = admin.execute("SELECT count(*), coalesce(sum(idx_scan), 0) FROM pg_stat_user_indexes"
                         " WHERE indexrelname = ANY (%s)", [list(names)]).fetchone()
@@ -857,11 +863,12 @@ def _scans_since(stack: Stack, admin: psycopg.Connection, names: str | Sequence[
     """The scans of the index or indexes ``names`` counted since ``before``, waiting up to 5 s for
     ``wait_for`` of them (after a backend has asked to flush its statistics)."""
     indexes = (names,) if isinstance(names, str) else tuple(names)
+    close_server_connections(stack)
     for _ in range(50):
-        if _scans(stack, admin, *indexes) - before >= wait_for:
+        if _counted(admin, indexes) - before >= wait_for:
             break
         time.sleep(0.1)
-    return _scans(stack, admin, *indexes) - before
+    return _counted(admin, indexes) - before
 
 
 async def _scanned(stack: Stack, admin: psycopg.Connection, conn: psycopg.AsyncConnection, name: str,
