@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pwd
+import random
 import signal
 import socket
 import stat
@@ -63,7 +64,41 @@ LOCAL_LOGIN_ROLES = ("recsys", "recsys_query", "recsys_loader", "recsys_maintain
 MAX_REPLICAS = 8
 
 
+#: Lowest port ``free_port`` hands out: above the well-known ports of the local stack
+#: (5432, 6432, 7071, 10000-10002).
+FREE_PORTS_FROM = 20000
+_handed_out: set[int] = set()
+
+
+def _outgoing_ports() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (``ip_local_port_range``)."""
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
 def free_port() -> int:
+    """A port nothing listens on, below the range the kernel draws outgoing connections from.
+
+    A port the kernel hands out for ``bind(0)`` comes from that range, so between this call and
+    the server binding it an outgoing connection (to PostgreSQL, PgBouncer, Azurite) could take
+    it. Ports below it are only ever taken by a listener, and each is handed out once per process.
+    """
+    low, _ = _outgoing_ports()
+    if low - FREE_PORTS_FROM >= 1000:
+        for _ in range(200):
+            port = random.randrange(FREE_PORTS_FROM, low)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
