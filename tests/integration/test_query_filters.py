@@ -200,12 +200,18 @@ async def test_offset_pages_concatenate_to_the_larger_query(
 ) -> None:
     q = catalogue.ids[query_items(catalogue)[2]]
     whole = await service.similar_items(conn, q, SimilarQuery(k=30, **options), timeout_ms=TIMEOUT_MS)
-    pages = []
+    pages, ways = [], [(whole["search"], whole["ef_search"])]
     for offset in (0, 10, 20):
         page = await service.similar_items(conn, q, SimilarQuery(k=10, offset=offset, **options), timeout_ms=TIMEOUT_MS)
         pages += [r["id"] for r in page["results"]]
+        ways.append((page["search"], page["ef_search"]))
     assert len(pages) == 30
-    assert pages == [r["id"] for r in whole["results"]]
+    if pages != [r["id"] for r in whole["results"]]:
+        # Whether the larger query itself still answers as it did tells a search that changed
+        # between the requests from pages that differ from it.
+        again = await service.similar_items(conn, q, SimilarQuery(k=30, **options), timeout_ms=TIMEOUT_MS)
+        pytest.fail(f"pages {pages} differ from the larger query's {[r['id'] for r in whole['results']]};"
+                    f" asked again: {[r['id'] for r in again['results']]}; (search, ef_search) per request: {ways}")
 
 
 async def test_score_threshold_never_returns_a_lower_score(
