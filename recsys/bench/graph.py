@@ -4,10 +4,10 @@ An HNSW search can fail whole: the greedy descent through the graph's upper laye
 another cluster, and the search at ``ef_search`` returns that cluster's items, none of the query's
 neighbours. How often depends on the build (its levels are drawn at random) and on how far apart
 the catalogue's clusters lie. For each catalogue the items are loaded once, then the index is
-built again and again, the default ``ef_construction`` (64) and 128 in turn, and every
-``stride``-th item asks, in SQL on one connection, for the ten nearest to its own vector, against
-numpy's exact answer (the item itself left out): recall@10, and how many searches found fewer
-than half of the ten.
+built again and again, ``ef_construction`` 64 (pgvector's default) and 128 (the service's) in
+turn, and every ``stride``-th item asks, in SQL on one connection, for the ten nearest to its own
+vector, against numpy's exact answer (the item itself left out): recall@10, and how many searches
+found fewer than half of the ten.
 
 The catalogues are those of the tests (ten wide clusters) and of ``bench filters`` (100 clusters).
 """
@@ -24,14 +24,15 @@ import psycopg
 from recsys.bench.harness import BenchOptions, bench_stack, build_hnsw_index, load_catalogue, server_versions
 from recsys.bench.recall import ground_truth
 from recsys.bench.results import BenchResult, Headline
+from recsys.config import DEFAULT_HNSW_EF_CONSTRUCTION, DEFAULT_HNSW_M
 from recsys.datasets import Catalogue, clustered_catalogue
 
 __all__ = ["LOST_BELOW", "lost_searches", "run", "search_recalls"]
 
 TITLE = "lost searches: HNSW builds of clustered catalogues at two ef_construction"
 K = 10
-M = 16
-EF_CONSTRUCTIONS = (64, 128)
+M = DEFAULT_HNSW_M
+EF_CONSTRUCTIONS = (64, DEFAULT_HNSW_EF_CONSTRUCTION)
 EF_SEARCHES = (40, 100)
 #: A search that finds fewer than this share of the ten nearest is counted as lost.
 LOST_BELOW = 0.5

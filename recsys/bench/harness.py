@@ -19,11 +19,13 @@ from typing import Any
 import psycopg
 from pgvector.psycopg import register_vector
 
+from recsys.config import DEFAULT_HNSW_EF_CONSTRUCTION, DEFAULT_HNSW_M
 from recsys.datasets import Catalogue
 from recsys.local import tools
 from recsys.local.stack import Stack, StackConfig
 
 __all__ = [
+    "HNSW_BUILD",
     "SERVER_SIZED_FOR_CATALOGUE",
     "BenchOptions",
     "Deadline",
@@ -39,6 +41,8 @@ __all__ = [
 log = logging.getLogger("recsys")
 
 HNSW_INDEX = "items_embedding_cosine"
+#: The HNSW parameters of the benchmarks' builds: the service's defaults.
+HNSW_BUILD = {"m": DEFAULT_HNSW_M, "ef_construction": DEFAULT_HNSW_EF_CONSTRUCTION}
 
 #: PostgreSQL memory for the benchmarks whose catalogue is large (200,000 items and more): the
 #: table and its graph stay in shared buffers, as on a server sized for its catalogue, instead of
@@ -175,7 +179,9 @@ def drop_hnsw_index(stack: Stack) -> None:
         conn.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")
 
 
-def build_hnsw_index(stack: Stack, *, m: int = 16, ef_construction: int = 64) -> float:
+def build_hnsw_index(
+    stack: Stack, *, m: int = DEFAULT_HNSW_M, ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION
+) -> float:
     """(Re)build the HNSW cosine index after a bulk load; returns the seconds it took.
 
     Built as the schema owner with two parallel workers and ample ``maintenance_work_mem``: the

@@ -29,6 +29,7 @@ from pgvector.psycopg import register_vector
 from psycopg.types.json import Jsonb
 
 from recsys.bench.harness import (
+    HNSW_BUILD,
     BenchOptions,
     app_environment,
     bench_stack,
@@ -429,7 +430,7 @@ def run(options: BenchOptions) -> BenchResult:
             "path": "PgBouncer, one transaction per load",
             "statements": {"copy_binary": COPY_BINARY, "copy_text": COPY_TEXT, "executemany": INSERT,
                            "insert_per_row": INSERT},
-            "hnsw": {"m": 16, "ef_construction": 64, "maintenance_work_mem": "1GB", "parallel_workers": 2},
+            "hnsw": {**HNSW_BUILD, "maintenance_work_mem": "1GB", "parallel_workers": 2},
             "pipeline_vs_database": {
                 "base_items": side["base_items"], "writes": side["writes"], "tombstones": side["tombstones"],
                 "part_items": side["part_items"], "connections": side["connections"],

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 
-from recsys.bench.harness import BenchOptions, Deadline, bench_stack, load_catalogue, server_versions
+from recsys.bench.harness import HNSW_BUILD, BenchOptions, Deadline, bench_stack, load_catalogue, server_versions
 from recsys.bench.plots import line_plot
 from recsys.bench.results import BenchResult, Headline
 from recsys.bench.stats import ratio, recall_at_k, summarize
@@ -224,7 +224,7 @@ def run(options: BenchOptions) -> BenchResult:
         inputs={
             "catalogue_items": items, "dim": dim, "queries": queries, "k": K, "ladder": list(LADDER),
             "filter_ef_search": FILTER_EF, "filters": filters, "catalogue": "clustered_catalogue(seed=4)",
-            "hnsw": {"m": 16, "ef_construction": 64}, "hnsw_sql": HNSW_SQL, "exact_sql": EXACT_SQL,
+            "hnsw": HNSW_BUILD, "hnsw_sql": HNSW_SQL, "exact_sql": EXACT_SQL,
             "service": "recsys.search.service.similar_items (recsys_query: index or exact scan by cost)",
             "functions": FUNCTIONS.strip(),
         },

@@ -40,6 +40,7 @@ import psycopg
 from psycopg import sql
 
 from recsys.bench.harness import (
+    HNSW_BUILD,
     SERVER_SIZED_FOR_CATALOGUE,
     BenchOptions,
     bench_stack,
@@ -295,7 +296,8 @@ def _quantized(stack: Stack, vectors: Vectors, work: Workload, dim: int) -> dict
         conn.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(sql.Literal(WORKERS)))
         started = time.perf_counter()
         conn.execute(sql.SQL("CREATE INDEX items_embedding_bits ON items USING hnsw ({} bit_hamming_ops)"
-                             " WITH (m = 16, ef_construction = 64)").format(bits))
+                             " WITH (m = {}, ef_construction = {})").format(
+            bits, sql.Literal(HNSW_BUILD["m"]), sql.Literal(HNSW_BUILD["ef_construction"])))
         figures["index_build_s"] = round(time.perf_counter() - started, 1)
         row = conn.execute("SELECT pg_relation_size('items_embedding_bits')").fetchone()
         assert row is not None
@@ -617,7 +619,7 @@ def _result(out: Path, size: Sizes, figures: dict[str, Any], servers: dict[str, 
             "categories": {"one-percent": 0.01, "ten-percent": 0.10, "others": "9 × ~9.9%"},
             "load": f"bulk loader, chunks of 20000, --build-index --workers {WORKERS} "
                     f"--maintenance-work-mem {MAINTENANCE_WORK_MEM}",
-            "hnsw": {"m": 16, "ef_construction": 64}, "ladder": list(LADDER), "recall_target": RECALL_TARGET,
+            "hnsw": HNSW_BUILD, "ladder": list(LADDER), "recall_target": RECALL_TARGET,
             "client": "one keep-alive HTTP/1.1 connection to python -m recsys serve, one request at a time",
             "postgres": {"shared_buffers": "4GB"},
         },

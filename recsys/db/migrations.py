@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psycopg
 
-from recsys.config import default_vector_type
+from recsys.config import DEFAULT_HNSW_EF_CONSTRUCTION, DEFAULT_HNSW_M, default_vector_type
 
 __all__ = ["MIGRATIONS_DIR", "applied_versions", "apply_migrations", "function_definitions", "pending_migrations"]
 
@@ -77,8 +77,8 @@ def apply_migrations(
     *,
     embedding_dim: int = 384,
     vector_type: str | None = None,
-    hnsw_m: int = 16,
-    hnsw_ef_construction: int = 64,
+    hnsw_m: int = DEFAULT_HNSW_M,
+    hnsw_ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION,
     directory: Path = MIGRATIONS_DIR,
 ) -> list[str]:
     """Apply the migrations not yet recorded; return the names of those applied now.

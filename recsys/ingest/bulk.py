@@ -27,6 +27,7 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 from psycopg import sql
 
+from recsys.config import DEFAULT_HNSW_EF_CONSTRUCTION, DEFAULT_HNSW_M
 from recsys.errors import InvalidArgument
 from recsys.ingest.loader import copy_items
 from recsys.ingest.messages import Item, decode_json, parse_item
@@ -154,8 +155,8 @@ async def bulk_load(
     build_index: bool = False,
     workers: int = 2,
     maintenance_work_mem: str = "1GB",
-    hnsw_m: int = 16,
-    hnsw_ef_construction: int = 64,
+    hnsw_m: int = DEFAULT_HNSW_M,
+    hnsw_ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION,
     statement_timeout_ms: int = 600_000,
     progress: Callable[[int], None] | None = None,
 ) -> BulkResult:

@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from recsys.config import DEFAULT_MAINTENANCE_SCHEDULE
+from recsys.config import DEFAULT_HNSW_EF_CONSTRUCTION, DEFAULT_HNSW_M, DEFAULT_MAINTENANCE_SCHEDULE
 from recsys.local import tools
 from recsys.local.certs import TlsFiles, write_tls_files
 from recsys.local.replicas import Replica, configured_replicas, replicas_on_disk
@@ -162,8 +162,8 @@ class StackConfig:
     #: The embeddings' column type (``None``: ``vector`` up to 2000 dimensions, ``halfvec`` above)
     #: and the HNSW parameters, as ``RECSYS_VECTOR_TYPE``, ``RECSYS_HNSW_M``, ``RECSYS_HNSW_EF_CONSTRUCTION``.
     vector_type: str | None = None
-    hnsw_m: int = 16
-    hnsw_ef_construction: int = 64
+    hnsw_m: int = DEFAULT_HNSW_M
+    hnsw_ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION
     #: ``False`` turns off fsync and friends: for throw-away test stacks.
     durable: bool = True
     #: PgBouncer terminates client TLS (and requires it) with a certificate for ``localhost`` and

@@ -53,6 +53,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from recsys.config import DEFAULT_HNSW_EF_CONSTRUCTION, DEFAULT_HNSW_M
 from recsys.maintenance import RECALIBRATE_FRACTION
 
 __all__ = [
@@ -248,8 +249,8 @@ def create_filter_index(
     kind: str,
     value: str,
     *,
-    m: int = 16,
-    ef_construction: int = 64,
+    m: int = DEFAULT_HNSW_M,
+    ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION,
     maintenance_work_mem: str = "1GB",
     rebuild_copy: bool = False,
     automatic: bool | None = False,

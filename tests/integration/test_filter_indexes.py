@@ -137,9 +137,9 @@ def _lost_by_the_graph(stack: Stack, catalogue: Catalogue, queries: Sequence[int
     of their K nearest items.
 
     In this catalogue's ten wide clusters the greedy descent of a few searches ends in another
-    cluster, and the search at ef then returns none of the query's neighbours: at ef 100, 4 to 18
-    of 2,000 items per build (m 16, ef_construction 64; 0 to 3 at ef_construction 128: README,
-    "Lost searches", and ``python -m recsys bench graph``). The probe
+    cluster, and the search at ef then returns none of the query's neighbours: at ef 100, 1 to 3
+    of 2,000 items per build (m 16, ef_construction 128, the defaults; 4 to 18 at pgvector's
+    ef_construction 64: README, "Lost searches", and ``python -m recsys bench graph``). The probe
     of such a query reads that cluster, and what it finds there decides the way, as it would for
     any filter: these queries tell nothing of how the filter's way is chosen. The graph is built
     anew in every session, so which queries are lost changes from one session to the next.

@@ -64,8 +64,8 @@ async def test_a_halfvec_catalogue_with_its_own_hnsw_parameters(stack: Stack, da
     assert np.array_equal(np.asarray(stored[0], dtype=np.float32), catalogue.vectors[3].astype(np.float16))
 
 
-def test_the_default_below_2001_dimensions_is_vector_with_pgvectors_hnsw_defaults(stack: Stack) -> None:
+def test_the_default_below_2001_dimensions_is_vector_with_the_default_hnsw_parameters(stack: Stack) -> None:
     with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:
         column, index = _schema(conn)
     assert column == f"vector({stack.config.embedding_dim})"
-    assert "vector_cosine_ops" in index and "m='16'" in index and "ef_construction='64'" in index
+    assert "vector_cosine_ops" in index and "m='16'" in index and "ef_construction='128'" in index

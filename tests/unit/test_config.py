@@ -137,7 +137,7 @@ def test_vector_type_defaults_by_dimension_and_is_validated_against_the_index() 
 def test_hnsw_parameters_are_parsed_and_ef_construction_covers_twice_m() -> None:
     settings = load_settings({"RECSYS_HNSW_M": "24", "RECSYS_HNSW_EF_CONSTRUCTION": "128"})
     assert (settings.hnsw_m, settings.hnsw_ef_construction) == (24, 128)
-    assert (load_settings({}).hnsw_m, load_settings({}).hnsw_ef_construction) == (16, 64)
+    assert (load_settings({}).hnsw_m, load_settings({}).hnsw_ef_construction) == (16, 128)
     with pytest.raises(SettingsError, match="at least 2") as caught:
-        load_settings({"RECSYS_HNSW_M": "48"})
+        load_settings({"RECSYS_HNSW_M": "80"})
     assert caught.value.name == "RECSYS_HNSW_EF_CONSTRUCTION"
