@@ -112,6 +112,8 @@ DECLARE
     taken boolean[];
     pick integer;
     picked integer[] := '{}';
+    -- The item whose own vector is the query: /similar's, or a recommendation's one positive.
+    self_id text;
     self_checked boolean := false;
 BEGIN
     p_positive := coalesce(p_positive, '{}');
@@ -127,6 +129,7 @@ BEGIN
         END IF;
         p_exclude := array_append(p_exclude, p_similar_to);
         query_vector := positives[1];
+        self_id := p_similar_to;
         IF @norm@(query_vector) = 0 OR @norm@(query_vector) = 'NaN'::double precision THEN
             RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'id',
                 MESSAGE = 'the item''s vector has length zero: cosine similarity is undefined';
@@ -175,6 +178,9 @@ BEGIN
                     MESSAGE = 'the positive items and the vector cancel out: their mean has length zero';
             END IF;
             query_vector := positive_mean;
+            IF cardinality(p_positive) = 1 AND negatives IS NULL AND p_vector IS NULL THEN
+                self_id := p_positive[1];
+            END IF;
             IF negatives IS NOT NULL THEN
                 SELECT avg(l2_normalize(v)) INTO negative_mean FROM unnest(negatives) v;
                 -- q scaled by 1 / p_alpha where 0 < p_alpha <= 1, which leaves its direction as it
@@ -199,22 +205,22 @@ BEGIN
 
     -- The pool: the best `pool` candidates by relevance (score), best first.
     IF query_vector IS NOT NULL THEN
-        -- An unfiltered /similar searches for the item too: the graph's search finds it first, at
-        -- distance 0, unless its greedy descent ended in another part of the graph, where it
-        -- finds none of the item's neighbours either (a lost search: 4-6 in 2,000 of a
-        -- clustered catalogue of 200,000 items, `python -m recsys bench graph`). A lost search
-        -- is answered by the exact scan.
-        self_checked := p_similar_to IS NOT NULL AND NOT coalesce(p_exact, false)
+        -- An unfiltered search from an item's own vector searches for the item too: the graph's
+        -- search finds it first, at distance 0, unless its greedy descent ended in another part
+        -- of the graph, where it finds none of the item's neighbours either (a lost search: 4-6
+        -- in 2,000 of a clustered catalogue of 200,000 items, `python -m recsys bench graph`).
+        -- A lost search is answered by the exact scan.
+        self_checked := self_id IS NOT NULL AND NOT coalesce(p_exact, false)
             AND p_categories IS NULL AND p_tags_any IS NULL AND p_tags_all IS NULL AND p_metadata IS NULL;
         SELECT array_agg(r.id ORDER BY r.n), array_agg(1 - r.distance ORDER BY r.n),
                array_agg(r.distance ORDER BY r.n), array_agg(DISTINCT r.method)
         INTO pool_ids, pool_scores, pool_distances, methods
         FROM recsys_nearest(
             query_vector, pool + self_checked::integer, p_ef_search, p_categories, p_tags_any, p_tags_all,
-            p_metadata, CASE WHEN self_checked THEN array_remove(p_exclude, p_similar_to) ELSE p_exclude END,
+            p_metadata, CASE WHEN self_checked THEN array_remove(p_exclude, self_id) ELSE p_exclude END,
             p_exact, p_cost_ratio
         ) WITH ORDINALITY AS r(id, distance, method, n);
-        IF self_checked AND (p_similar_to = ANY (pool_ids) OR pool_distances[1] < 1e-6) THEN
+        IF self_checked AND (self_id = ANY (pool_ids) OR pool_distances[1] < 1e-6) THEN
             -- Found (or an exact duplicate of it, nearer than any neighbour): the rest answer.
             SELECT array_agg(u.item_id ORDER BY u.n), array_agg(u.score ORDER BY u.n),
                    array_agg(u.item_distance ORDER BY u.n)
@@ -222,7 +228,7 @@ BEGIN
             FROM (
                 SELECT x.item_id, x.score, x.item_distance, x.n
                 FROM unnest(pool_ids, pool_scores, pool_distances) WITH ORDINALITY AS x(item_id, score, item_distance, n)
-                WHERE x.item_id <> p_similar_to
+                WHERE x.item_id <> self_id
                 ORDER BY x.n
                 LIMIT pool
             ) u;

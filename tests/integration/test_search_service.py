@@ -140,10 +140,11 @@ LOST_SAMPLE = 400
 LOST_ASKED = 60
 
 
-async def test_a_lost_search_for_similar_items_is_answered_by_the_exact_scan(
+async def test_a_lost_search_from_an_items_own_vector_is_answered_by_the_exact_scan(
     stack: Stack, catalogue: Catalogue, conn: psycopg.AsyncConnection
 ) -> None:
-    """A /similar whose graph search does not reach the item itself is answered exactly.
+    """A /similar, or a recommendation from one positive item alone, whose graph search does not
+    reach the item itself is answered exactly.
 
     The index is built again with ``WEAK_GRAPH``, where many searches at ef_search 20 end their
     greedy descent in another cluster; which ones is read from the index itself (its nearest
@@ -180,12 +181,24 @@ async def test_a_lost_search_for_similar_items_is_answered_by_the_exact_scan(
                 truth = exact_neighbours(catalogue, catalogue.vectors[i], 10, skip={catalogue.ids[i]})
                 assert body["search"] == "hnsw+exact", (catalogue.ids[i], body["search"])
                 assert [r["id"] for r in body["results"]] == truth, catalogue.ids[i]
+                recommended = await service.recommend(
+                    conn, RecommendationQuery(positive=(catalogue.ids[i],), k=10, ef_search=20), timeout_ms=TIMEOUT_MS
+                )
+                # Its query is the item's vector scaled to unit length (in halfvec, rounded again):
+                # the nearest may swap places where two lie within that rounding.
+                assert recommended["search"] == "hnsw+exact", (catalogue.ids[i], recommended["search"])
+                assert len({r["id"] for r in recommended["results"]} & set(truth)) >= 9, catalogue.ids[i]
             for i in found[:20]:
                 body = await service.similar_items(
                     conn, catalogue.ids[i], SimilarQuery(k=10, ef_search=20), timeout_ms=TIMEOUT_MS
                 )
                 ids = [r["id"] for r in body["results"]]
                 assert body["search"] == "hnsw" and len(ids) == 10 and catalogue.ids[i] not in ids
+                recommended = await service.recommend(
+                    conn, RecommendationQuery(positive=(catalogue.ids[i],), k=10, ef_search=20), timeout_ms=TIMEOUT_MS
+                )
+                assert recommended["search"] == "hnsw"
+                assert len({r["id"] for r in recommended["results"]} & set(ids)) >= 9
         finally:
             admin.execute("DROP INDEX IF EXISTS items_embedding_cosine")
             admin.execute(definition)
