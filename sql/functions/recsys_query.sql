@@ -115,6 +115,8 @@ DECLARE
     -- The item whose own vector is the query: /similar's, or a recommendation's one positive.
     self_id text;
     self_checked boolean := false;
+    -- Where the search found that item, if it did.
+    self_at integer;
 BEGIN
     p_positive := coalesce(p_positive, '{}');
     p_negative := coalesce(p_negative, '{}');
@@ -220,18 +222,14 @@ BEGIN
             p_metadata, CASE WHEN self_checked THEN array_remove(p_exclude, self_id) ELSE p_exclude END,
             p_exact, p_cost_ratio
         ) WITH ORDINALITY AS r(id, distance, method, n);
-        IF self_checked AND (self_id = ANY (pool_ids) OR pool_distances[1] < 1e-6) THEN
-            -- Found (or an exact duplicate of it, nearer than any neighbour): the rest answer.
-            SELECT array_agg(u.item_id ORDER BY u.n), array_agg(u.score ORDER BY u.n),
-                   array_agg(u.item_distance ORDER BY u.n)
-            INTO pool_ids, pool_scores, pool_distances
-            FROM (
-                SELECT x.item_id, x.score, x.item_distance, x.n
-                FROM unnest(pool_ids, pool_scores, pool_distances) WITH ORDINALITY AS x(item_id, score, item_distance, n)
-                WHERE x.item_id <> self_id
-                ORDER BY x.n
-                LIMIT pool
-            ) u;
+        self_at := array_position(pool_ids, self_id);
+        IF self_checked AND (self_at IS NOT NULL OR pool_distances[1] < 1e-6) THEN
+            -- Found (or an exact duplicate of it, nearer than any neighbour): the rest answer, the
+            -- item left out, or else the row past `pool`.
+            self_at := coalesce(self_at, pool + 1);
+            pool_ids := pool_ids[:self_at - 1] || pool_ids[self_at + 1:pool + 1];
+            pool_scores := pool_scores[:self_at - 1] || pool_scores[self_at + 1:pool + 1];
+            pool_distances := pool_distances[:self_at - 1] || pool_distances[self_at + 1:pool + 1];
         ELSIF self_checked AND pool_ids IS NOT NULL THEN
             SELECT array_agg(r.id ORDER BY r.n), array_agg(1 - r.distance ORDER BY r.n),
                    array_agg(r.distance ORDER BY r.n)
