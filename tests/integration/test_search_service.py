@@ -133,6 +133,43 @@ async def test_similar_recall_at_10_is_high_at_ef_100_and_lower_at_ef_10(
     assert recall[10] <= recall[100] - 0.03, recall
 
 
+#: Items sharing one vector: more than one search's k + 1 rows, so that a search can find
+#: duplicates of the asked item at distance 0 and not the item itself.
+DUPLICATES = 40
+
+
+async def test_a_search_that_finds_exact_duplicates_of_the_item_before_it_is_not_lost(
+    stack: Stack, catalogue: Catalogue, conn: psycopg.AsyncConnection
+) -> None:
+    """Items with the very same vector as the asked one lie at distance 0 like the item itself:
+    which k + 1 of them the index returns first is its own affair, and a search that returns
+    them without the item reached the item's neighbourhood all the same (``hnsw``, never the
+    exact scan), the item left out and k of its duplicates answering. (The next test builds the
+    index again, without the entries of the rows deleted here.)
+    """
+    ids = [f"duplicate-{n:02d}" for n in range(DUPLICATES)]
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        try:
+            for item_id in ids:
+                admin.execute(
+                    "INSERT INTO items (id, embedding, category)"
+                    " SELECT %s, embedding, 'duplicates' FROM items WHERE id = %s",
+                    [item_id, catalogue.ids[7]],
+                )
+            twins = {*ids, catalogue.ids[7]}
+            for asked in ids[::4] + ids[-3:]:
+                for body in (
+                    await service.similar_items(conn, asked, SimilarQuery(k=10), timeout_ms=TIMEOUT_MS),
+                    await service.recommend(conn, RecommendationQuery(positive=(asked,), k=10), timeout_ms=TIMEOUT_MS),
+                ):
+                    found = [r["id"] for r in body["results"]]
+                    assert body["search"] == "hnsw", (asked, body["search"])
+                    assert len(found) == 10 and asked not in found and set(found) <= twins, (asked, found)
+                    assert all(r["score"] == pytest.approx(1.0, abs=1e-6) for r in body["results"]), asked
+        finally:
+            admin.execute("DELETE FROM items WHERE id = ANY (%s)", [ids])
+
+
 #: A graph built to lose searches: few links, few candidates while building.
 WEAK_GRAPH = {"m": 4, "ef_construction": 8}
 LOST_SAMPLE = 400
