@@ -45,6 +45,7 @@ __all__ = [
     "ReconnectBackoff",
     "RecsysPool",
     "all_pool_stats",
+    "check_timeout",
     "close_pools",
     "configure_connection",
     "connection_kwargs",
@@ -192,7 +193,7 @@ def _new_pool(settings: Settings, purpose: str) -> AsyncConnectionPool:
         if bound_lifetime is not None:
             bound_lifetime(pool, conn)  # last, with no await after it: see _entra_hooks
 
-    check_timeout = min(settings.connect_timeout, settings.pool_timeout)
+    checked_within = check_timeout(settings)
 
     async def check(conn: psycopg.AsyncConnection[Any]) -> None:
         idle_since = _idle_since.get(conn)
@@ -204,7 +205,7 @@ def _new_pool(settings: Settings, purpose: str) -> AsyncConnectionPool:
         # While PostgreSQL is unreachable, PgBouncer keeps a client's query waiting (up to its
         # query_wait_timeout) instead of failing it; bounded, a failed check discards the
         # connection and the request ends within the pool timeout (503) instead of hanging.
-        async with asyncio.timeout(check_timeout):
+        async with asyncio.timeout(checked_within):
             await AsyncConnectionPool.check_connection(conn)
 
     async def reset(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -227,6 +228,11 @@ def _new_pool(settings: Settings, purpose: str) -> AsyncConnectionPool:
         open=False,
     )
     return pool
+
+
+def check_timeout(settings: Settings) -> float:
+    """Seconds a connection's check may take: the connect timeout, within the pool timeout."""
+    return min(settings.connect_timeout, settings.pool_timeout)
 
 
 def is_unproven(conn: psycopg.AsyncConnection[Any]) -> bool:

@@ -15,10 +15,11 @@ an ``OperationalError`` (bad data, missing rows: repeating would give the same a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
@@ -27,7 +28,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRe
 
 from recsys.db.pool import is_unproven
 
-__all__ = ["Database", "NoAnswer", "backoff_delay", "is_transient", "run_read", "within"]
+__all__ = ["Database", "NoAnswer", "backoff_delay", "is_transient", "proven_connection", "run_read", "within"]
 
 log = logging.getLogger("recsys")
 
@@ -87,6 +88,26 @@ async def within(awaitable: Awaitable[T], seconds: float | None) -> T:
     if not task.cancelled() and task.exception() is None:
         return task.result()  # it finished just as it was being cancelled
     raise TimeoutError
+
+
+@contextlib.asynccontextmanager
+async def proven_connection(pool: AsyncConnectionPool, seconds: float) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection of ``pool``, checked within ``seconds`` if no statement has completed on it yet.
+
+    For work whose statements may rightly run long (the loader's COPY), where no time limit of
+    its own can tell a slow statement from one PgBouncer is holding: PgBouncer accepts a login
+    while PostgreSQL behind it is down, and holds the first statement for its
+    ``query_wait_timeout`` (30 s locally, 120 s by default on Azure). The check is an empty
+    query; past ``seconds`` it raises :class:`NoAnswer` (a transient fault), the connection
+    closed. A connection already used was checked by the pool on checkout (``recsys.db.pool``).
+    """
+    async with pool.connection() as conn:
+        if is_unproven(conn):
+            try:
+                await within(AsyncConnectionPool.check_connection(conn), seconds)
+            except TimeoutError:
+                raise NoAnswer(f"the database did not answer a new connection within {seconds:.2f} sec") from None
+        yield conn
 
 
 def _collect(task: asyncio.Future[Any]) -> None:

@@ -40,6 +40,7 @@ from recsys.local.replicas import Replica, configured_replicas, replicas_on_disk
 __all__ = [
     "AZURITE_ACCOUNT",
     "AZURITE_KEY",
+    "BOUNCER_QUERY_WAIT_TIMEOUT",
     "LOCAL_PASSWORD",
     "MAX_REPLICAS",
     "Stack",
@@ -59,6 +60,11 @@ AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 #: Login roles of the local stack: the app role, plus the least-privilege roles when the
 #: migrations define them. Each gets ``LOCAL_PASSWORD`` and a line in PgBouncer's auth file.
 LOCAL_LOGIN_ROLES = ("recsys", "recsys_query", "recsys_loader", "recsys_maintainer")
+
+#: Seconds PgBouncer holds a client's query waiting for a server connection (its default is 120,
+#: Azure's too) before failing it: while PostgreSQL is down, a statement no client-side bound
+#: limits waits this long.
+BOUNCER_QUERY_WAIT_TIMEOUT = 30
 
 #: Upper bound of ``StackConfig.replicas``: each standby is a full copy of the database.
 MAX_REPLICAS = 8
@@ -631,7 +637,7 @@ class Stack:
             "max_db_connections": "40",
             # Report a failed server login to waiting clients quickly instead of queueing them.
             "server_login_retry": "1",
-            "query_wait_timeout": "30",
+            "query_wait_timeout": str(BOUNCER_QUERY_WAIT_TIMEOUT),
             "server_connect_timeout": "5",
             # Fresh SHOW STATS totals (default: every 60 s), without a log line each period.
             "stats_period": "1",

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import threading
+import time
 
 import psycopg
 import pytest
@@ -28,6 +29,7 @@ from recsys.ingest import loader
 from recsys.ingest.loader import process_message
 from recsys.ingest.messages import QUEUE_MESSAGE_MAX_BYTES, parse_item
 from recsys.ingest.producer import enqueue_document
+from recsys.local.stack import BOUNCER_QUERY_WAIT_TIMEOUT
 
 pytestmark = pytest.mark.integration
 __all__ = ["ingest_env"]
@@ -253,10 +255,15 @@ async def test_messages_waiting_while_the_database_is_down_are_sent_again_later_
     try:
         messages = env.receive()
         assert len(messages) == 3
+        started = time.monotonic()
         results = await asyncio.gather(*(handler(to_function_message(m)) for m in messages), return_exceptions=True)
         # Transient: every delivery returned normally after sending a delayed copy of its message,
         # so the host deletes the originals without counting a failed attempt.
         assert results == [None, None, None], results
+        # Within the connect timeout (2 s here) and the retry's own work: a new connection is
+        # checked before the load, where PgBouncer would hold its first statement for its
+        # query_wait_timeout.
+        assert time.monotonic() - started < BOUNCER_QUERY_WAIT_TIMEOUT / 2
         for message in messages:
             env.delete(message)
         assert env.waiting() == 3
