@@ -28,7 +28,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRe
 
 from recsys.db.pool import is_unproven
 
-__all__ = ["Database", "NoAnswer", "backoff_delay", "is_transient", "proven_connection", "run_read", "within"]
+__all__ = ["Database", "NoAnswer", "backoff_delay", "checked_connection", "is_transient", "run_read", "within"]
 
 log = logging.getLogger("recsys")
 
@@ -91,22 +91,22 @@ async def within(awaitable: Awaitable[T], seconds: float | None) -> T:
 
 
 @contextlib.asynccontextmanager
-async def proven_connection(pool: AsyncConnectionPool, seconds: float) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A connection of ``pool``, checked within ``seconds`` if no statement has completed on it yet.
+async def checked_connection(pool: AsyncConnectionPool, seconds: float) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection of ``pool``, checked with an empty query within ``seconds``.
 
     For work whose statements may rightly run long (the loader's COPY), where no time limit of
     its own can tell a slow statement from one PgBouncer is holding: PgBouncer accepts a login
-    while PostgreSQL behind it is down, and holds the first statement for its
-    ``query_wait_timeout`` (30 s locally, 120 s by default on Azure). The check is an empty
-    query; past ``seconds`` it raises :class:`NoAnswer` (a transient fault), the connection
-    closed. A connection already used was checked by the pool on checkout (``recsys.db.pool``).
+    while PostgreSQL behind it is down, and holds a statement for its ``query_wait_timeout``
+    (30 s locally, 120 s by default on Azure) instead of failing it. The pool's own check passes
+    over a connection new or returned within the last second (``recsys.db.pool``), and one
+    returned after an error PgBouncer answered for PostgreSQL is such a connection. Past
+    ``seconds`` this raises :class:`NoAnswer` (a transient fault), the connection closed.
     """
     async with pool.connection() as conn:
-        if is_unproven(conn):
-            try:
-                await within(AsyncConnectionPool.check_connection(conn), seconds)
-            except TimeoutError:
-                raise NoAnswer(f"the database did not answer a new connection within {seconds:.2f} sec") from None
+        try:
+            await within(AsyncConnectionPool.check_connection(conn), seconds)
+        except TimeoutError:
+            raise NoAnswer(f"the database did not answer a connection's check within {seconds:.2f} sec") from None
         yield conn
 
 

@@ -24,7 +24,7 @@ from recsys.config import load_settings, settings_environment
 from recsys.ingest.replay import replay
 from recsys.local import tools
 from recsys.local.host import FunctionHost, HostConfig
-from recsys.local.stack import Stack
+from recsys.local.stack import BOUNCER_QUERY_WAIT_TIMEOUT, Stack
 from recsys.maintenance import housekeeping
 
 __all__ = ["ingest_env"]
@@ -136,6 +136,37 @@ async def test_housekeeping_removes_exactly_what_is_past_retention(
     assert newest is not None and newest[0] > latest and newest[1] == size
     blobs.delete_container(container)
     blobs.close()
+
+
+#: The steps that read or write the database, as ``Report.errors`` names them.
+DATABASE_STEPS = ("failed_stale_parts", "ledger_rows_deleted", "tombstones_deleted", "calibrations_deleted",
+                  "recalibration", "filter_indexes_due")
+
+
+async def test_housekeeping_while_the_database_is_down_reports_each_step_in_time_and_the_next_run_does_them(
+    stack: Stack, stack_env: dict[str, str], app_pools: None
+) -> None:
+    settings = load_settings()
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as conn:  # nothing to recalibrate
+        size = conn.execute("SELECT count(*) FROM items").fetchone()[0]  # type: ignore[index]
+        add_calibration(conn, datetime.now(UTC), size)
+    assert (await housekeeping(settings)).errors == []  # the maintenance pool's connections in use
+    stack.stop_postgres()
+    try:
+        started = time.monotonic()
+        down = await housekeeping(settings)
+        took = time.monotonic() - started
+    finally:
+        stack.start_postgres()
+    deadline = time.monotonic() + 15
+    while (after := await housekeeping(settings)).errors and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)  # PgBouncer retries the server login every second
+    # Every step that reads or writes the database, and only those: the blobs are still pruned.
+    assert {error.split(":")[0] for error in down.errors} == set(DATABASE_STEPS), down.errors
+    # Each connection is checked within the connect timeout, where PgBouncer would hold a
+    # statement for its query_wait_timeout.
+    assert took < BOUNCER_QUERY_WAIT_TIMEOUT / 2, took
+    assert after.errors == []
 
 
 async def test_the_housekeeping_timer_fires_from_the_local_host(
