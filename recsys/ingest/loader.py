@@ -116,13 +116,17 @@ ON CONFLICT (id) DO UPDATE
  WHERE i.version < EXCLUDED.version
 """
 # A deletion applies when its version is above the item's and the tombstone's: the tombstone is
-# recorded or raised and the item removed. Runs under the exclusive write lock (apply_part).
+# recorded or raised and the item removed. Of an id deleted more than once in the part, only the
+# highest version can apply (the others are stale). Runs under the exclusive write lock (apply_part).
 _DELETE = """
-WITH applied AS (
-    SELECT s.id, s.version FROM ingest_staging s
+WITH highest AS (
+    SELECT DISTINCT ON (s.id) s.id, s.version FROM ingest_staging s
      WHERE s.deleted
-       AND NOT EXISTS (SELECT FROM items i WHERE i.id = s.id AND i.version >= s.version)
-       AND NOT EXISTS (SELECT FROM item_tombstones t WHERE t.id = s.id AND t.version >= s.version)
+     ORDER BY s.id, s.version DESC
+), applied AS (
+    SELECT h.id, h.version FROM highest h
+     WHERE NOT EXISTS (SELECT FROM items i WHERE i.id = h.id AND i.version >= h.version)
+       AND NOT EXISTS (SELECT FROM item_tombstones t WHERE t.id = h.id AND t.version >= h.version)
 ), remembered AS (
     INSERT INTO item_tombstones AS t (id, version)
     SELECT id, version FROM applied ORDER BY id

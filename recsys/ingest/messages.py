@@ -387,13 +387,18 @@ def parse_items(raw: Any, dim: int, *, name: str = "items", max_items: int | Non
 
 
 def parse_deletes(raw: Any, *, name: str = "delete", max_entries: int | None = None) -> list[Delete]:
-    """A list of deletions: ids, or ``{"id", "version"?}`` objects, with distinct ids."""
+    """A list of deletions: ids, or ``{"id", "version"?}`` objects.
+
+    An id may repeat: deleting it twice is deleting it once at the higher of the two versions,
+    whichever order they arrive in, so there is nothing for the producer to decide (the loader
+    applies the highest and counts the others stale). Upserts of one id, unlike deletions, are
+    refused twice in a batch (:func:`parse_items`).
+    """
     if not isinstance(raw, list):
         raise InvalidArgument(f"{name} must be a list of ids or {{id, version}} objects", field=name)
     if max_entries is not None and len(raw) > max_entries:
         raise InvalidArgument(f"{name} must have at most {max_entries} entries, got {len(raw)}", field=name)
     deletes: list[Delete] = []
-    seen: dict[str, int] = {}
     for i, entry in enumerate(raw):
         where = f"{name}[{i}]"
         if isinstance(entry, dict):
@@ -406,9 +411,6 @@ def parse_deletes(raw: Any, *, name: str = "delete", max_entries: int | None = N
             delete = Delete(parse_id(entry["id"], f"{where}.id"), version)
         else:
             delete = Delete(parse_id(entry, where))
-        first = seen.setdefault(delete.id, i)
-        if first != i:
-            raise InvalidArgument(f"{where} {delete.id!r} repeats {name}[{first}] in the same batch", field=where)
         deletes.append(delete)
     return deletes
 

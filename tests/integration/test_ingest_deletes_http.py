@@ -92,11 +92,20 @@ def test_a_deleted_item_is_gone_from_every_read(local_host: str, prefix: str) ->
     assert httpx.delete(f"{local_host}/api/items/{kept[0]}", params={"version": version + 1},
                         timeout=30).status_code == 202
 
+    # An id deleted twice in one batch is deleted once, and the repeat is stale.
+    twice = {"batch_id": f"{prefix}twice", "delete": [kept[2], {"id": kept[2]}]}
+    accepted = httpx.post(f"{local_host}{BATCHES}", json=twice, timeout=30)
+    assert accepted.status_code == 202 and accepted.json()["deletes"] == 2
+    status = settled(local_host, f"{prefix}twice")
+    assert (status["status"], status["rows"], status["deleted"], status["stale"]) == ("loaded", 0, 1, 1)
+    assert httpx.get(f"{local_host}/api/items/{kept[2]}", timeout=30).status_code == 404
+
 
 def _items(prefix: str, n: int = 2) -> list[dict[str, Any]]:
     return raw_items(n, prefix, b64=False)
 
 
+_UPSERTED = raw_items(1, "r-", b64=False)
 BAD_BATCHES: list[tuple[str, Any, str]] = [
     ("delete not a list", {"delete": "x"}, "delete"),
     ("both empty", {"items": [], "delete": []}, "items"),
@@ -110,7 +119,8 @@ BAD_BATCHES: list[tuple[str, Any, str]] = [
     ("version text", {"delete": [{"id": "a", "version": "3"}]}, "delete[0].version"),
     ("version fraction", {"delete": [{"id": "a", "version": 2.5}]}, "delete[0].version"),
     ("version boolean", {"delete": [{"id": "a", "version": True}]}, "delete[0].version"),
-    ("repeated id", {"delete": ["a", {"id": "a"}]}, "delete[1]"),
+    ("repeated id also upserted", {"items": _UPSERTED, "delete": ["x", _UPSERTED[0]["id"], _UPSERTED[0]["id"]]},
+     "delete"),
     ("too many deletions", {"delete": [f"i{n}" for n in range(MAX_BATCH_ENTRIES + 1)]}, "delete"),
 ]
 

@@ -84,6 +84,33 @@ async def test_a_delete_older_than_the_item_is_stale_and_leaves_no_tombstone(
     assert env.counts(f"{env.prefix}d4") == [(0, "loaded", 0, 0, 1)]
 
 
+async def test_an_id_deleted_several_times_in_one_message_is_deleted_once_at_its_highest_version(
+    ingest_env: IngestEnv, app_pools: None
+) -> None:
+    env = ingest_env
+    handler = loader_handler()
+    gone, kept = raw_items(2, env.prefix)
+    env.send_raw({"batch_id": f"{env.prefix}u5", "items": [versioned(gone, 5), versioned(kept, 5)]})
+    assert await deliver_all(env, handler) == 1
+
+    deletes = [{"id": gone["id"], "version": 4}, {"id": kept["id"], "version": 3}, {"id": gone["id"], "version": 7},
+               {"id": kept["id"], "version": 5}, {"id": gone["id"], "version": 6}]
+    env.send_raw({"batch_id": f"{env.prefix}d", "delete": deletes})
+    assert await deliver_all(env, handler) == 1
+    assert env.versions() == {kept["id"]: 5}
+    assert env.tombstones() == {gone["id"]: 7}
+    assert env.counts(f"{env.prefix}d") == [(0, "loaded", 0, 1, 4)]
+
+    # Sent again at the tombstone's version, both deletions are stale; an upsert below it too.
+    again = [{"id": gone["id"], "version": 7}, {"id": gone["id"], "version": 7}]
+    env.send_raw({"batch_id": f"{env.prefix}d7", "delete": again, "items": [versioned(kept, 6)]})
+    env.send_raw({"batch_id": f"{env.prefix}u6", "items": [versioned(gone, 6)]})
+    assert await deliver_all(env, handler) == 2
+    assert env.counts(f"{env.prefix}d7") == [(0, "loaded", 1, 0, 2)]
+    assert env.counts(f"{env.prefix}u6") == [(0, "loaded", 0, 0, 1)]
+    assert env.versions() == {kept["id"]: 6} and env.tombstones() == {gone["id"]: 7}
+
+
 async def test_an_old_message_redelivered_after_a_newer_one_changes_nothing(
     ingest_env: IngestEnv, app_pools: None
 ) -> None:

@@ -197,6 +197,11 @@ def test_a_part_holds_items_and_deletions_with_their_versions() -> None:
     assert parse_part({"delete": ["x"]}, DIM).items == []
 
 
+def test_an_id_may_be_deleted_twice_in_a_batch_unlike_upserted() -> None:
+    part = parse_part({"delete": ["a", {"id": "a", "version": 3}, "a"]}, DIM)
+    assert part.deletes == [Delete("a"), Delete("a", 3), Delete("a")] and len(part) == 3
+
+
 @pytest.mark.parametrize(
     ("doc", "field"),
     [
@@ -207,7 +212,7 @@ def test_a_part_holds_items_and_deletions_with_their_versions() -> None:
         ({"delete": [None]}, "delete[0]"),
         ({"delete": [{"id": "a", "version": 0}]}, "delete[0].version"),
         ({"delete": [{"id": "a", "extra": 1}]}, "delete[0]"),
-        ({"delete": ["a", "a"]}, "delete[1]"),
+        ({"items": [item()], "delete": ["b", "a", "a"]}, "delete"),
         ({"items": [item()], "delete": ["a"]}, "delete"),
         ({"items": [item(version="new")]}, "items[0].version"),
     ],
