@@ -59,6 +59,9 @@ DEFAULT_EF_SEARCH = 100
 #: to graph neighbours plus a heap fetch, a scored row one distance (about 1.7 µs here).
 INDEX_COST_RATIO = 2.0
 
+#: Values of a response's ``search`` for which an exact scan found the results.
+EXACT_METHODS = frozenset({"exact", "hnsw+exact"})
+
 #: Seconds a request waits for the database beyond its statement timeout before giving up:
 #: past that, the statement never reached PostgreSQL (which would have cancelled it).
 ANSWER_GRACE = 1.0
@@ -208,7 +211,9 @@ def _response(rows: list[Row], choice: EfChoice, took_ms: float) -> Row:
     if rows:
         body["search"] = rows[0]["method"]
     if choice.expected_recall is not None:
-        body["expected_recall"] = choice.expected_recall
+        # An exact scan answered (a filter passing few items, or a lost search): its results are
+        # the true nearest, whatever the calibration expected of the index.
+        body["expected_recall"] = 1.0 if body.get("search") in EXACT_METHODS else choice.expected_recall
     return body
 
 

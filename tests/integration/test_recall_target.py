@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import psycopg
 import pytest
+from query_catalogue import QUERY_CLUSTER
 from query_http import call
 
-from recsys.datasets import Catalogue
+from recsys.datasets import Catalogue, selectivity_tag
 from recsys.db.pool import get_pool
 from recsys.local.stack import Stack
 from recsys.search.calibration import (
@@ -118,6 +120,22 @@ async def test_a_recommendation_of_several_examples_goes_by_the_recommendation_c
     answer = await call("recommendations_post", method="POST", json_body=single)
     assert answer.check(RECOMMEND, "POST").status == 200
     assert (answer.body["ef_search"], answer.body["expected_recall"]) == (20, 0.90)
+
+
+async def test_a_filtered_request_the_exact_scan_answers_expects_recall_1(
+    calibrated: None, catalogue: Catalogue
+) -> None:
+    item_id = catalogue.ids[int(np.flatnonzero(catalogue.clusters == QUERY_CLUSTER)[0])]
+    rare = selectivity_tag(0.0005)  # ten items, far from the query's cluster
+    answer = await call("similar_get", route_params={"id": item_id},
+                        params={"recall_target": "0.95", "tags_any": rare})
+    assert answer.check(SIMILAR, "GET").status == 200
+    assert (answer.body["search"], answer.body["ef_search"], answer.body["expected_recall"]) == ("exact", 80, 1.0)
+    assert len(answer.body["results"]) == 10 and all(rare in r["tags"] for r in answer.body["results"])
+    body = {"positive": [item_id, catalogue.ids[2]], "recall_target": 0.85, "tags_any": [rare]}
+    answer = await call("recommendations_post", method="POST", json_body=body)
+    assert answer.check(RECOMMEND, "POST").status == 200
+    assert (answer.body["search"], answer.body["expected_recall"]) == ("exact", 1.0)
 
 
 async def test_without_ef_search_or_recall_target_no_expected_recall(calibrated: None, catalogue: Catalogue) -> None:
