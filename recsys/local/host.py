@@ -598,6 +598,14 @@ class QueueDriver:
             return
         try:
             body = self._decode(message.content)
+        except ValueError as exc:  # binascii.Error included
+            # The Functions host's queue extension moves a message it cannot decode to the poison
+            # queue at once, without running the function: retrying cannot change its encoding.
+            log.error("message %s of queue %s is not %s-encoded (host.json messageEncoding): %s",
+                      message.id, self.queue_name, self.options.message_encoding, exc)
+            await self._to_poison(message)
+            return
+        try:
             queue_message = QueueMessage(
                 id=message.id,
                 body=body,
@@ -608,7 +616,7 @@ class QueueDriver:
                 pop_receipt=message.pop_receipt,
             )
             await _call(function.handler, {function.arg_name: queue_message})
-        except Exception as exc:  # decoding or the function failed: retry later, then poison
+        except Exception as exc:  # the function failed: retry later, then poison
             await self._failed(message, exc)
             return
         await self.queue.delete_message(message.id, message.pop_receipt)

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -142,6 +143,24 @@ def test_a_failing_message_is_retried_then_moved_to_poison(
     assert recorder.attempts["ok-1"] == 1  # other messages are not affected
     assert [base64.b64decode(m.content) for m in poison.peek_messages()] == [b"fail-1"]
     assert [count for body, count in recorder.seen if body == "fail-1"] == [1, 2, 3]
+
+
+def test_a_message_not_base64_encoded_goes_to_poison_at_once_without_running(
+    served: Served, stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As the Functions host's queue extension does: retrying cannot change a message's encoding.
+    _, recorder, queue = served
+    plain = '{"batch_id": "plain-json"}'  # sent without the host's default messageEncoding
+    poison = QueueClient.from_connection_string(stack.storage_connection_string(), f"{QUEUE}-poison")
+    with caplog.at_level(logging.ERROR, logger="recsys"):
+        queue.send_message(plain)
+        queue.send_message(base64.b64encode(b"ok-2").decode())
+        wait_for(lambda: [m.content for m in poison.peek_messages(max_messages=32)] == [plain])
+        wait_for(lambda: ("ok-2", 1) in recorder.seen)
+    assert [body for body, _ in recorder.seen if "plain-json" in body] == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("is not base64-encoded" in m for m in messages), messages
+    assert any(m.endswith("-poison after 1 attempts") for m in messages), messages
 
 
 def test_a_message_delivered_too_often_goes_to_poison_without_running(stack: Stack, env: None) -> None:
