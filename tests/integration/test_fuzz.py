@@ -46,12 +46,6 @@ enabled = false
 # right after, which this check takes for a use after free.
 [checks.use_after_free]
 enabled = false
-
-# GET and DELETE /api/items/lookup are /api/items/{{id}} with the id "lookup": the host's
-# Allow header rightly lists them although the document lists POST alone under this path.
-[[operations]]
-include-path = "/api/items/lookup"
-checks.allow_header_conformance.enabled = false
 """
 
 

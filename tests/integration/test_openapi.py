@@ -65,6 +65,18 @@ async def test_openapi_is_served_anonymously_as_in_the_repository() -> None:
     assert answer.body == json.loads(OPENAPI_PATH.read_text())
 
 
+def test_the_lookup_path_documents_every_method_the_host_routes_there(local_host: str) -> None:
+    # GET and DELETE of /api/items/lookup are /api/items/{id} for the id "lookup".
+    documented = {m.upper() for m in openapi()["paths"]["/api/items/lookup"]}
+    assert documented == {"POST", "GET", "DELETE"}
+    refused = httpx.request("OPTIONS", f"{local_host}/api/items/lookup", timeout=30)
+    assert refused.status_code == 405
+    assert {m.strip() for m in refused.headers["allow"].split(",")} == documented
+    missing = httpx.get(f"{local_host}/api/items/lookup", timeout=30)
+    Answer(missing.status_code, dict(missing.headers), missing.json()).check("/api/items/lookup", "GET")
+    assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+
+
 async def test_health_answers_as_documented(app_pools: None) -> None:
     answer = (await call("health_get")).check("/api/health", "GET")
     assert answer.status == 200
