@@ -206,26 +206,33 @@ def _result(row: Row) -> Row:
     return result
 
 
-def _response(rows: list[Row], choice: EfChoice, took_ms: float) -> Row:
+def _response(rows: list[Row], choice: EfChoice, took_ms: float, *, exact_is_exact: bool = True) -> Row:
     body: Row = {"results": [_result(row) for row in rows], "ef_search": choice.ef_search, "took_ms": round(took_ms, 3)}
     if rows:
         body["search"] = rows[0]["method"]
     if choice.expected_recall is not None:
         # An exact scan answered (a filter passing few items, or a lost search): its results are
         # the true nearest, whatever the calibration expected of the index.
-        body["expected_recall"] = 1.0 if body.get("search") in EXACT_METHODS else choice.expected_recall
+        exact = exact_is_exact and body.get("search") in EXACT_METHODS
+        body["expected_recall"] = 1.0 if exact else choice.expected_recall
     return body
 
 
-async def _search(db: Database, params: dict[str, Any], choice: EfChoice, timeout_ms: int) -> Row:
-    """Run one query statement (retried on a lost connection) and shape its response."""
+async def _search(db: Database, params: dict[str, Any], choice: EfChoice, timeout_ms: int, *,
+                  exact_is_exact: bool = True) -> Row:
+    """Run one query statement (retried on a lost connection) and shape its response.
+
+    ``exact_is_exact``: whether candidates found by an exact scan make the results exact (not so
+    for ``best_score`` with negative examples, which ranks the candidates around each positive
+    example by their distances to the negatives as well).
+    """
 
     async def operation(conn: psycopg.AsyncConnection[Any]) -> list[Row]:
         return await _fetch(conn, queries.SEARCH, params, timeout_ms)
 
     started = time.perf_counter()
     rows = await run_read(db, operation, limit=_limit(timeout_ms))
-    return _response(rows, choice, (time.perf_counter() - started) * 1000)
+    return _response(rows, choice, (time.perf_counter() - started) * 1000, exact_is_exact=exact_is_exact)
 
 
 def similar_params(
@@ -323,7 +330,8 @@ async def recommend(
         "alpha": float(alpha),
         **_option_params(query, choice.ef_search, cost_ratio),
     }
-    return {**await _search(db, params, choice, timeout_ms), "strategy": query.strategy}
+    exact_is_exact = query.strategy != "best_score" or not query.negative
+    return {**await _search(db, params, choice, timeout_ms, exact_is_exact=exact_is_exact), "strategy": query.strategy}
 
 
 def _error_entry(error: RecsysError) -> Row:

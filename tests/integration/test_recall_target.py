@@ -136,6 +136,13 @@ async def test_a_filtered_request_the_exact_scan_answers_expects_recall_1(
     answer = await call("recommendations_post", method="POST", json_body=body)
     assert answer.check(RECOMMEND, "POST").status == 200
     assert (answer.body["search"], answer.body["expected_recall"]) == ("exact", 1.0)
+    # best_score: each positive's candidates scanned exactly are its exact nearest, and the best
+    # of them the best overall; a negative example reorders them, so the calibration's recall stays.
+    for negative, expected in (([], 1.0), ([catalogue.ids[3]], 0.90)):
+        answer = await call("recommendations_post", method="POST",
+                            json_body={**body, "strategy": "best_score", "negative": negative})
+        assert answer.check(RECOMMEND, "POST").status == 200
+        assert (answer.body["search"], answer.body["expected_recall"]) == ("exact", expected), negative
 
 
 async def test_without_ef_search_or_recall_target_no_expected_recall(calibrated: None, catalogue: Catalogue) -> None:
