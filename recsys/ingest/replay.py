@@ -11,6 +11,9 @@ again with the reason. A replayed message keeps its first delivery's id and inse
 
 ``--list`` only shows what is there, and records ``failed`` for a part that is still ``queued``
 although its message is in the poison queue (the host gave up without the loader knowing).
+
+A message another producer sent as plain JSON text, without the queue's base64 encoding, reaches
+the poison queue unread (the host cannot decode it); ``replay`` sends it back encoded, and it loads.
 """
 
 from __future__ import annotations
@@ -89,8 +92,11 @@ async def replay(
             if not page:
                 break
             for message in page:
-                body = _decode(message.content)
-                doc = _document(body)
+                doc = _document(_decode(message.content))
+                if doc is None and isinstance(message.content, str):
+                    # Sent as plain text, without the queue's base64 encoding (the host poisons it
+                    # unread): replayed, it is sent encoded and loads.
+                    doc = _document(message.content.encode())
                 key = message_key(doc)
                 label = f"{key[0]}/{key[1]}" if key else f"message {message.id} (unreadable)"
                 if key is None or (batch_ids is not None and key[0] not in batch_ids):

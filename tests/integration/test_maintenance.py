@@ -223,6 +223,24 @@ async def test_replay_records_a_message_the_host_poisoned_then_reloads_it(
     assert len(env.rows()) == 3
 
 
+async def test_replay_sends_a_message_sent_without_base64_back_encoded_and_it_loads(
+    ingest_env: IngestEnv, app_pools: None
+) -> None:
+    env = ingest_env
+    batch = f"{env.prefix}plain"
+    # Another producer forgot the queue's base64 encoding: the host moves the message, unread, to
+    # the poison queue as it is.
+    with env.poison as poison:
+        poison.send_message(json.dumps({"batch_id": batch, "items": raw_items(2, env.prefix)}))
+    listed = await replay(env.settings, list_only=True)
+    assert listed.listed == [f"{batch}/0"] and listed.skipped == 0
+    replayed = await replay(env.settings)
+    assert replayed.replayed == [f"{batch}/0"]
+    assert await deliver_all(env, loader_handler()) == 1
+    assert env.ledger(batch)[0][1:3] == ("loaded", 2)
+    assert len(env.rows()) == 2
+
+
 def test_the_maintainer_role_cannot_write_or_delete_items(stack: Stack, stack_env: dict[str, str]) -> None:
     with psycopg.connect(stack_env["RECSYS_MAINTENANCE_DATABASE_URL"], autocommit=True,
                          prepare_threshold=None) as conn:
