@@ -7,6 +7,7 @@ walk past the whole neighbourhood), and correlated ones that surround it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
@@ -216,24 +217,43 @@ async def test_metadata_filter_matches_values_exactly(
     assert positions(catalogue, same) == [17]
 
 
+#: What has written to ``items`` (the statistics' counters, by the time they are flushed) and what is
+#: running against the database besides the test: the index's graph changes under writes and vacuums.
+_ACTIVITY = (
+    "SELECT (SELECT row(n_tup_ins, n_tup_upd, n_tup_del, vacuum_count, autovacuum_count)::text"
+    "          FROM pg_stat_user_tables WHERE relid = 'items'::regclass),"
+    "       (SELECT array_agg(coalesce(backend_type, '') || ': ' || left(query, 80))"
+    "          FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND state IS DISTINCT FROM 'idle'"
+    "           AND backend_type IN ('client backend', 'autovacuum worker'))"
+)
+
+
 @pytest.mark.parametrize("options", [{}, {"tags_any": (selectivity_tag(0.05),)}, {"diversity": 0.3, "candidates": 120}])
 async def test_offset_pages_concatenate_to_the_larger_query(
-    catalogue: Catalogue, conn: psycopg.AsyncConnection, options: dict
+    stack: Stack, catalogue: Catalogue, conn: psycopg.AsyncConnection, options: dict
 ) -> None:
     q = catalogue.ids[query_items(catalogue)[2]]
-    whole = await service.similar_items(conn, q, SimilarQuery(k=30, **options), timeout_ms=TIMEOUT_MS)
-    pages, ways = [], [(whole["search"], whole["ef_search"])]
-    for offset in (0, 10, 20):
-        page = await service.similar_items(conn, q, SimilarQuery(k=10, offset=offset, **options), timeout_ms=TIMEOUT_MS)
-        pages += [r["id"] for r in page["results"]]
-        ways.append((page["search"], page["ef_search"]))
-    assert len(pages) == 30
-    if pages != [r["id"] for r in whole["results"]]:
-        # Whether the larger query itself still answers as it did tells a search that changed
-        # between the requests from pages that differ from it.
-        again = await service.similar_items(conn, q, SimilarQuery(k=30, **options), timeout_ms=TIMEOUT_MS)
-        pytest.fail(f"pages {pages} differ from the larger query's {[r['id'] for r in whole['results']]};"
-                    f" asked again: {[r['id'] for r in again['results']]}; (search, ef_search) per request: {ways}")
+    with psycopg.connect(stack.admin_conninfo(), autocommit=True) as admin:
+        before = admin.execute(_ACTIVITY).fetchone()
+        whole = await service.similar_items(conn, q, SimilarQuery(k=30, **options), timeout_ms=TIMEOUT_MS)
+        pages, ways = [], [(whole["search"], whole["ef_search"])]
+        for offset in (0, 10, 20):
+            page = await service.similar_items(conn, q, SimilarQuery(k=10, offset=offset, **options),
+                                               timeout_ms=TIMEOUT_MS)
+            pages += [r["id"] for r in page["results"]]
+            ways.append((page["search"], page["ef_search"]))
+        during = admin.execute(_ACTIVITY).fetchone()
+        assert len(pages) == 30
+        if pages != [r["id"] for r in whole["results"]]:
+            # Whether the larger query itself still answers as it did tells a search that changed
+            # between the requests from pages that differ from it; the activity, a change of the graph.
+            again = await service.similar_items(conn, q, SimilarQuery(k=30, **options), timeout_ms=TIMEOUT_MS)
+            time.sleep(1.0)  # the statistics' counters are flushed about every second
+            after = admin.execute(_ACTIVITY).fetchone()
+            pytest.fail(f"pages {pages} differ from the larger query's {[r['id'] for r in whole['results']]};"
+                        f" asked again: {[r['id'] for r in again['results']]}; (search, ef_search) per request:"
+                        f" {ways}; items' counters and other activity before, during and after: {before}, {during},"
+                        f" {after}")
 
 
 async def test_score_threshold_never_returns_a_lower_score(
