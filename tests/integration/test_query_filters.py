@@ -262,7 +262,7 @@ async def test_offset_pages_concatenate_to_the_larger_query(
             # Seen twice in many runs, never reproduced: the first page once lacked a result that the
             # larger query held both before and after it. A search that differs again on a second
             # round is a fault of the paging; one that does not is reported, not failed.
-            warnings.warn(differences[-1], stacklevel=1)
+            warnings.warn(f"offset pages differed once: {differences[-1]}", stacklevel=1)
         else:
             pytest.fail(" / ".join(differences))
 
