@@ -147,7 +147,7 @@ async def housekeeping(settings: Settings | None = None, *, now: datetime | None
 
     A step that fails is reported in ``errors`` and the others still run.
     """
-    from recsys.db.pool import check_timeout, get_pool
+    from recsys.db.pool import get_pool
     from recsys.db.retry import checked_connection
     from recsys.search.calibration import CalibrationError, calibrate
     from recsys.search.filter_indexes import DRIFT, DRIFT_PARAMS, FIELD_PLAN, field_plan_reason, filter_indexes_due
@@ -158,10 +158,8 @@ async def housekeeping(settings: Settings | None = None, *, now: datetime | None
     ledger_cutoff = now - timedelta(days=settings.ledger_retention_days)
     stale_cutoff = now - MESSAGE_LIFETIME - timedelta(hours=settings.loader_retry_window_hours)
     pool = await get_pool("maintenance", settings)
-    # Each connection is checked first, within the connect timeout: while PostgreSQL is down, a
-    # statement would wait out PgBouncer's query_wait_timeout (120 s on Azure).
-    checked_within = check_timeout(settings)
-
+    # Each connection is checked first (checked_connection): while PostgreSQL is down, a statement
+    # would wait out PgBouncer's query_wait_timeout (120 s on Azure).
     steps = [
         ("failed_stale_parts", _FAIL_STALE, {"now": now, "cutoff": stale_cutoff}),
         ("ledger_rows_deleted", _PRUNE_LEDGER, {"cutoff": ledger_cutoff}),
@@ -170,7 +168,7 @@ async def housekeeping(settings: Settings | None = None, *, now: datetime | None
         ("calibrations_deleted", _PRUNE_CALIBRATIONS, {"cutoff": ledger_cutoff}),
     ]
     try:
-        async with checked_connection(pool, checked_within) as conn:
+        async with checked_connection(pool, settings) as conn:
             for name, statement, params in steps:
                 try:
                     setattr(report, name, await _execute(conn, statement, params))
@@ -183,7 +181,7 @@ async def housekeeping(settings: Settings | None = None, *, now: datetime | None
     except Exception as exc:  # storage unreachable: the next run catches up
         report.errors.append(f"blobs_deleted: {exc}")
     try:
-        async with checked_connection(pool, checked_within) as conn:
+        async with checked_connection(pool, settings) as conn:
             reason = await _recalibration_reason(conn)
             if reason is not None:
                 report.recalibration_reason = reason
@@ -194,7 +192,7 @@ async def housekeeping(settings: Settings | None = None, *, now: datetime | None
     except psycopg.Error as exc:
         report.errors.append(f"recalibration: {exc}")
     try:
-        async with checked_connection(pool, checked_within) as conn:
+        async with checked_connection(pool, settings) as conn:
             drift = await (await conn.execute(DRIFT, DRIFT_PARAMS)).fetchall()
             plan = await (await conn.execute(FIELD_PLAN)).fetchall()
         for kind, value, reason in filter_indexes_due(drift):

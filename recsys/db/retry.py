@@ -26,7 +26,8 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
-from recsys.db.pool import is_unproven
+from recsys.config import Settings
+from recsys.db.pool import check_timeout, is_unproven
 
 __all__ = ["Database", "NoAnswer", "backoff_delay", "checked_connection", "is_transient", "run_read", "within"]
 
@@ -91,17 +92,21 @@ async def within(awaitable: Awaitable[T], seconds: float | None) -> T:
 
 
 @contextlib.asynccontextmanager
-async def checked_connection(pool: AsyncConnectionPool, seconds: float) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A connection of ``pool``, checked with an empty query within ``seconds``.
+async def checked_connection(
+    pool: AsyncConnectionPool, settings: Settings
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection of ``pool``, checked with an empty query within the bound of the pool's own
+    check (:func:`recsys.db.pool.check_timeout`: the connect timeout, within the pool timeout).
 
     For work whose statements may rightly run long (the loader's COPY), where no time limit of
     its own can tell a slow statement from one PgBouncer is holding: PgBouncer accepts a login
     while PostgreSQL behind it is down, and holds a statement for its ``query_wait_timeout``
     (30 s locally, 120 s by default on Azure) instead of failing it. The pool's own check passes
     over a connection new or returned within the last second (``recsys.db.pool``), and one
-    returned after an error PgBouncer answered for PostgreSQL is such a connection. Past
-    ``seconds`` this raises :class:`NoAnswer` (a transient fault), the connection closed.
+    returned after an error PgBouncer answered for PostgreSQL is such a connection. Past that
+    bound this raises :class:`NoAnswer` (a transient fault), the connection closed.
     """
+    seconds = check_timeout(settings)
     async with pool.connection() as conn:
         try:
             await within(AsyncConnectionPool.check_connection(conn), seconds)

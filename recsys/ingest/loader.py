@@ -56,7 +56,6 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from recsys.config import Settings, get_settings
-from recsys.db.pool import check_timeout
 from recsys.db.retry import checked_connection
 from recsys.errors import InvalidArgument
 from recsys.ingest import ledger, storage
@@ -279,7 +278,7 @@ async def _part_of(message: Message, settings: Settings, pool: AsyncConnectionPo
     data = await storage.download_blob(settings, message.blob, max_bytes=MAX_PART_BYTES)
     if data is None:
         # The loader deletes a part's blob once it has loaded: a late redelivery finds it gone.
-        async with checked_connection(pool, check_timeout(settings)) as conn:
+        async with checked_connection(pool, settings) as conn:
             if await ledger.part_status(conn, message.batch_id, message.part) == "loaded":
                 return None
         raise InvalidArgument(f"blob {message.blob} not found", field="blob")
@@ -291,7 +290,7 @@ async def _reject(
 ) -> Outcome:
     batch_id, part = key if key is not None else (None, 0)
     if batch_id is not None:
-        async with checked_connection(pool, check_timeout(settings)) as conn:
+        async with checked_connection(pool, settings) as conn:
             await ledger.mark_failed(conn, batch_id, part, reason)
     # Moved by hand rather than by raising: the host would retry maxDequeueCount times first.
     # Kept as long as the ledger remembers the batch, so that `python -m recsys replay` can reload it.
@@ -348,7 +347,7 @@ async def process_message(
             part = await _part_of(message, settings, pool)
             if part is None:
                 return Outcome("skipped", message.batch_id, message.part)
-            async with checked_connection(pool, check_timeout(settings)) as conn:
+            async with checked_connection(pool, settings) as conn:
                 outcome = await load_part(
                     conn, message.batch_id, message.part, part,
                     dim=settings.embedding_dim, statement_timeout_ms=settings.loader_statement_timeout_ms,

@@ -167,7 +167,7 @@ async def retry_later(delivery: Delivery, fault: BaseException, settings: Settin
 
 async def give_up(delivery: Delivery, reason: str, settings: Settings) -> None:
     """Record the part ``failed`` (if the database answers) and poison the message for replay."""
-    from recsys.db.pool import check_timeout, get_pool
+    from recsys.db.pool import get_pool
     from recsys.db.retry import checked_connection
 
     key = message_key(delivery.document)
@@ -182,7 +182,7 @@ async def give_up(delivery: Delivery, reason: str, settings: Settings) -> None:
         return
     try:
         pool = await get_pool("loader", settings)
-        async with checked_connection(pool, check_timeout(settings)) as conn:
+        async with checked_connection(pool, settings) as conn:
             await ledger.mark_failed(conn, key[0], key[1], reason)
     except TRANSIENT as exc:
         log.warning("batch %s part %d: cannot record its failure now (%s); housekeeping or replay will",
