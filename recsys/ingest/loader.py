@@ -85,8 +85,8 @@ __all__ = [
 log = logging.getLogger("recsys")
 
 Conn = psycopg.AsyncConnection[Any]
-#: (id, version, embedding, category, tags, metadata, deleted) in the staging table's column order.
-Row = tuple[str, int, Any, str | None, list[str] | None, Jsonb | None, bool]
+#: (id, version, embedding, category, tags, metadata, deleted, ord) in the staging table's column order.
+Row = tuple[str, int, Any, str | None, list[str] | None, Jsonb | None, bool, int]
 
 #: The advisory lock that orders deletions against upserts of the catalogue ("recsitms").
 WRITE_LOCK_KEY = 0x7265637369746D73
@@ -96,18 +96,21 @@ _LOCK_EXCLUSIVE = "SELECT pg_advisory_xact_lock(%s)"
 _STAGING = sql.SQL(
     "CREATE TEMP TABLE ingest_staging ("
     " id text NOT NULL, version bigint NOT NULL, embedding {type}({dim}), category text,"
-    " tags text[], metadata jsonb, deleted boolean NOT NULL"
+    " tags text[], metadata jsonb, deleted boolean NOT NULL, ord integer NOT NULL"
     ") ON COMMIT DROP"
 )
 _COPY = (
-    "COPY ingest_staging (id, version, embedding, category, tags, metadata, deleted) FROM STDIN (FORMAT BINARY)"
+    "COPY ingest_staging (id, version, embedding, category, tags, metadata, deleted, ord) FROM STDIN (FORMAT BINARY)"
 )
+# Of an id upserted more than once in the part, only the entry with the highest version can
+# apply, the last of them (``ord``) where versions are equal; the others are stale.
 _UPSERT = """
 INSERT INTO items AS i (id, version, embedding, category, tags, metadata, updated_at)
 SELECT s.id, s.version, s.embedding, s.category, s.tags, s.metadata, now()
-  FROM ingest_staging s
- WHERE NOT s.deleted
-   AND NOT EXISTS (SELECT FROM item_tombstones t WHERE t.id = s.id AND t.version >= s.version)
+  FROM (SELECT DISTINCT ON (u.id) u.* FROM ingest_staging u
+         WHERE NOT u.deleted
+         ORDER BY u.id, u.version DESC, u.ord DESC) s
+ WHERE NOT EXISTS (SELECT FROM item_tombstones t WHERE t.id = s.id AND t.version >= s.version)
  ORDER BY s.id
 ON CONFLICT (id) DO UPDATE
    SET version = EXCLUDED.version, embedding = EXCLUDED.embedding, category = EXCLUDED.category,
@@ -146,12 +149,15 @@ def now_version() -> int:
 
 
 def part_rows(items: Iterable[Item], deletes: Iterable[Delete] = (), *, version: int) -> Iterable[Row]:
-    """Staging rows of a part; ``version`` for entries that carry none."""
+    """Staging rows of a part, numbered in order; ``version`` for entries that carry none."""
+    position = 0
     for item in items:
+        position += 1
         yield (item.id, item.version or version, item.embedding, item.category, item.tags,
-               Jsonb(item.metadata), False)
+               Jsonb(item.metadata), False, position)
     for delete in deletes:
-        yield (delete.id, delete.version or version, None, None, None, None, True)
+        position += 1
+        yield (delete.id, delete.version or version, None, None, None, None, True, position)
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ async def apply_part(conn: Conn, part: Part, *, dim: int, version: int) -> Appli
     async with conn.cursor() as cur:
         try:
             async with cur.copy(_COPY) as copy:
-                copy.set_types(["text", "int8", kind, "text", "text[]", "jsonb", "bool"])
+                copy.set_types(["text", "int8", kind, "text", "text[]", "jsonb", "bool", "int4"])
                 for row in part_rows(part.items, part.deletes, version=version):
                     await copy.write_row(row)
         except Exception as exc:
@@ -235,16 +241,21 @@ async def load_part(
     statement_timeout_ms: int,
     source: str,
     version: int,
+    stale: int = 0,
 ) -> Outcome:
-    """Load one part in one transaction (see the module docstring); idempotent per (batch, part, source)."""
+    """Load one part in one transaction (see the module docstring); idempotent per (batch, part, source).
+
+    ``stale`` counts writes its producer dropped as stale before sending (``Message.stale``).
+    """
     async with conn.transaction():
         await conn.execute("SELECT set_config('statement_timeout', %s, true)", [str(statement_timeout_ms)])
         if (await ledger.claim_part(conn, batch_id, part_no, source)).skips(source):
             return Outcome("skipped", batch_id, part_no)
         applied = await apply_part(conn, part, dim=dim, version=version)
+        stale += applied.stale
         await ledger.mark_loaded(conn, batch_id, part_no, rows=applied.rows, deleted=applied.deleted,
-                                 stale=applied.stale, source=source)
-    return Outcome("loaded", batch_id, part_no, rows=applied.rows, deleted=applied.deleted, stale=applied.stale)
+                                 stale=stale, source=source)
+    return Outcome("loaded", batch_id, part_no, rows=applied.rows, deleted=applied.deleted, stale=stale)
 
 
 #: Loads running at once per event loop, bounded by the loader pool's size so that a burst of
@@ -352,6 +363,7 @@ async def process_message(
                     conn, message.batch_id, message.part, part,
                     dim=settings.embedding_dim, statement_timeout_ms=settings.loader_statement_timeout_ms,
                     source=message_source(message, body, message_id), version=insertion_version(inserted_at),
+                    stale=message.stale,
                 )
     except InvalidArgument as exc:
         return await _reject(body, key, exc.message, settings, pool)

@@ -6,8 +6,8 @@ items here, so a batch the producer accepted is one the loader can load. Every e
 for the loader it is a permanent fault of the message.
 
 Wire format (README, "Queue message"): a UTF-8 JSON document
-``{"batch_id", "part"?, "source"?, "items"?: [...], "delete"?: [...]}`` or
-``{"batch_id", "part"?, "source"?, "blob": "<container>/<name>"}`` (the blob holding the same
+``{"batch_id", "part"?, "source"?, "stale"?, "items"?: [...], "delete"?: [...]}`` or
+``{"batch_id", "part"?, "source"?, "stale"?, "blob": "<container>/<name>"}`` (the blob holding the same
 document), base64-encoded on the queue (the Functions host's default ``messageEncoding``).
 Each item and each deletion may carry a ``version`` (1 .. 2^53 - 1).
 """
@@ -46,6 +46,7 @@ __all__ = [
     "encode_delete",
     "encode_document",
     "encode_item",
+    "latest_items",
     "message_from_document",
     "message_key",
     "new_batch_id",
@@ -137,6 +138,9 @@ class Message:
     deletes: list[Any] | None = None
     #: ``enqueue:<token>`` from the project's producers; ``None`` from others.
     source: str | None = None
+    #: Writes of the batch that its producer found stale before sending (repeats of an id it
+    #: dropped for the entry that wins, :func:`latest_items`): the loader counts them ``stale``.
+    stale: int = 0
 
 
 def new_batch_id() -> str:
@@ -362,10 +366,12 @@ def parse_item(raw: Any, dim: int, name: str, *, vector: Vector | None = None,
 
 def parse_items(raw: Any, dim: int, *, name: str = "items", max_items: int | None = None,
                 limit: float = MAX_VECTOR_COMPONENT) -> list[Item]:
-    """A non-empty list of items with distinct ids.
+    """A non-empty list of items.
 
-    Duplicate ids in one batch are refused: one upsert cannot write a row twice, and which of
-    the two should win is the producer's decision.
+    An id may repeat: like two messages writing it, the entry with the highest version wins,
+    and the last of them where versions are equal (an entry without a version counts at the
+    one it is given: the time of enqueue, or the message's insertion time); the loader writes
+    that one and counts the others stale (:func:`latest_items`).
     """
     if not isinstance(raw, list):
         raise InvalidArgument(f"{name} must be a list of items", field=name)
@@ -373,26 +379,31 @@ def parse_items(raw: Any, dim: int, *, name: str = "items", max_items: int | Non
         raise InvalidArgument(f"{name} must not be empty", field=name)
     if max_items is not None and len(raw) > max_items:
         raise InvalidArgument(f"{name} must have at most {max_items} items, got {len(raw)}", field=name)
-    items: list[Item] = []
-    seen: dict[str, int] = {}
-    for i, entry in enumerate(raw):
-        item = parse_item(entry, dim, f"{name}[{i}]", limit=limit)
-        first = seen.setdefault(item.id, i)
-        if first != i:
-            raise InvalidArgument(
-                f"{name}[{i}].id {item.id!r} repeats {name}[{first}].id in the same batch", field=f"{name}[{i}].id"
-            )
-        items.append(item)
-    return items
+    return [parse_item(entry, dim, f"{name}[{i}]", limit=limit) for i, entry in enumerate(raw)]
+
+
+def latest_items(items: Iterable[Item]) -> tuple[list[Item], int]:
+    """The entry that wins for each id of ``items`` (versions stamped), and how many lost.
+
+    The winner is the entry with the highest version, the last of them where versions are
+    equal, as the loader picks within one message. A producer that splits a batch into several
+    messages keeps only the winners, so that an id's entries never race in two messages.
+    """
+    latest: dict[str, Item] = {}
+    count = 0
+    for item in items:
+        count += 1
+        held = latest.get(item.id)
+        if held is None or (item.version or 0) >= (held.version or 0):
+            latest[item.id] = item
+    return list(latest.values()), count - len(latest)
 
 
 def parse_deletes(raw: Any, *, name: str = "delete", max_entries: int | None = None) -> list[Delete]:
     """A list of deletions: ids, or ``{"id", "version"?}`` objects.
 
     An id may repeat: deleting it twice is deleting it once at the higher of the two versions,
-    whichever order they arrive in, so there is nothing for the producer to decide (the loader
-    applies the highest and counts the others stale). Upserts of one id, unlike deletions, are
-    refused twice in a batch (:func:`parse_items`).
+    whichever order they arrive in (the loader applies the highest and counts the others stale).
     """
     if not isinstance(raw, list):
         raise InvalidArgument(f"{name} must be a list of ids or {{id, version}} objects", field=name)
@@ -502,16 +513,19 @@ def message_from_document(doc: Any) -> Message:
     source = doc.get("source")
     if source is not None and (not isinstance(source, str) or not 1 <= len(source) <= 200):
         raise InvalidArgument("source must be a string of 1 to 200 characters", field="source")
+    stale = doc.get("stale", 0)
+    if type(stale) is not int or not 0 <= stale <= MAX_BATCH_ENTRIES:
+        raise InvalidArgument(f"stale must be an integer from 0 to {MAX_BATCH_ENTRIES}", field="stale")
     has_entries = doc.get("items") is not None or doc.get("delete") is not None
     has_blob = doc.get("blob") is not None
     if has_entries == has_blob:
         raise InvalidArgument("message must have either items (or delete) or blob", field="items")
     if has_blob:
-        return Message(batch_id, part, blob=_parse_blob(doc["blob"]), source=source)
+        return Message(batch_id, part, blob=_parse_blob(doc["blob"]), source=source, stale=stale)
     for key in ("items", "delete"):
         if doc.get(key) is not None and not isinstance(doc[key], list):
             raise InvalidArgument(f"{key} must be a list", field=key)
-    return Message(batch_id, part, items=doc.get("items"), deletes=doc.get("delete"), source=source)
+    return Message(batch_id, part, items=doc.get("items"), deletes=doc.get("delete"), source=source, stale=stale)
 
 
 def parse_message(body: bytes | str) -> Message:
@@ -545,11 +559,14 @@ def encode_document(
     deletes: Iterable[Delete] | None = None,
     blob: BlobRef | None = None,
     source: str | None = None,
+    stale: int = 0,
 ) -> bytes:
     """A message (or blob) document as UTF-8 JSON."""
     doc: dict[str, Any] = {"batch_id": batch_id, "part": part}
     if source is not None:
         doc["source"] = source
+    if stale:
+        doc["stale"] = stale
     if blob is not None:
         doc["blob"] = str(blob)
     else:

@@ -36,6 +36,7 @@ from recsys.ingest.messages import (
     encode_delete,
     encode_document,
     encode_item,
+    latest_items,
     new_batch_id,
     parse_batch_document,
 )
@@ -115,9 +116,12 @@ def _cut(entries: list[tuple[str, str]], part_items: int, part_bytes: int) -> li
     return parts
 
 
-def _document(batch_id: str, part: int, source: str, entries: list[tuple[str, str]]) -> bytes:
+def _document(batch_id: str, part: int, source: str, entries: list[tuple[str, str]], stale: int) -> bytes:
     """The part document from entries already encoded (each item serialised once)."""
-    head = _dumps({"batch_id": batch_id, "part": part, "source": source})[:-1]
+    envelope: dict[str, Any] = {"batch_id": batch_id, "part": part, "source": source}
+    if stale:
+        envelope["stale"] = stale
+    head = _dumps(envelope)[:-1]
     items = ",".join(text for kind, text in entries if kind == "items")
     deletes = ",".join(text for kind, text in entries if kind == "delete")
     return f'{head},"items":[{items}],"delete":[{deletes}]}}'.encode()
@@ -132,11 +136,13 @@ def plan_messages(
     source: str | None = None,
     part_items: int = PART_ITEMS,
     part_bytes: int = PART_BYTES,
+    stale: int = 0,
 ) -> tuple[list[bytes], list[tuple[BlobRef, bytes]]]:
     """The queue payloads of a batch, and the blobs they point at (CPU only, no I/O).
 
     Parts hold at most ``part_items`` entries and about ``part_bytes`` bytes (never more than
     the loader's limits); each travels inline when it fits a queue message, else as a blob.
+    ``stale`` (writes dropped before sending) travels on the first part's message.
     """
     if not 1 <= part_items <= MAX_PART_ENTRIES:
         raise ValueError(f"part_items must be between 1 and {MAX_PART_ENTRIES}")
@@ -147,7 +153,8 @@ def plan_messages(
     payloads: list[bytes] = []
     blobs: list[tuple[BlobRef, bytes]] = []
     for part, chunk in enumerate(_cut(entries, part_items, min(part_bytes, MAX_PART_BYTES - 4096))):
-        document = _document(batch_id, part, source, chunk)
+        dropped = stale if part == 0 else 0
+        document = _document(batch_id, part, source, chunk, dropped)
         if len(document) <= INLINE_MAX_BYTES:
             payloads.append(document)
             continue
@@ -155,7 +162,7 @@ def plan_messages(
         # message still in the queue points at.
         ref = BlobRef(container, f"batches/{token}/{part:05d}.json")
         blobs.append((ref, document))
-        payloads.append(encode_document(batch_id, part, blob=ref, source=source))
+        payloads.append(encode_document(batch_id, part, blob=ref, source=source, stale=dropped))
     return payloads, blobs
 
 
@@ -170,8 +177,11 @@ async def enqueue_items(
     """Send validated ``items`` and ``deletes`` to the loader's queue as batch ``batch_id``.
 
     The batch id is generated when absent; writes without a version get the time of enqueue
-    (:func:`next_version`). The ledger is written through the small ``ingest`` pool of its own,
-    within the pool timeout, so enqueueing never waits for the loader's connections.
+    (:func:`next_version`). Of an id upserted more than once, only the entry that wins is sent
+    (:func:`~recsys.ingest.messages.latest_items`), the others counted stale in the batch's
+    status: the parts of a batch may load in any order, and equal versions would race. The
+    ledger is written through the small ``ingest`` pool of its own, within the pool timeout, so
+    enqueueing never waits for the loader's connections.
 
     Raises what storage or the database raise when they cannot be reached (nothing is sent
     then, or the parts already recorded are marked failed).
@@ -180,11 +190,13 @@ async def enqueue_items(
     batch_id = batch_id or new_batch_id()
     if not items and not deletes:
         raise ValueError("a batch needs at least one item or deletion")
+    given = len(items)
     items, deletes = stamp_versions(items, deletes, next_version())
+    items, stale = latest_items(items)
     source = f"enqueue:{uuid.uuid4().hex}"
     payloads, blobs = await asyncio.to_thread(
         plan_messages, batch_id, items, deletes=deletes, container=settings.blob_container,
-        source=source, part_items=part_items,
+        source=source, part_items=part_items, stale=stale,
     )
     await asyncio.gather(*(storage.upload_blob(settings, ref, data) for ref, data in blobs))
     await ledger.record_queued_bounded(batch_id, len(payloads), source, settings=settings)
@@ -194,7 +206,7 @@ async def enqueue_items(
         await ledger.mark_enqueue_failed(batch_id, len(payloads), f"could not enqueue: {type(exc).__name__}",
                                          settings=settings)
         raise
-    return Enqueued(batch_id=batch_id, items=len(items), messages=len(payloads), blobs=len(blobs),
+    return Enqueued(batch_id=batch_id, items=given, messages=len(payloads), blobs=len(blobs),
                     deletes=len(deletes))
 
 

@@ -100,6 +100,14 @@ def test_a_deleted_item_is_gone_from_every_read(local_host: str, prefix: str) ->
     assert (status["status"], status["rows"], status["deleted"], status["stale"]) == ("loaded", 0, 1, 1)
     assert httpx.get(f"{local_host}/api/items/{kept[2]}", timeout=30).status_code == 404
 
+    # An id upserted twice in one batch is written once, by the last entry; the first is stale.
+    again = [{**items[4], "tags": ["first"]}, {**items[4], "tags": ["second"]}]
+    accepted = httpx.post(f"{local_host}{BATCHES}", json={"batch_id": f"{prefix}again", "items": again}, timeout=30)
+    assert accepted.status_code == 202 and accepted.json()["items"] == 2
+    status = settled(local_host, f"{prefix}again")
+    assert (status["status"], status["rows"], status["deleted"], status["stale"]) == ("loaded", 1, 0, 1)
+    assert httpx.get(f"{local_host}/api/items/{kept[3]}", timeout=30).json()["tags"] == ["second"]
+
 
 def _items(prefix: str, n: int = 2) -> list[dict[str, Any]]:
     return raw_items(n, prefix, b64=False)

@@ -111,6 +111,60 @@ async def test_an_id_deleted_several_times_in_one_message_is_deleted_once_at_its
     assert env.versions() == {kept["id"]: 6} and env.tombstones() == {gone["id"]: 7}
 
 
+async def test_an_id_upserted_several_times_in_one_message_is_written_once_by_its_latest_entry(
+    ingest_env: IngestEnv, app_pools: None
+) -> None:
+    env = ingest_env
+    handler = loader_handler()
+    first, second, third = raw_items(3, env.prefix)
+    ranked, unversioned = str(first["id"]), str(second["id"])
+    tie = {**third, "id": ranked}
+    items = [versioned(first, 3, category="v3"), {**second, "category": "first"}, versioned(first, 5, category="v5"),
+             versioned(tie, 4, category="v4"), {**second, "category": "second"}, versioned(tie, 5, category="v5 again")]
+    env.send_raw({"batch_id": f"{env.prefix}r", "items": items})
+    (message,) = env.receive()
+    await handler(to_function_message(message))
+    await handler(to_function_message(message))  # delivered twice
+    env.delete(message)
+
+    # The highest version wins, the last of two at that version; without versions, the last.
+    rows = env.rows()
+    assert rows[ranked][1] == "v5 again" and embedding_of(env, ranked) == expected_embedding(tie)
+    assert rows[unversioned][1] == "second"
+    assert env.versions() == {ranked: 5, unversioned: int(message.inserted_on.timestamp() * 1_000_000)}
+    assert env.counts(f"{env.prefix}r") == [(0, "loaded", 2, 0, 4)]
+
+    # Below the stored version, every entry of the id is stale.
+    env.send_raw({"batch_id": f"{env.prefix}r4", "items": [versioned(first, 4), versioned(first, 2)]})
+    assert await deliver_all(env, handler) == 1
+    assert env.counts(f"{env.prefix}r4") == [(0, "loaded", 0, 0, 2)] and env.versions()[ranked] == 5
+
+
+async def test_the_producer_sends_only_the_latest_entry_of_a_repeated_id_whatever_the_parts(
+    ingest_env: IngestEnv, app_pools: None
+) -> None:
+    env = ingest_env
+    a, b, c = raw_items(3, env.prefix)
+    items = [{**a, "category": "a1"}, versioned(c, 10, category="c1"), b, {**a, "category": "a2"},
+             versioned(c, 10, category="c2"), versioned(c, 9, category="c0")]
+    enqueued = await enqueue_document({"batch_id": f"{env.prefix}p", "items": items}, settings=env.settings,
+                                      part_items=1)
+    assert (enqueued.items, enqueued.messages) == (6, 3)
+    messages = env.receive()
+    assert sorted(len(json.loads(base64.b64decode(m.content))["items"]) for m in messages) == [1, 1, 1]
+    handler = loader_handler()
+    for message in messages:  # in the order sent: the entries that lose would come first
+        await handler(to_function_message(message))
+        env.delete(message)
+
+    rows = env.rows()
+    assert (rows[str(a["id"])][1], rows[str(c["id"])][1]) == ("a2", "c2")
+    assert env.versions()[str(c["id"])] == 10
+    counts = env.counts(f"{env.prefix}p")
+    assert [row[1] for row in counts] == ["loaded"] * 3
+    assert (sum(row[2] for row in counts), sum(row[4] for row in counts)) == (3, 3)
+
+
 async def test_an_old_message_redelivered_after_a_newer_one_changes_nothing(
     ingest_env: IngestEnv, app_pools: None
 ) -> None:

@@ -19,6 +19,7 @@ from recsys.ingest.messages import (
     Delete,
     encode_document,
     encode_embedding,
+    latest_items,
     message_key,
     parse_batch_document,
     parse_items,
@@ -97,9 +98,17 @@ def test_a_bad_item_is_refused_naming_its_field(bad: Any, field: str, words: str
     assert words in error.message
 
 
-def test_a_repeated_id_is_refused_naming_both_places() -> None:
-    error = error_of([item(id="a"), item(id="b"), item(id="a")])
-    assert error.field == "items[2].id" and "items[0].id" in error.message
+def test_a_repeated_id_is_accepted_and_the_latest_entry_of_each_id_wins() -> None:
+    parsed = parse_items([item(id="a", tags=["first"]), item(id="b"), item(id="a", tags=["second"])], DIM)
+    assert [i.id for i in parsed] == ["a", "b", "a"]
+    items, _ = stamp_versions(parsed, [], 42)
+    latest, dropped = latest_items(items)
+    assert [(i.id, i.tags) for i in latest] == [("a", ["second"]), ("b", [])] and dropped == 1
+    # The highest version wins whatever the order; equal versions, the last of them.
+    raw = [item(id="c", version=9, tags=["9"]), item(id="c", version=12, tags=["12"]),
+           item(id="c", version=3, tags=["3"]), item(id="c", version=12, tags=["12 again"])]
+    latest, dropped = latest_items(parse_items(raw, DIM))
+    assert [(i.id, i.version, i.tags) for i in latest] == [("c", 12, ["12 again"])] and dropped == 3
 
 
 def test_items_must_be_a_non_empty_list_within_the_limit() -> None:
@@ -197,9 +206,10 @@ def test_a_part_holds_items_and_deletions_with_their_versions() -> None:
     assert parse_part({"delete": ["x"]}, DIM).items == []
 
 
-def test_an_id_may_be_deleted_twice_in_a_batch_unlike_upserted() -> None:
+def test_an_id_may_be_deleted_twice_in_a_batch_and_upserted_twice() -> None:
     part = parse_part({"delete": ["a", {"id": "a", "version": 3}, "a"]}, DIM)
     assert part.deletes == [Delete("a"), Delete("a", 3), Delete("a")] and len(part) == 3
+    assert len(parse_part({"items": [item(), item(version=2)], "delete": ["b", "b"]}, DIM)) == 4
 
 
 @pytest.mark.parametrize(
@@ -238,6 +248,24 @@ def test_messages_carry_deletions_and_their_source() -> None:
     with pytest.raises(InvalidArgument) as caught:
         parse_message(json.dumps({"batch_id": "b", "delete": ["y"], "blob": "c/n"}))
     assert caught.value.field == "items"
+
+
+def test_a_message_may_count_writes_its_producer_found_stale() -> None:
+    assert parse_message(json.dumps({"batch_id": "b", "delete": ["y"]})).stale == 0
+    assert parse_message(encode_document("b", 0, deletes=[Delete("y", 1)], stale=3)).stale == 3
+    assert parse_message(encode_document("b", 0, blob=BlobRef("c", "n"), stale=2)).stale == 2
+    for bad in (-1, 1.5, "2", True, 50_001):
+        with pytest.raises(InvalidArgument) as caught:
+            parse_message(json.dumps({"batch_id": "b", "delete": ["y"], "stale": bad}))
+        assert caught.value.field == "stale"
+
+
+def test_the_stale_count_travels_on_the_first_part_only() -> None:
+    items = parse_items([item(id=f"i{i}", version=1) for i in range(5)], DIM)
+    payloads, blobs = plan_messages("b", items, container="box", part_items=2, stale=4)
+    assert blobs == [] and [json.loads(p).get("stale", 0) for p in payloads] == [4, 0, 0]
+    payloads, _ = plan_messages("b", items, container="box", part_items=2)
+    assert all("stale" not in json.loads(p) for p in payloads)
 
 
 def test_the_producer_stamps_missing_versions_with_one_increasing_clock() -> None:
