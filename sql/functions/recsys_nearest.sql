@@ -208,6 +208,15 @@ DECLARE
     -- queries) at ef_search 10, searched at ten times that, found recall@10 0.58 by the walk and
     -- 0.62 by its filter index's graph; at 1,000, 0.97 and 0.957.
     walk_ef constant integer := 1000;
+    -- What the walk costs, in rows of the exact scan: its search reads about this many tuples per
+    -- unit of walk_ef, each weighed at p_cost_ratio rows. Measured side by side through the
+    -- service on 200,000 items (60 query items, docs/filter-measurements.md): the walk at 1,000
+    -- cost as much as the exact scan of about 12,000 rows (a 30 % tag avoiding the query: walk
+    -- 25.5 / 34.7 ms at p50 / p95, exact scan of its 60,000 rows 118.9 / 184.3 ms; a 5 % tag:
+    -- walk 45.4 / 56.1 ms, exact scan of its 10,000 rows 24.6 / 31.2 ms). A search at walk_ef
+    -- costs that whatever the request's ef, so a filter without a filter index that avoids the
+    -- query is walked only when its exact scan would read more rows than that.
+    walk_tuples_per_ef constant double precision := 6;
     -- Members expected among the tuples probed (at random) for their absence to mean anything:
     -- none of them is found with probability exp(-5), 0.7 %. A query misjudged so gets the exact
     -- scan: right, but slow, and with exp(-3) (5 %) the misjudged set the p95 (1 % category at
@@ -536,9 +545,12 @@ BEGIN
                                  ELSE 'hnsw+exact' END;
                 united := true;
             END IF;
-            -- Beyond `reach` budgets an exact scan would cost more than walking past the
-            -- neighbourhood.
-            walk := NOT united AND (NOT filtered OR (anti AND estimate > budget * reach));
+            -- Past the walk's cost (without a filter index) or beyond `reach` budgets (with one:
+            -- its copy's exact scan reads packed pages, its sweep or graph answers beyond) an
+            -- exact scan would cost more than searching past the neighbourhood.
+            walk := NOT united AND (NOT filtered OR (anti AND CASE
+                WHEN use_index THEN estimate > budget * reach
+                ELSE estimate > walk_ef * walk_tuples_per_ef * greatest(p_cost_ratio, 0) END));
             IF use_index AND cardinality(found_ids) < p_n THEN
                 IF NOT anti THEN
                     index_ef := ef;
@@ -553,8 +565,9 @@ BEGIN
                 ELSIF walk THEN
                     index_ef := walk_ef;
                 END IF;
-                -- Otherwise the filter avoids the query's neighbourhood, within `reach` budgets:
-                -- the exact scan answers, as the members are about equally far from the query.
+                -- Otherwise the filter avoids the query's neighbourhood, within the walk's cost or
+                -- `reach` budgets: the exact scan answers, as the members are about equally far
+                -- from the query.
             END IF;
             WHILE index_ef IS NOT NULL LOOP
                 walk := false;
