@@ -252,10 +252,10 @@ async def load_part(
         if (await ledger.claim_part(conn, batch_id, part_no, source)).skips(source):
             return Outcome("skipped", batch_id, part_no)
         applied = await apply_part(conn, part, dim=dim, version=version)
-        stale += applied.stale
+        stale_in_all = stale + applied.stale
         await ledger.mark_loaded(conn, batch_id, part_no, rows=applied.rows, deleted=applied.deleted,
-                                 stale=stale, source=source)
-    return Outcome("loaded", batch_id, part_no, rows=applied.rows, deleted=applied.deleted, stale=stale)
+                                 stale=stale_in_all, source=source)
+    return Outcome("loaded", batch_id, part_no, rows=applied.rows, deleted=applied.deleted, stale=stale_in_all)
 
 
 #: Loads running at once per event loop, bounded by the loader pool's size so that a burst of

@@ -19,7 +19,7 @@ import binascii
 import json
 import math
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,10 +43,12 @@ __all__ = [
     "Message",
     "Part",
     "decode_json",
+    "dump_json",
     "encode_delete",
     "encode_document",
     "encode_item",
     "latest_items",
+    "message_envelope",
     "message_from_document",
     "message_key",
     "new_batch_id",
@@ -162,7 +164,8 @@ def decode_json(data: bytes | str, *, what: str = "message", field: str = "body"
         raise InvalidArgument(f"{what} is not valid JSON: {exc}", field=field) from None
 
 
-def _dumps(value: Any) -> str:
+def dump_json(value: Any) -> str:
+    """``value`` as compact JSON, as every message and blob document is written."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
@@ -260,7 +263,7 @@ def _parse_metadata(value: Any, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidArgument(f"{name} must be a JSON object", field=name)
     _check_json_value(value, name)
-    size = len(_dumps(value).encode("utf-8"))
+    size = len(dump_json(value).encode("utf-8"))
     if size > MAX_METADATA_BYTES:
         raise InvalidArgument(f"{name} must be at most {MAX_METADATA_BYTES} bytes as JSON, got {size}", field=name)
     return value
@@ -382,7 +385,7 @@ def parse_items(raw: Any, dim: int, *, name: str = "items", max_items: int | Non
     return [parse_item(entry, dim, f"{name}[{i}]", limit=limit) for i, entry in enumerate(raw)]
 
 
-def latest_items(items: Iterable[Item]) -> tuple[list[Item], int]:
+def latest_items(items: Sequence[Item]) -> tuple[list[Item], int]:
     """The entry that wins for each id of ``items`` (versions stamped), and how many lost.
 
     The winner is the entry with the highest version, the last of them where versions are
@@ -390,13 +393,11 @@ def latest_items(items: Iterable[Item]) -> tuple[list[Item], int]:
     messages keeps only the winners, so that an id's entries never race in two messages.
     """
     latest: dict[str, Item] = {}
-    count = 0
     for item in items:
-        count += 1
         held = latest.get(item.id)
         if held is None or (item.version or 0) >= (held.version or 0):
             latest[item.id] = item
-    return list(latest.values()), count - len(latest)
+    return list(latest.values()), len(items) - len(latest)
 
 
 def parse_deletes(raw: Any, *, name: str = "delete", max_entries: int | None = None) -> list[Delete]:
@@ -551,6 +552,17 @@ def encode_delete(delete: Delete) -> dict[str, Any] | str:
     return delete.id if delete.version is None else {"id": delete.id, "version": delete.version}
 
 
+def message_envelope(batch_id: str, part: int, *, source: str | None = None, stale: int = 0) -> dict[str, Any]:
+    """The fields of a message document beside its entries or blob: batch, part, and the optional
+    ``source`` and ``stale``."""
+    envelope: dict[str, Any] = {"batch_id": batch_id, "part": part}
+    if source is not None:
+        envelope["source"] = source
+    if stale:
+        envelope["stale"] = stale
+    return envelope
+
+
 def encode_document(
     batch_id: str,
     part: int,
@@ -562,14 +574,10 @@ def encode_document(
     stale: int = 0,
 ) -> bytes:
     """A message (or blob) document as UTF-8 JSON."""
-    doc: dict[str, Any] = {"batch_id": batch_id, "part": part}
-    if source is not None:
-        doc["source"] = source
-    if stale:
-        doc["stale"] = stale
+    doc = message_envelope(batch_id, part, source=source, stale=stale)
     if blob is not None:
         doc["blob"] = str(blob)
     else:
         doc["items"] = [encode_item(i) for i in items or ()]
         doc["delete"] = [encode_delete(d) for d in deletes or ()]
-    return _dumps(doc).encode("utf-8")
+    return dump_json(doc).encode("utf-8")

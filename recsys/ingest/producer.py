@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import threading
 import time
 import uuid
@@ -33,10 +32,12 @@ from recsys.ingest.messages import (
     BlobRef,
     Delete,
     Item,
+    dump_json,
     encode_delete,
     encode_document,
     encode_item,
     latest_items,
+    message_envelope,
     new_batch_id,
     parse_batch_document,
 )
@@ -95,10 +96,6 @@ class Enqueued:
         return {"batch_id": self.batch_id, "items": self.items, "deletes": self.deletes, "messages": self.messages}
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
 def _cut(entries: list[tuple[str, str]], part_items: int, part_bytes: int) -> list[list[tuple[str, str]]]:
     """Entries (kind, JSON) in runs of at most ``part_items`` entries and about ``part_bytes`` bytes."""
     parts: list[list[tuple[str, str]]] = []
@@ -118,10 +115,7 @@ def _cut(entries: list[tuple[str, str]], part_items: int, part_bytes: int) -> li
 
 def _document(batch_id: str, part: int, source: str, entries: list[tuple[str, str]], stale: int) -> bytes:
     """The part document from entries already encoded (each item serialised once)."""
-    envelope: dict[str, Any] = {"batch_id": batch_id, "part": part, "source": source}
-    if stale:
-        envelope["stale"] = stale
-    head = _dumps(envelope)[:-1]
+    head = dump_json(message_envelope(batch_id, part, source=source, stale=stale))[:-1]
     items = ",".join(text for kind, text in entries if kind == "items")
     deletes = ",".join(text for kind, text in entries if kind == "delete")
     return f'{head},"items":[{items}],"delete":[{deletes}]}}'.encode()
@@ -148,8 +142,8 @@ def plan_messages(
         raise ValueError(f"part_items must be between 1 and {MAX_PART_ENTRIES}")
     token = uuid.uuid4().hex
     source = source or f"enqueue:{token}"
-    entries = [("items", _dumps(encode_item(i))) for i in items]
-    entries += [("delete", _dumps(encode_delete(d))) for d in deletes]
+    entries = [("items", dump_json(encode_item(i))) for i in items]
+    entries += [("delete", dump_json(encode_delete(d))) for d in deletes]
     payloads: list[bytes] = []
     blobs: list[tuple[BlobRef, bytes]] = []
     for part, chunk in enumerate(_cut(entries, part_items, min(part_bytes, MAX_PART_BYTES - 4096))):
